@@ -1,0 +1,110 @@
+"""Noise schedules (betas -> alphas_cumprod) and sampling-timestep lists.
+
+The timestep generators follow DDIM / Q-Diffusion: `uniform` is diffusers' "leading" spacing
+(0, T/K, 2T/K, ...), `quad` is int(linspace(0, sqrt(0.8 T), K)^2). Every list handed to a sampler
+goes through `validate_timesteps`, so a bad schedule fails before any compute is spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tmpq.errors import TmpqError
+
+SCHEDULE_KINDS = ("uniform", "quad")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete DDPM forward process: q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I), a = alphas_cumprod."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise TmpqError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise TmpqError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        T = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float32) ** 2
+        else:
+            raise TmpqError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'scaled_linear'")
+        # float32 throughout, like diffusers, so our sampler and DDIMScheduler see bit-identical alphas.
+        object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Sample x_t from q(x_t | x_0) for a batch of integer timesteps t."""
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def to_dict(self) -> dict:
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+        }
+
+
+def uniform_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """DDIM uniform ("leading") spacing, decreasing: identical to diffusers' DDIMScheduler default."""
+    _check_num_steps(num_steps, num_train_timesteps)
+    step = num_train_timesteps // num_steps
+    return [int(t) for t in (np.arange(num_steps) * step)[::-1]]
+
+
+def quad_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """DDIM/Q-Diffusion quadratic spacing: dense near t = 0, where fine detail is formed."""
+    _check_num_steps(num_steps, num_train_timesteps)
+    ts = (np.linspace(0, np.sqrt(num_train_timesteps * 0.8), num_steps) ** 2).astype(int)
+    if len(set(ts.tolist())) != num_steps:
+        raise TmpqError(
+            f"quad schedule with {num_steps} steps over T={num_train_timesteps} repeats timesteps; "
+            "use fewer steps or the uniform schedule"
+        )
+    return [int(t) for t in ts[::-1]]
+
+
+def make_timesteps(kind: str, num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """A named schedule: 'uniform' or 'quad'."""
+    if kind == "uniform":
+        return uniform_timesteps(num_steps, num_train_timesteps)
+    if kind == "quad":
+        return quad_timesteps(num_steps, num_train_timesteps)
+    raise TmpqError(f"unknown schedule {kind!r}; use one of {', '.join(SCHEDULE_KINDS)}")
+
+
+def _check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise TmpqError(f"number of steps must be in [1, {num_train_timesteps}], got {num_steps}")
+
+
+def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
+    """Check a sampling schedule: non-empty, integers in [0, T), strictly decreasing (hence no duplicates)."""
+    ts = list(timesteps)
+    if not ts:
+        raise TmpqError("the timestep list is empty; give at least one timestep")
+    for t in ts:
+        if isinstance(t, bool) or int(t) != t:
+            raise TmpqError(f"timestep {t!r} is not an integer")
+    ts = [int(t) for t in ts]
+    bad = [t for t in ts if not 0 <= t < num_train_timesteps]
+    if bad:
+        raise TmpqError(f"timesteps {bad} are outside [0, {num_train_timesteps}); each must satisfy 0 <= t < T")
+    if len(set(ts)) != len(ts):
+        dup = sorted({t for t in ts if ts.count(t) > 1})
+        raise TmpqError(f"timesteps {dup} appear more than once; each timestep may be used once")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise TmpqError(f"timesteps must be strictly decreasing (from noise to image), got {ts}")
+    return ts
