@@ -45,7 +45,9 @@ def _read_idx(path: Path) -> np.ndarray:
         raise TmpqError(f"{path} is truncated; reinstall with `apt-get install --reinstall dataset-fashion-mnist`")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise TmpqError(f"{path} is not a uint8 idx file; reinstall with `apt-get install --reinstall dataset-fashion-mnist`")
+        raise TmpqError(
+            f"{path} is not a uint8 idx file; reinstall with `apt-get install --reinstall dataset-fashion-mnist`"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -55,7 +57,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W) or (N, C, H, W) in [0, 255] -> float (N, C, 32, 32) in [-1, 1], zero-padded."""
-    x = torch.as_tensor(np.asarray(images_uint8)).float()
+    x = torch.as_tensor(np.array(images_uint8, copy=True)).float()
     if x.ndim == 3:
         x = x.unsqueeze(1)
     x = x / 127.5 - 1.0
@@ -113,10 +115,7 @@ def load_image_folder(folder: Path | str, channels: int = 1, limit: int | None =
     for f in files:
         with Image.open(f) as im:
             arr = np.asarray(im.convert(mode))
-        if arr.ndim == 2:
-            arr = arr[None]
-        else:
-            arr = arr.transpose(2, 0, 1)
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if arrays and arr.shape != arrays[0].shape:
             raise TmpqError(f"{f.name} is {arr.shape[1]}x{arr.shape[2]} but earlier images are "
                             f"{arrays[0].shape[1]}x{arrays[0].shape[2]}; all images in a folder must share one size")

@@ -39,7 +39,7 @@ def test_step_matches_diffusers_with_eta(schedule):
     ts = make_timesteps("uniform", 10)
     ours = DDIMSampler(schedule, ts, eta=0.7, clip_sample=False)
     g = torch.Generator().manual_seed(0)
-    x, eps, noise = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    x, eps, noise = (torch.randn(3, 1, 8, 8, generator=g) for _ in range(3))
     for i, t in enumerate(ts):
         ref = sch.step(eps, t, x, eta=0.7, variance_noise=noise).prev_sample
         torch.testing.assert_close(ours.step(eps, i, x, noise).prev_sample, ref, atol=1e-5, rtol=0)

@@ -16,7 +16,7 @@ def test_alphas_match_diffusers():
 def test_uniform_and_quad_shapes():
     assert uniform_timesteps(10) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     q = quad_timesteps(10)
-    assert len(q) == 10 and q[0] == 799 and q[-1] == 0
+    assert len(q) == 10 and q[0] == 800 and q[-1] == 0
     gaps = [a - b for a, b in zip(q, q[1:])]
     assert gaps == sorted(gaps, reverse=True)  # dense near t = 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
@@ -33,7 +32,7 @@ def builtin_unet_config(block_out_channels: tuple[int, ...] = (16, 32, 64)) -> d
         "down_block_types": ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D"],
         "up_block_types": ["AttnUpBlock2D"] + ["UpBlock2D"] * (n - 1),
         "norm_num_groups": 8,
-        "attention_head_dim": 32,
+        "attention_head_dim": min(32, block_out_channels[-1]),
     }
 
 

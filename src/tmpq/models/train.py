@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,3 +179,32 @@ def export_ema(
     }
     save_file(state, str(out), metadata=meta)
     return out
+
+
+def write_model_card(weights: Path | str, command: str) -> Path:
+    """A Markdown card beside the weights: the command, data, steps and wall time, read from its metadata."""
+    from safetensors import safe_open
+
+    weights = Path(weights)
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        n_params = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118 (safe_open is not a dict)
+    cfg = json.loads(meta.get("train_config", "{}"))
+    wall = float(meta.get("train_wall_s", "nan"))
+    card = weights.with_suffix(".md")
+    card.write_text(
+        f"# {weights.name}\n\n"
+        "DDPM (epsilon prediction, T = 1000, linear betas 1e-4..0.02) on a diffusers `UNet2DModel`, "
+        "EMA weights.\n\n"
+        f"- Data: Fashion-MNIST train split (60,000 images) from the Debian package `dataset-fashion-mnist`, "
+        "zero-padded to 32x32 (background -1), scaled to [-1, 1].\n"
+        f"- Architecture: `{meta.get('unet_config', '?')}` ({n_params:,} parameters).\n"
+        f"- Training: {meta.get('steps_done', '?')} steps of {cfg.get('steps', '?')} planned, "
+        f"batch {cfg.get('batch_size', '?')}, AdamW lr {cfg.get('lr', '?')} (cosine, "
+        f"{cfg.get('warmup_steps', '?')} warm-up), EMA {cfg.get('ema_decay', '?')}, seed {cfg.get('seed', '?')}, "
+        f"autocast {cfg.get('autocast', '?')}; final smoothed loss {meta.get('final_loss', '?')}.\n"
+        f"- Wall time: {wall / 60:.1f} min on {platform.processor() or platform.machine()} "
+        f"({torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}).\n"
+        f"- Command: `{command}`\n"
+    )
+    return card

@@ -1,0 +1,204 @@
+"""FID and IS through torchmetrics, in the feature space of the shipped classifier (or Inception).
+
+Reference statistics of the real data (feature sum, covariance sum, count) are cached as
+safetensors keyed by the feature extractor's checksum and the data source, so a search that
+scores hundreds of candidates computes them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+
+from tmpq.errors import TmpqError
+from tmpq.metrics.classifier import BUILTIN_CLASSIFIER, FashionClassifier, load_classifier
+from tmpq.provenance import file_sha256
+
+_STATE_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+class _Features(nn.Module):
+    """Penultimate features for FID (torchmetrics reads `num_features`)."""
+
+    def __init__(self, clf: FashionClassifier) -> None:
+        super().__init__()
+        self.clf = clf
+        self.num_features = clf.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clf.features(x)
+
+
+class _Logits(nn.Module):
+    """Class logits for IS (torchmetrics applies the softmax)."""
+
+    def __init__(self, clf: FashionClassifier) -> None:
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clf(x)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("TMPQ_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tmpq"
+    )
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class QualityScores:
+    fid: float
+    inception_score: float
+    inception_score_std: float
+    num_samples: int
+    feature_space: str
+
+
+class QualityMetric:
+    """FID + IS of generated images against one reference set, with cached reference statistics.
+
+    `feature_space="classifier"` (default) uses the shipped Fashion-MNIST classifier on
+    (N, 1, 32, 32) images in [-1, 1]. `feature_space="inception"` uses torchmetrics' Inception
+    with a local weights file (`inception_weights`), for RGB models; it needs `torch-fidelity`.
+    """
+
+    def __init__(
+        self,
+        reference: Callable[[], torch.Tensor],
+        reference_key: str,
+        classifier_path: Path | str = BUILTIN_CLASSIFIER,
+        feature_space: str = "classifier",
+        inception_weights: Path | str | None = None,
+        cache_dir: Path | str | None = None,
+        batch_size: int = 500,
+    ) -> None:
+        self.batch_size = batch_size
+        self.feature_space = feature_space
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        if feature_space == "classifier":
+            clf = load_classifier(classifier_path)
+            self._fid_feature: nn.Module | int = _Features(clf)
+            self._is_feature: nn.Module | str = _Logits(clf)
+            extractor_id = file_sha256(classifier_path)[:16]
+        elif feature_space == "inception":
+            if inception_weights is None or not Path(inception_weights).is_file():
+                raise TmpqError(
+                    "Inception FID needs a local weights file (pt_inception-2015-12-05); "
+                    "pass --inception-weights PATH. It cannot be downloaded here."
+                )
+            self._fid_feature, self._is_feature = 2048, _inception_logits(inception_weights)
+            extractor_id = "inception-" + file_sha256(inception_weights)[:16]
+        else:
+            raise TmpqError(f"unknown feature space {feature_space!r}; use 'classifier' or 'inception'")
+        self.inception_weights = str(inception_weights) if inception_weights else None
+        self.cache_path = self.cache_dir / f"fid_ref_{extractor_id}_{_slug(reference_key)}.safetensors"
+        self._reference = reference
+        self._ref_state: dict[str, torch.Tensor] | None = None
+
+    def _new_fid(self) -> FrechetInceptionDistance:
+        kwargs = {"feature_extractor_weights_path": self.inception_weights} if self.inception_weights else {}
+        try:
+            fid = FrechetInceptionDistance(feature=self._fid_feature, reset_real_features=False, **kwargs)
+        except ModuleNotFoundError as exc:
+            raise TmpqError(
+                f"Inception FID needs torch-fidelity: `pip install --no-deps torch-fidelity` ({exc})"
+            ) from exc
+        return fid.set_dtype(torch.float64)
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        """Real-data FID statistics, from the cache or computed once and cached (atomic write)."""
+        if self._ref_state is None:
+            if self.cache_path.is_file():
+                try:
+                    self._ref_state = load_file(str(self.cache_path))
+                except Exception:
+                    self._ref_state = None  # damaged cache: recompute below, never trust it
+            if self._ref_state is None:
+                fid = self._new_fid()
+                real = self._reference()
+                for i in range(0, real.shape[0], self.batch_size):
+                    fid.update(self._prep(real[i : i + self.batch_size]), real=True)
+                self._ref_state = {k: getattr(fid, k).clone() for k in _STATE_KEYS}
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.cache_path.with_suffix(".tmp")
+                save_file(self._ref_state, str(tmp))
+                tmp.replace(self.cache_path)
+        return self._ref_state
+
+    def _prep(self, images: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(images).all():
+            raise TmpqError("generated images contain NaN/inf; the sampler or quantized model diverged")
+        if self.feature_space == "inception":  # torchmetrics Inception wants uint8 RGB in [0, 255]
+            x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        return images.clamp(-1, 1).float()
+
+    @torch.no_grad()
+    def fid(self, images: torch.Tensor) -> float:
+        fid = self._new_fid()
+        for k, v in self.reference_state().items():
+            setattr(fid, k, v.clone())
+        for i in range(0, images.shape[0], self.batch_size):
+            fid.update(self._prep(images[i : i + self.batch_size]), real=False)
+        if images.shape[0] < 2:
+            raise TmpqError("FID needs at least 2 generated images")
+        return float(fid.compute())
+
+    @torch.no_grad()
+    def inception_score(self, images: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+        metric = InceptionScore(feature=self._is_feature, splits=min(splits, images.shape[0]))
+        for i in range(0, images.shape[0], self.batch_size):
+            metric.update(self._prep(images[i : i + self.batch_size]))
+        with torch.random.fork_rng():  # IS shuffles before splitting; keep it deterministic
+            torch.manual_seed(seed)
+            mean, std = metric.compute()
+        return float(mean), float(std)
+
+    def score(self, images: torch.Tensor, seed: int = 0) -> QualityScores:
+        is_mean, is_std = self.inception_score(images, seed=seed)
+        return QualityScores(
+            fid=self.fid(images),
+            inception_score=is_mean,
+            inception_score_std=is_std,
+            num_samples=int(images.shape[0]),
+            feature_space=self.feature_space,
+        )
+
+
+def _inception_logits(weights: Path | str) -> nn.Module:
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        return NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["logits_unbiased"], feature_extractor_weights_path=str(weights)
+        )
+    except ModuleNotFoundError as exc:
+        raise TmpqError(
+            f"Inception FID/IS needs torch-fidelity: `pip install --no-deps torch-fidelity` ({exc})"
+        ) from exc
+
+
+def _slug(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fashion_mnist_metric(split: str = "train", **kwargs) -> QualityMetric:
+    """The default metric: classifier FID/IS against the Fashion-MNIST split (train: 60,000 images)."""
+    from tmpq.data import FASHION_MNIST_DIR, load_fashion_mnist
+
+    return QualityMetric(
+        reference=lambda: load_fashion_mnist(split)[0],
+        reference_key=f"fashion-mnist:{FASHION_MNIST_DIR}:{split}",
+        **kwargs,
+    )

@@ -1,0 +1,74 @@
+"""FID/IS behaviour with the shipped classifier (a test about the shipped file)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tmpq.data import load_fashion_mnist
+from tmpq.errors import TmpqError
+from tmpq.metrics.classifier import accuracy, classifier_info, load_classifier
+from tmpq.metrics.fid import QualityMetric
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_fashion_mnist("test")
+
+
+def test_shipped_classifier_is_accurate_on_held_out_data(test_split):
+    x, y = test_split
+    acc = accuracy(load_classifier(), x[:3000], y[:3000])
+    assert acc >= 0.91
+    assert classifier_info()["test_accuracy"] >= 0.91
+
+
+def _metric(real: torch.Tensor, tmp_path) -> QualityMetric:
+    return QualityMetric(reference=lambda: real, reference_key="test-half-a", cache_dir=tmp_path)
+
+
+def test_fid_small_for_real_halves_large_for_noise(test_split, tmp_path):
+    x, _ = test_split
+    metric = _metric(x[:5000], tmp_path)
+    fid_real = metric.fid(x[5000:])
+    noise = torch.rand(5000, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fid_noise = metric.fid(noise)
+    assert fid_real < 1.0
+    assert fid_noise > 100 * fid_real and fid_noise > 20.0
+
+
+def test_reference_stats_are_cached_and_reused(test_split, tmp_path):
+    x, _ = test_split
+    calls = []
+
+    def reference():
+        calls.append(1)
+        return x[:1000]
+
+    a = QualityMetric(reference=reference, reference_key="k", cache_dir=tmp_path).fid(x[1000:1500])
+    b = QualityMetric(reference=reference, reference_key="k", cache_dir=tmp_path).fid(x[1000:1500])
+    assert a == pytest.approx(b, rel=1e-9) and len(calls) == 1
+    assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 1
+
+
+def test_inception_score_high_for_real_low_for_one_class(test_split, tmp_path):
+    x, y = test_split
+    metric = _metric(x[:1000], tmp_path)
+    is_real, _ = metric.inception_score(x[:2000])
+    is_one, _ = metric.inception_score(x[y == 1][:500])
+    assert is_real > 7.0  # ten balanced, confidently classified classes: close to 10
+    assert is_one < 1.5
+    assert metric.inception_score(x[:2000], seed=3) == metric.inception_score(x[:2000], seed=3)
+
+
+def test_nan_images_and_bad_feature_space(test_split, tmp_path):
+    x, _ = test_split
+    metric = _metric(x[:500], tmp_path)
+    with pytest.raises(TmpqError, match="NaN"):
+        metric.fid(torch.full((4, 1, 32, 32), float("nan")))
+    with pytest.raises(TmpqError, match="unknown feature space"):
+        QualityMetric(reference=lambda: x, reference_key="k", feature_space="clip", cache_dir=tmp_path)
+    with pytest.raises(TmpqError, match="weights file"):
+        QualityMetric(reference=lambda: x, reference_key="k", feature_space="inception", cache_dir=tmp_path)
+    with pytest.raises(TmpqError, match="32, 32"):
+        metric.fid(torch.zeros(4, 1, 28, 28))
