@@ -114,7 +114,7 @@ class QualityMetric:
             raise TmpqError(
                 f"Inception FID needs torch-fidelity: `pip install --no-deps torch-fidelity` ({exc})"
             ) from exc
-        return fid.set_dtype(torch.float64)
+        return fid  # its feature sums are float64 already
 
     def reference_state(self) -> dict[str, torch.Tensor]:
         """Real-data FID statistics, from the cache or computed once and cached (atomic write)."""

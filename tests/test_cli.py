@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tmpq.cli import app
+from tmpq.data import load_fashion_mnist
+from tmpq.images import to_uint8
+from tmpq.models.train import TrainConfig, train_ddpm
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cfg = TrainConfig(steps=2, batch_size=8, block_out_channels=(8, 16), warmup_steps=1, autocast="off")
+    return train_ddpm(images, d / "run", cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("real")
+    x, _ = load_fashion_mnist("test", limit=40)
+    for i, a in enumerate(to_uint8(x)):
+        Image.fromarray(a[..., 0]).save(d / f"{i:03d}.png")
+    return d
+
+
+def test_eval_writes_json_and_grid(tiny_model, real_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["eval", "--model", str(tiny_model), "--steps", "2", "--schedule", "uniform",
+                              "--num-samples", "12", "--batch-size", "5", "--reference", str(real_folder),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "eval.json").read_text())
+    assert data["timesteps"] == [500, 0]
+    assert data["config"]["num_samples"] == 12 and data["image_forwards"] == 24
+    assert data["fid"] > 0 and data["inception_score"] >= 1.0
+    assert "torch" in data["provenance"]["versions"] and data["provenance"]["inputs_sha256"]["model"]
+    assert (out / "samples.png").stat().st_size > 0
+
+
+def test_explicit_timesteps_and_sample(tiny_model, tmp_path):
+    out = tmp_path / "g.png"
+    res = runner.invoke(app, ["sample", "--model", str(tiny_model), "--timesteps", "999,400,3",
+                              "--num-samples", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert Image.open(out).size[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["eval", "--model", "/nonexistent/m.safetensors"], "not found"),
+        (["sample", "--timesteps", "5,10"], "strictly decreasing"),
+        (["sample", "--timesteps", "5,x"], "comma-separated integers"),
+        (["sample", "--schedule", "cosine"], "unknown schedule"),
+        (["sample", "--timesteps", "2000,1"], "outside"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_model, args, msg, tmp_path):
+    if args[0] == "sample" and "--model" not in args:
+        args = [*args, "--model", str(tiny_model), "--out", str(tmp_path / "x.png")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert msg in res.output and "Traceback" not in res.output
