@@ -18,5 +18,5 @@ def test_grid_layout(tmp_path):
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
     assert (grid[1:5, 1:5] == 255).all()
     path = save_grid(imgs, tmp_path / "g.png", nrow=3, scale=2)
-    assert Image.open(path).size == ((3 * 5 + 1) * 2, (2 * 5 + 1) * 2)
+    assert Image.open(path).size == ((3 * 6 + 2) * 2, (2 * 6 + 2) * 2)  # default padding 2
     assert np.asarray(Image.open(path)).dtype == np.uint8
