@@ -181,7 +181,7 @@ def export_ema(
     return out
 
 
-def write_model_card(weights: Path | str, command: str) -> Path:
+def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
     """A Markdown card beside the weights: the command, data, steps and wall time, read from its metadata."""
     from safetensors import safe_open
 
@@ -206,5 +206,6 @@ def write_model_card(weights: Path | str, command: str) -> Path:
         f"- Wall time: {wall / 60:.1f} min on {platform.processor() or platform.machine()} "
         f"({torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}).\n"
         f"- Command: `{command}`\n"
+        + (f"- Note: {note}\n" if note else "")
     )
     return card
