@@ -36,5 +36,11 @@ def test_bad_schedule_kind_and_step_count():
         make_timesteps("cosine", 10)
     with pytest.raises(TmpqError, match="number of steps"):
         make_timesteps("uniform", 0)
-    with pytest.raises(TmpqError, match="repeats"):
-        quad_timesteps(900)
+    assert quad_timesteps(1000) == list(range(999, -1, -1))
+
+
+def test_quad_with_many_steps_stays_strictly_decreasing():
+    q = quad_timesteps(100)
+    assert len(q) == 100 and q[0] == 800 and q[-1] == 0
+    assert validate_timesteps(q, 1000) == q
+    assert quad_timesteps(10) == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]  # unchanged where no repeats

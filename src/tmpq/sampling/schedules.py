@@ -65,14 +65,15 @@ def uniform_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[i
 
 
 def quad_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """DDIM/Q-Diffusion quadratic spacing: dense near t = 0, where fine detail is formed."""
+    """DDIM/Q-Diffusion quadratic spacing: dense near t = 0, where fine detail is formed.
+
+    For many steps the rule int(linspace(0, sqrt(0.8 T), K)^2) repeats small timesteps (0, 0, 1, ...);
+    those are bumped up by one so the list stays strictly decreasing with exactly K entries.
+    """
     _check_num_steps(num_steps, num_train_timesteps)
-    ts = (np.linspace(0, np.sqrt(num_train_timesteps * 0.8), num_steps) ** 2).astype(int)
-    if len(set(ts.tolist())) != num_steps:
-        raise TmpqError(
-            f"quad schedule with {num_steps} steps over T={num_train_timesteps} repeats timesteps; "
-            "use fewer steps or the uniform schedule"
-        )
+    ts = (np.linspace(0, np.sqrt(num_train_timesteps * 0.8), num_steps) ** 2).astype(int).tolist()
+    for i in range(1, len(ts)):
+        ts[i] = max(ts[i], ts[i - 1] + 1)  # ts[i] >= i, so it never reaches T while num_steps <= T
     return [int(t) for t in ts[::-1]]
 
 
