@@ -129,7 +129,7 @@ def generate(
     device: str = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Sample `num_samples` images; sample i uses seed `seed + i`, so any batch size gives the same images."""
+    """Sample `num_samples` images; sample i uses seed `seed + i`, so the batch size changes only float rounding."""
     if num_samples < 1:
         raise TmpqError(f"num_samples must be >= 1, got {num_samples}")
     out = []
