@@ -32,3 +32,15 @@ def tiny_unet() -> UNet2DModel:
 @pytest.fixture
 def schedule() -> NoiseSchedule:
     return NoiseSchedule()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_unet():
+    """Factory: identical tiny UNets for a given seed (tests that compare two independently built copies)."""
+
+    def make(seed: int = 0) -> UNet2DModel:
+        with torch.random.fork_rng():  # seeded init that leaves the global RNG as it was
+            torch.manual_seed(seed)
+            return UNet2DModel(**tiny_unet_config()).eval()
+
+    return make

@@ -35,9 +35,26 @@ def real_folder(tmp_path_factory):
 def test_eval_writes_json_and_grid(tiny_model, real_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "eval"
-    res = runner.invoke(app, ["eval", "--model", str(tiny_model), "--steps", "2", "--schedule", "uniform",
-                              "--num-samples", "12", "--batch-size", "5", "--reference", str(real_folder),
-                              "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_model),
+            "--steps",
+            "2",
+            "--schedule",
+            "uniform",
+            "--num-samples",
+            "12",
+            "--batch-size",
+            "5",
+            "--reference",
+            str(real_folder),
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads((out / "eval.json").read_text())
     assert data["timesteps"] == [500, 0]
@@ -49,8 +66,9 @@ def test_eval_writes_json_and_grid(tiny_model, real_folder, tmp_path, monkeypatc
 
 def test_explicit_timesteps_and_sample(tiny_model, tmp_path):
     out = tmp_path / "g.png"
-    res = runner.invoke(app, ["sample", "--model", str(tiny_model), "--timesteps", "999,400,3",
-                              "--num-samples", "4", "--out", str(out)])
+    res = runner.invoke(
+        app, ["sample", "--model", str(tiny_model), "--timesteps", "999,400,3", "--num-samples", "4", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert Image.open(out).size[0] > 0
 

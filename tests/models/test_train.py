@@ -16,8 +16,9 @@ def _images(n: int = 32) -> torch.Tensor:
 
 
 def _cfg(steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=8, block_out_channels=(8, 16), checkpoint_every=2, warmup_steps=1,
-                       autocast="off")
+    return TrainConfig(
+        steps=steps, batch_size=8, block_out_channels=(8, 16), checkpoint_every=2, warmup_steps=1, autocast="off"
+    )
 
 
 def test_killed_training_resumes_exactly(tmp_path):

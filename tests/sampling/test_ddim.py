@@ -11,8 +11,15 @@ from tmpq.sampling.schedules import make_timesteps
 
 
 def _diffusers_ddim(model, x, steps: int, eta: float, clip: bool) -> torch.Tensor:
-    sch = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                        clip_sample=clip, set_alpha_to_one=True, steps_offset=0)
+    sch = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=clip,
+        set_alpha_to_one=True,
+        steps_offset=0,
+    )
     sch.set_timesteps(steps)
     for t in sch.timesteps:
         eps = model(x, t.repeat(x.shape[0]))

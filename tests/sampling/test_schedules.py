@@ -23,8 +23,14 @@ def test_uniform_and_quad_shapes():
 
 @pytest.mark.parametrize(
     ("ts", "msg"),
-    [([], "empty"), ([5, 10], "strictly decreasing"), ([10, 10, 3], "more than once"),
-     ([1000, 3], "outside"), ([5, -1], "outside"), ([5.5, 1], "not an integer")],
+    [
+        ([], "empty"),
+        ([5, 10], "strictly decreasing"),
+        ([10, 10, 3], "more than once"),
+        ([1000, 3], "outside"),
+        ([5, -1], "outside"),
+        ([5.5, 1], "not an integer"),
+    ],
 )
 def test_bad_schedules_get_clear_errors(ts, msg):
     with pytest.raises(TmpqError, match=msg):

@@ -1,0 +1,123 @@
+"""QuantSpec (what to calibrate) and QuantConfig (which bits each layer uses): frozen, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
+
+from tmpq.errors import TmpqError
+from tmpq.quant.primitives import MAX_BITS
+
+CONFIG_VERSION = 1
+
+
+def _bits_tuple(values: Iterable[int], what: str) -> tuple[int, ...]:
+    out = tuple(sorted({int(v) for v in values}))
+    if not out:
+        raise TmpqError(f"{what} candidates are empty; give at least one bit-width")
+    bad = [b for b in out if not 1 <= b <= MAX_BITS]
+    if bad:
+        raise TmpqError(f"{what} bit-widths {bad} are not supported; use 1..{MAX_BITS}")
+    return out
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Which layers are quantizable, their candidate bit-widths, and how ranges are calibrated.
+
+    `pin` maps a layer-name pattern (fnmatch) to fixed (w_bits, a_bits): by default the first and last
+    convolutions stay at 8 bits, as Q-Diffusion and most PTQ work do, because they touch raw pixels.
+    """
+
+    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    a_bits: tuple[int, ...] = (4, 5, 6, 8)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    pin: tuple[tuple[str, int, int], ...] = (("*conv_in", 8, 8), ("*conv_out", 8, 8))
+    attention_matmuls: bool = True
+    split_concat: bool = True
+    act_method: str = "mse"
+    act_max_values: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "w_bits", _bits_tuple(self.w_bits, "weight"))
+        object.__setattr__(self, "a_bits", _bits_tuple(self.a_bits, "activation"))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if isinstance(self.pin, Mapping):
+            pins = tuple((str(p), int(wa[0]), int(wa[1])) for p, wa in self.pin.items())
+        else:
+            pins = tuple((str(p), int(w), int(a)) for p, w, a in self.pin)
+        for p, w, a in pins:
+            _bits_tuple([w], f"pinned weight ({p})")
+            _bits_tuple([a], f"pinned activation ({p})")
+        object.__setattr__(self, "pin", pins)
+        if self.act_method not in ("mse", "minmax"):
+            raise TmpqError(f"act_method must be 'mse' or 'minmax', got {self.act_method!r}")
+        if self.act_max_values < 1024:
+            raise TmpqError(f"act_max_values={self.act_max_values} is too small to estimate a range; use >= 1024")
+
+    def selects(self, name: str) -> bool:
+        return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
+
+    def pinned(self, name: str) -> tuple[int, int] | None:
+        for p, w, a in self.pin:
+            if fnmatchcase(name, p):
+                return w, a
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> QuantSpec:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bits per quantizable unit: name -> (w_bits, a_bits); None is full precision.
+
+    Hashable (a tuple, sorted by name), so a search can cache evaluated configs by value.
+    """
+
+    bits: tuple[tuple[str, int | None, int | None], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        items = [(n, *wa) for n, wa in self.bits.items()] if isinstance(self.bits, Mapping) else self.bits
+        norm = [(str(n), None if w is None else int(w), None if a is None else int(a)) for n, w, a in items]
+        names = [n for n, _, _ in norm]
+        if len(set(names)) != len(names):
+            raise TmpqError("a QuantConfig lists some layer twice; give each layer once")
+        object.__setattr__(self, "bits", tuple(sorted(norm)))
+
+    @classmethod
+    def from_mapping(cls, bits: Mapping[str, tuple[int | None, int | None]]) -> QuantConfig:
+        return cls(tuple((k, w, a) for k, (w, a) in bits.items()))
+
+    def as_dict(self) -> dict[str, tuple[int | None, int | None]]:
+        return {n: (w, a) for n, w, a in self.bits}
+
+    def __getitem__(self, name: str) -> tuple[int | None, int | None]:
+        for n, w, a in self.bits:
+            if n == name:
+                return w, a
+        raise KeyError(name)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": CONFIG_VERSION, "bits": {n: [w, a] for n, w, a in self.bits}}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TmpqError(f"QuantConfig JSON is not valid JSON ({e}); was the file truncated?") from None
+        if not isinstance(d, dict) or d.get("version") != CONFIG_VERSION or not isinstance(d.get("bits"), dict):
+            raise TmpqError(f"not a QuantConfig JSON of version {CONFIG_VERSION} (expected keys 'version' and 'bits')")
+        return cls.from_mapping({k: tuple(v) for k, v in d["bits"].items()})

@@ -1,0 +1,308 @@
+"""Quantized twins of Conv2d, Linear and the attention matmuls, holding parameters for every candidate.
+
+Each twin wraps the original module (no weight copy) and stores, per candidate bit-width, the integer
+weight codes (uint8) with per-channel scale and zero point, and per candidate activation width a
+per-tensor scale and zero point. `set_bits(w, a)` switches between candidates, or to full precision
+with None, by dequantizing one weight tensor: no recalibration, no model copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tmpq.errors import TmpqError
+from tmpq.quant.observers import ActObserver, act_qparams, weight_qparams
+from tmpq.quant.primitives import channel_view, dequantize, qmax, quantize
+
+
+def _check_bits(bits: int | None, candidates: Sequence[int], what: str, name: str) -> None:
+    if bits is not None and bits not in candidates:
+        raise TmpqError(
+            f"{what} bit-width {bits} is not a calibrated candidate of layer {name!r} (candidates: "
+            f"{sorted(candidates) or 'none'}); pick one of them or re-calibrate with it in the QuantSpec"
+        )
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor affine fake quantizer; `split` quantizes channels [:split] and [split:] separately.
+
+    The split is Q-Diffusion's remedy for skip-connection concatenations, whose two halves have very
+    different ranges: one shared range would waste most codes on one of them.
+    """
+
+    def __init__(self, name: str, candidates: Sequence[int], split: int | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.candidates = tuple(sorted(candidates))
+        self.split = split
+        self.bits: int | None = None
+        self.observers: list[ActObserver] | None = None
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.split is None:
+            return [x]
+        return list(x.split([self.split, x.shape[1] - self.split], dim=1))
+
+    def set_bits(self, bits: int | None) -> None:
+        _check_bits(bits, self.candidates, "activation", self.name)
+        if bits is not None and not hasattr(self, f"a{bits}_scale"):
+            raise TmpqError(f"layer {self.name!r} is not calibrated yet; run SuperNet.calibrate first")
+        self.bits = bits
+
+    def start_observing(self, max_values: int) -> None:
+        n = 1 if self.split is None else 2
+        self.observers = [ActObserver(f"{self.name}#{i}", max_values=max_values) for i in range(n)]
+
+    def finish_observing(self, method: str) -> None:
+        if not self.observers or self.observers[0].count == 0:
+            raise TmpqError(f"layer {self.name!r} saw no calibration data; is it used by the model's forward?")
+        for b in self.candidates:
+            qp = [act_qparams(o, b, method) for o in self.observers]
+            self.register_buffer(f"a{b}_scale", torch.tensor([s for s, _ in qp]), persistent=False)
+            self.register_buffer(f"a{b}_zp", torch.tensor([z for _, z in qp], dtype=torch.int32), persistent=False)
+        self.observers = None
+
+    def qparams(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for b in self.candidates:
+            out[f"a{b}_scale"] = getattr(self, f"a{b}_scale")
+            out[f"a{b}_zp"] = getattr(self, f"a{b}_zp")
+        return out
+
+    def load_qparams(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.register_buffer(k, v.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observers is not None:
+            for obs, part in zip(self.observers, self.parts(x)):
+                obs.update(part)
+        if self.bits is None:
+            return x
+        scale, zp = getattr(self, f"a{self.bits}_scale"), getattr(self, f"a{self.bits}_zp")
+        q = [
+            torch.fake_quantize_per_tensor_affine(p, scale[i].to(p.dtype), zp[i], 0, qmax(self.bits))
+            for i, p in enumerate(self.parts(x))
+        ]
+        return q[0] if len(q) == 1 else torch.cat(q, dim=1)
+
+
+class QuantUnit(nn.Module):
+    """A searchable unit: one weight gene (None for matmuls) and one activation gene."""
+
+    kind: str = ""
+    w_candidates: tuple[int, ...] = ()
+    a_candidates: tuple[int, ...] = ()
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.counting = False
+        self.macs = 0
+
+    @property
+    def bits(self) -> tuple[int | None, int | None]:
+        raise NotImplementedError
+
+    def set_bits(self, w: int | None, a: int | None) -> None:
+        raise NotImplementedError
+
+
+class _QuantWeightLayer(QuantUnit):
+    def __init__(self, base: nn.Module, name: str, w_candidates: Sequence[int], a_candidates: Sequence[int]) -> None:
+        super().__init__(name)
+        self.base = base
+        self.w_candidates = tuple(sorted(w_candidates))
+        self.a_candidates = tuple(sorted(a_candidates))
+        self.act = ActQuantizer(name, self.a_candidates)
+        self.w_bits: int | None = None
+        self._w_active: torch.Tensor | None = None
+
+    @property
+    def bits(self) -> tuple[int | None, int | None]:
+        return self.w_bits, self.act.bits
+
+    @property
+    def weight_params(self) -> int:
+        return self.base.weight.numel()
+
+    @property
+    def bias_params(self) -> int:
+        return 0 if self.base.bias is None else self.base.bias.numel()
+
+    def calibrate_weights(self) -> None:
+        w = self.base.weight.detach()
+        for b in self.w_candidates:
+            scale, zp = weight_qparams(w, b)
+            codes = quantize(w.float(), channel_view(scale, w.ndim), channel_view(zp, w.ndim), b)
+            self.register_buffer(f"w{b}_codes", codes, persistent=False)
+            self.register_buffer(f"w{b}_scale", scale, persistent=False)
+            self.register_buffer(f"w{b}_zp", zp, persistent=False)
+
+    def qparams(self) -> dict[str, torch.Tensor]:
+        out = {k: getattr(self, k) for b in self.w_candidates for k in (f"w{b}_codes", f"w{b}_scale", f"w{b}_zp")}
+        out.update({f"act.{k}": v for k, v in self.act.qparams().items()})
+        return out
+
+    def load_qparams(self, tensors: dict[str, torch.Tensor]) -> None:
+        act = {k[4:]: v for k, v in tensors.items() if k.startswith("act.")}
+        for k, v in tensors.items():
+            if not k.startswith("act."):
+                self.register_buffer(k, v.clone(), persistent=False)
+        self.act.load_qparams(act)
+
+    def dequantized_weight(self, bits: int) -> torch.Tensor:
+        w = self.base.weight
+        codes, scale, zp = (getattr(self, f"w{bits}_{k}") for k in ("codes", "scale", "zp"))
+        return dequantize(codes, channel_view(scale, w.ndim), channel_view(zp, w.ndim)).to(w.dtype)
+
+    def set_bits(self, w: int | None, a: int | None) -> None:
+        _check_bits(w, self.w_candidates, "weight", self.name)
+        if w is not None and not hasattr(self, f"w{w}_codes"):
+            raise TmpqError(f"layer {self.name!r} is not calibrated yet; run SuperNet.calibrate first")
+        self.act.set_bits(a)
+        self.w_bits = w
+        self._w_active = None if w is None else self.dequantized_weight(w)
+
+    def weight(self) -> torch.Tensor:
+        return self.base.weight if self._w_active is None else self._w_active
+
+
+class QuantConv2d(_QuantWeightLayer):
+    kind = "conv"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base._conv_forward(self.act(x), self.weight(), self.base.bias)
+        if self.counting:
+            k = self.base.weight[0].numel()  # (C_in / groups) * kh * kw MACs per output element
+            self.macs = y[0].numel() * k
+        return y
+
+
+class QuantLinear(_QuantWeightLayer):
+    kind = "linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.act(x), self.weight(), self.base.bias)
+        if self.counting:
+            per_sample = y.numel() // y.shape[0] if y.ndim > 1 else y.numel()
+            self.macs = per_sample * self.base.in_features
+        return y
+
+
+class MatmulQuant(QuantUnit):
+    """Both operands of an activation-activation matmul (q·kᵀ or softmax·v), at one activation width."""
+
+    kind = "matmul"
+
+    def __init__(self, name: str, a_candidates: Sequence[int]) -> None:
+        super().__init__(name)
+        self.a_candidates = tuple(sorted(a_candidates))
+        self.left = ActQuantizer(f"{name}.left", self.a_candidates)
+        self.right = ActQuantizer(f"{name}.right", self.a_candidates)
+        self.weight_params = 0
+        self.bias_params = 0
+
+    @property
+    def bits(self) -> tuple[int | None, int | None]:
+        return None, self.left.bits
+
+    def set_bits(self, w: int | None, a: int | None) -> None:
+        if w is not None:
+            raise TmpqError(f"{self.name!r} is an activation-activation matmul; it has no weight bits (use None)")
+        self.left.set_bits(a)
+        self.right.set_bits(a)
+
+    def qparams(self) -> dict[str, torch.Tensor]:
+        out = {f"left.{k}": v for k, v in self.left.qparams().items()}
+        out.update({f"right.{k}": v for k, v in self.right.qparams().items()})
+        return out
+
+    def load_qparams(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.left.load_qparams({k[5:]: v for k, v in tensors.items() if k.startswith("left.")})
+        self.right.load_qparams({k[6:]: v for k, v in tensors.items() if k.startswith("right.")})
+
+    def operands(self, a: torch.Tensor, b: torch.Tensor, batch_size: int, transpose_b: bool) -> tuple:
+        if self.counting:
+            n, inner = a.shape[-2], a.shape[-1]
+            m = b.shape[-2] if transpose_b else b.shape[-1]
+            self.macs = a[..., 0, 0].numel() // batch_size * n * inner * m
+        return self.left(a), self.right(b)
+
+
+class QuantAttnProcessor(nn.Module):
+    """diffusers' classic AttnProcessor with the q·kᵀ and softmax·v operands fake-quantized.
+
+    The projections (to_q, to_k, to_v, to_out) are ordinary Linear layers and get their own twins.
+    """
+
+    def __init__(self, name: str, a_candidates: Sequence[int]) -> None:
+        super().__init__()
+        self.qk = MatmulQuant(f"{name}.qk", a_candidates)
+        self.av = MatmulQuant(f"{name}.av", a_candidates)
+
+    def __call__(  # explicit signature: diffusers inspects it to decide which kwargs (temb) to pass
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    def forward(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        query, key = self.qk.operands(query, key, batch_size, transpose_b=True)
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        probs, value = self.av.operands(probs, value, batch_size, transpose_b=False)
+        hidden_states = torch.bmm(probs, value)
+
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+QUANT_LAYERS: dict[type[nn.Module], type[_QuantWeightLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+"""Registry from module type to its quantized twin (exact type match: subclasses may change forward)."""

@@ -1,0 +1,61 @@
+"""Pure uniform-affine quantization math: no modules, no state, so every other part reuses one definition.
+
+Codes are unsigned integers in [0, 2**bits - 1]; `x ≈ (code - zero_point) * scale`. Rounding is
+`torch.round` (half to even), the same as PyTorch's fake-quantize kernels, so a stored code and a
+fake-quantized tensor agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tmpq.errors import TmpqError
+
+MAX_BITS = 8
+"""Codes are stored as uint8; wider integers would need another storage type."""
+
+_EPS = 1e-8
+
+
+def qmax(bits: int) -> int:
+    if not 1 <= bits <= MAX_BITS:
+        raise TmpqError(f"bit-width {bits} is not supported; use 1..{MAX_BITS} bits (or full precision)")
+    return 2**bits - 1
+
+
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point that map [lo, hi] (widened to contain 0) onto [0, 2**bits - 1]."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / qmax(bits)).clamp(min=_EPS)
+    zero_point = torch.round(-lo / scale).clamp(0, qmax(bits))
+    return scale, zero_point
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as uint8) of `x`; scale/zero_point broadcast against x."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax(bits)).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (codes.to(scale.dtype) - zero_point) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """dequantize(quantize(x)) without materialising codes: the float value a quantized layer really sees."""
+    return (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax(bits)) - zero_point) * scale
+
+
+def channel_view(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(C,) per-output-channel parameters reshaped to broadcast over a weight of `ndim` dims."""
+    return scale.reshape(-1, *([1] * (ndim - 1)))
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better), as torchao's tests use it."""
+    reference, approx = reference.detach().double(), approx.detach().double()
+    noise = (reference - approx).pow(2).sum()
+    signal = reference.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,364 @@
+"""The quantization super-network: every quantizable layer calibrated once for every candidate width.
+
+Any per-layer bit allocation is then evaluated by `set_config`, a switch in time linear in the number
+of layers (no deepcopy, no recalibration). Memory stays bounded: per candidate a layer keeps uint8
+codes and per-channel scales, plus one dequantized float weight for the active setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from tmpq.errors import TmpqError
+from tmpq.quant.calibration import CalibrationSet
+from tmpq.quant.config import QuantConfig, QuantSpec
+from tmpq.quant.cost import CostModel, UnitCost
+from tmpq.quant.layers import QUANT_LAYERS, ActQuantizer, MatmulQuant, QuantAttnProcessor, QuantUnit, _check_bits
+
+SUPERNET_VERSION = 1
+JSON_NAME = "supernet.json"
+TENSORS_NAME = "supernet.safetensors"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the state dict (names, dtypes, shapes, bytes): ties saved calibration to exact weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _attention_type() -> type | None:
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # diffusers is a core dependency, but a plain-torch model needs none of it
+        return None
+    return Attention
+
+
+class SuperNet(nn.Module):
+    """Wraps a denoiser `model(x, t)`; its quantizable layers become switchable quantized twins."""
+
+    def __init__(self, model: nn.Module, spec: QuantSpec, fingerprint: str) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.units: dict[str, QuantUnit] = {}
+        self.pinned: dict[str, tuple[int | None, int]] = {}
+        self.cost: CostModel | None = None
+        self.calibrated = False
+        self.calibration_info: dict = {}
+        self._config: QuantConfig | None = None
+
+    # --- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def wrap(cls, model: nn.Module, spec: QuantSpec, example: tuple[torch.Tensor, torch.Tensor]) -> SuperNet:
+        """Swap in quantized twins and trace one forward (MACs per layer, skip-concat split points)."""
+        sn = cls(model, spec, model_fingerprint(model))
+        sn._swap()
+        if not sn.units:
+            raise TmpqError(
+                "no quantizable layers found (Conv2d, Linear, diffusers attention) under the include/exclude "
+                f"patterns {spec.include} / {spec.exclude}; check the patterns against the model's module names"
+            )
+        sn._trace(example)
+        return sn
+
+    def _swap(self, only: set[str] | None = None) -> None:
+        spec = self.spec
+        attention = _attention_type() if spec.attention_matmuls else None
+        for name, module in list(self.model.named_modules()):
+            twin_type = QUANT_LAYERS.get(type(module))
+            if twin_type is not None and spec.selects(name) and (only is None or name in only):
+                pin = spec.pinned(name)
+                w_c, a_c = ((pin[0],), (pin[1],)) if pin else (spec.w_bits, spec.a_bits)
+                twin = twin_type(module, name, w_c, a_c)
+                self._set_child(name, twin)
+                self.units[name] = twin
+                if pin:
+                    self.pinned[name] = pin
+            elif attention is not None and isinstance(module, attention):
+                proc = QuantAttnProcessor(f"{name}.processor", spec.a_bits)
+                kept = [u for u in (proc.qk, proc.av) if spec.selects(u.name) and (only is None or u.name in only)]
+                if not kept:
+                    continue
+                for u in (proc.qk, proc.av):
+                    pin = spec.pinned(u.name)
+                    if pin:
+                        u.__init__(u.name, (pin[1],))
+                        self.pinned[u.name] = (None, pin[1])
+                    if u in kept:
+                        self.units[u.name] = u
+                module.set_processor(proc)
+        self.units = dict(sorted(self.units.items()))
+
+    def _set_child(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
+    @torch.no_grad()
+    def _trace(self, example: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, t = example
+        hidden: dict[str, int] = {}
+        hooks = []
+        for name, m in self.model.named_modules():
+            if "UpBlock" in type(m).__name__ and isinstance(getattr(m, "resnets", None), nn.ModuleList):
+
+                def pre(mod, args, kwargs, name=name):
+                    hs = kwargs.get("hidden_states", args[0] if args else None)
+                    hidden[name] = int(hs.shape[1])
+
+                hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        for u in self.units.values():
+            u.counting = True
+        try:
+            self.set_fp()
+            self.model(x[:1], t[:1])
+        finally:
+            for u in self.units.values():
+                u.counting = False
+            for h in hooks:
+                h.remove()
+        if self.spec.split_concat:
+            for block_name, ch in hidden.items():
+                block = self.model.get_submodule(block_name)
+                for j, resnet in enumerate(block.resnets):
+                    split = ch if j == 0 else int(block.resnets[j - 1].out_channels)
+                    for child in ("conv1", "conv_shortcut"):
+                        unit = getattr(resnet, child, None)
+                        if unit in self.units.values() and 0 < split < unit.base.in_channels:
+                            unit.act.split = split
+        unused = [n for n, u in self.units.items() if u.macs == 0]
+        for n in unused:  # never executed: quantizing it changes nothing and it would get no calibration data
+            u = self.units.pop(n)
+            self.pinned.pop(n, None)
+            if not isinstance(u, MatmulQuant):
+                self._set_child(n, u.base)
+        n_unit = sum(getattr(u, "weight_params", 0) + getattr(u, "bias_params", 0) for u in self.units.values())
+        n_all = sum(p.numel() for p in self.model.parameters())
+        self.cost = CostModel(
+            {n: UnitCost(u.kind, int(u.macs), int(u.weight_params), int(u.bias_params)) for n, u in self.units.items()},
+            other_params=n_all - n_unit,
+        )
+
+    def quantizers(self) -> list[ActQuantizer]:
+        return [m for u in self.units.values() for m in u.modules() if isinstance(m, ActQuantizer)]
+
+    def splits(self) -> dict[str, int]:
+        """Units whose input is a skip concatenation, quantized as two parts: name -> channels of part one."""
+        return {n: u.act.split for n, u in self.units.items() if hasattr(u, "act") and u.act.split is not None}
+
+    # --- calibration ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, calib: CalibrationSet, batch_size: int = 64, progress: bool = True) -> dict:
+        """Weights: MSE clipping per channel and candidate. Activations: one FP pass over the calibration
+        set feeds every quantizer's observer, then each candidate's range is chosen by MSE."""
+        t0 = time.perf_counter()
+        weight_units = [u for u in self.units.values() if hasattr(u, "calibrate_weights")]
+        for u in tqdm(weight_units, desc="calibrate weights", disable=not progress, leave=False):
+            u.calibrate_weights()
+        t1 = time.perf_counter()
+        self.set_fp()
+        quantizers = self.quantizers()
+        for q in quantizers:
+            q.start_observing(self.spec.act_max_values)
+        try:
+            bar = tqdm(total=len(calib), desc="calibrate activations", disable=not progress, leave=False)
+            for x, t in calib.batches(batch_size):
+                self.model(x, t)
+                bar.update(len(x))
+            bar.close()
+            for q in tqdm(quantizers, desc="activation ranges", disable=not progress, leave=False):
+                q.finish_observing(self.spec.act_method)
+        finally:
+            for q in quantizers:
+                q.observers = None
+        self.calibrated = True
+        self.calibration_info = {
+            "calib_config": {**calib.config.__dict__},
+            "calib_rows": len(calib),
+            "weights_s": round(t1 - t0, 3),
+            "activations_s": round(time.perf_counter() - t1, 3),
+        }
+        return self.calibration_info
+
+    # --- switching --------------------------------------------------------------------------------------
+    def validate(self, config: QuantConfig) -> None:
+        """Clear errors for unknown or missing layers and for bit-widths that were not calibrated."""
+        given = config.as_dict()
+        unknown = sorted(set(given) - set(self.units))
+        if unknown:
+            raise TmpqError(
+                f"the config names {len(unknown)} layer(s) this super-network does not have, e.g. {unknown[0]!r}; "
+                "valid names are SuperNet.unit_names()"
+            )
+        missing = sorted(set(self.units) - set(given))
+        if missing:
+            raise TmpqError(
+                f"the config gives no bits for {len(missing)} layer(s), e.g. {missing[0]!r}; "
+                "list every layer (use None for full precision) or start from SuperNet.uniform_config()"
+            )
+        for name, (w, a) in given.items():
+            u = self.units[name]
+            if isinstance(u, MatmulQuant) and w is not None:
+                raise TmpqError(f"{name!r} is an activation-activation matmul; its weight bits must be None")
+            if not isinstance(u, MatmulQuant):
+                _check_bits(w, u.w_candidates, "weight", name)
+            _check_bits(a, u.a_candidates, "activation", name)
+
+    def set_config(self, config: QuantConfig) -> None:
+        if not self.calibrated:
+            raise TmpqError("the super-network is not calibrated; call calibrate() (or build_supernet) first")
+        self.validate(config)
+        for name, (w, a) in config.as_dict().items():
+            self.units[name].set_bits(w, a)
+        self._config = config
+
+    def set_fp(self) -> None:
+        for u in self.units.values():
+            u.set_bits(None, None)
+        self._config = None
+
+    @property
+    def config(self) -> QuantConfig | None:
+        """The active configuration (None: full precision)."""
+        return self._config
+
+    def unit_names(self) -> list[str]:
+        return list(self.units)
+
+    def uniform_config(self, w_bits: int, a_bits: int) -> QuantConfig:
+        """Every layer at WxAy (pinned layers keep their pin; matmuls take the activation width)."""
+        bits = {}
+        for name, u in self.units.items():
+            if name in self.pinned:
+                bits[name] = self.pinned[name]
+            elif isinstance(u, MatmulQuant):
+                bits[name] = (None, a_bits)
+            else:
+                bits[name] = (w_bits, a_bits)
+        config = QuantConfig.from_mapping(bits)
+        self.validate(config)
+        return config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t)
+
+    # --- persistence ------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """supernet.json (spec, units, costs, calibration info) + supernet.safetensors (codes and scales)."""
+        if not self.calibrated:
+            raise TmpqError("nothing to save: the super-network is not calibrated yet")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{n}.{k}": v.contiguous().cpu() for n, u in self.units.items() for k, v in u.qparams().items()}
+        meta = {
+            "version": SUPERNET_VERSION,
+            "fingerprint": self.fingerprint,
+            "spec": self.spec.to_dict(),
+            "units": {
+                n: {"kind": u.kind, "split": getattr(getattr(u, "act", None), "split", None)}
+                for n, u in self.units.items()
+            },
+            "pinned": {n: list(p) for n, p in self.pinned.items()},
+            "cost": self.cost.to_dict(),
+            "calibration": self.calibration_info,
+            **(extra or {}),
+        }
+        for name, payload in ((TENSORS_NAME, None), (JSON_NAME, meta)):
+            tmp = directory / (name + ".tmp")
+            if payload is None:
+                save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint})
+            else:
+                tmp.write_text(json.dumps(payload, indent=1))
+            tmp.replace(directory / name)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module) -> SuperNet:
+        """Rebuild the twins on `model` (the same FP weights it was calibrated on) from a saved directory."""
+        directory = Path(directory)
+        jpath, tpath = directory / JSON_NAME, directory / TENSORS_NAME
+        if not jpath.is_file() or not tpath.is_file():
+            raise TmpqError(f"{directory} holds no saved super-network ({JSON_NAME} + {TENSORS_NAME}); calibrate first")
+        try:
+            meta = json.loads(jpath.read_text())
+            tensors = load_file(str(tpath))
+        except (json.JSONDecodeError, SafetensorError, OSError) as e:
+            raise TmpqError(f"the super-network in {directory} is unreadable ({e}); re-calibrate") from None
+        if meta.get("version") != SUPERNET_VERSION:
+            raise TmpqError(f"{jpath} has version {meta.get('version')}, this tmpq reads {SUPERNET_VERSION}")
+        fp = model_fingerprint(model)
+        if fp != meta["fingerprint"]:
+            raise TmpqError(
+                f"the super-network in {directory} was calibrated for different model weights; "
+                "re-calibrate it for this model"
+            )
+        sn = cls(model, QuantSpec.from_dict(meta["spec"]), fp)
+        sn._swap(only=set(meta["units"]))
+        if set(sn.units) != set(meta["units"]):
+            raise TmpqError(f"the model's layers do not match the saved super-network in {directory}; re-calibrate")
+        for name, info in meta["units"].items():
+            u = sn.units[name]
+            if info["split"] is not None:
+                u.act.split = int(info["split"])
+            prefix = name + "."
+            u.load_qparams({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        sn.pinned = {n: (p[0], p[1]) for n, p in meta["pinned"].items()}
+        sn.cost = CostModel.from_dict(meta["cost"])
+        sn.calibrated = True
+        sn.calibration_info = meta["calibration"]
+        try:
+            sn.set_fp()
+            for u in sn.units.values():  # every candidate must be present: a truncated file fails here, not mid-search
+                for w in getattr(u, "w_candidates", ()) or (None,):
+                    for a in u.a_candidates:
+                        u.set_bits(w, a)
+            sn.set_fp()
+        except (TmpqError, AttributeError) as e:
+            raise TmpqError(f"the super-network in {directory} is incomplete ({e}); re-calibrate") from None
+        return sn
+
+
+def build_supernet(
+    model: nn.Module,
+    calib: CalibrationSet,
+    spec: QuantSpec = QuantSpec(),
+    batch_size: int = 64,
+    progress: bool = True,
+) -> SuperNet:
+    """Wrap `model` and calibrate every candidate bit-width once on `calib`."""
+    sn = SuperNet.wrap(model, spec, (calib.x[:1], calib.t[:1]))
+    sn.calibrate(calib, batch_size=batch_size, progress=progress)
+    return sn
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: CalibrationSet,
+    spec: QuantSpec = QuantSpec(),
+    batch_size: int = 64,
+    progress: bool = False,
+) -> SuperNet:
+    """One-shot PTQ to `config`: calibrate only the widths it uses, then switch to it."""
+    ws = {w for _, w, _ in config.bits if w is not None}
+    as_ = {a for _, _, a in config.bits if a is not None}
+    spec = replace(spec, w_bits=tuple(ws) or spec.w_bits, a_bits=tuple(as_) or spec.a_bits)
+    sn = build_supernet(model, calib, spec, batch_size=batch_size, progress=progress)
+    sn.set_config(config)
+    return sn

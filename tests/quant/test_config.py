@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from tmpq.errors import TmpqError
+from tmpq.quant import QuantConfig, QuantSpec
+
+
+def test_quant_config_json_round_trip_and_hashable():
+    c = QuantConfig.from_mapping({"b.conv": (4, 8), "a.lin": (8, 6), "attn.qk": (None, 8), "fp": (None, None)})
+    again = QuantConfig.from_json(c.to_json())
+    assert again == c and hash(again) == hash(c)
+    assert c["b.conv"] == (4, 8) and c["fp"] == (None, None)
+    assert [n for n, _, _ in c.bits] == sorted(["b.conv", "a.lin", "attn.qk", "fp"])
+    assert len({c, again}) == 1
+
+
+def test_quant_config_errors():
+    with pytest.raises(TmpqError, match="twice"):
+        QuantConfig((("a", 4, 4), ("a", 8, 8)))
+    with pytest.raises(TmpqError, match="not valid JSON"):
+        QuantConfig.from_json('{"version": 1, "bits": {')
+    with pytest.raises(TmpqError, match="version"):
+        QuantConfig.from_json('{"bits": {}}')
+
+
+def test_quant_spec_validates_and_round_trips():
+    spec = QuantSpec(w_bits=[8, 4, 4], pin={"*conv_in": (8, 8)})
+    assert spec.w_bits == (4, 8) and spec.pin == (("*conv_in", 8, 8),)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    assert spec.pinned("unet.conv_in") == (8, 8) and spec.pinned("unet.conv_out") is None
+    for bad in ({"w_bits": ()}, {"a_bits": (0,)}, {"w_bits": (9,)}, {"pin": {"x": (16, 8)}}, {"act_method": "p99"}):
+        with pytest.raises(TmpqError):
+            QuantSpec(**bad)
+
+
+def test_include_exclude_patterns():
+    spec = QuantSpec(include=("unet.*",), exclude=("*attentions*",))
+    assert spec.selects("unet.conv_in")
+    assert not spec.selects("unet.mid_block.attentions.0.to_q")
+    assert not spec.selects("other.conv")

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tmpq.errors import TmpqError
+from tmpq.quant.primitives import affine_qparams, dequantize, fake_quantize, qmax, quantize, sqnr_db
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_error_within_half_step_inside_range(bits):
+    x = torch.linspace(-1.3, 2.1, 1001)
+    scale, zp = affine_qparams(x.min(), x.max(), bits)
+    codes = quantize(x, scale, zp, bits)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= qmax(bits)
+    err = (dequantize(codes, scale, zp) - x).abs()
+    assert float(err.max()) <= float(scale) / 2 + 1e-6
+    assert torch.equal(dequantize(codes, scale, zp), fake_quantize(x, scale, zp, bits))
+
+
+def test_zero_is_exact_and_clipping_saturates():
+    scale, zp = affine_qparams(torch.tensor(0.5), torch.tensor(3.0), 4)  # range widened to contain 0
+    assert float(fake_quantize(torch.tensor(0.0), scale, zp, 4)) == 0.0
+    assert float(fake_quantize(torch.tensor(100.0), scale, zp, 4)) == pytest.approx(3.0, abs=float(scale))
+
+
+def test_degenerate_range_does_not_divide_by_zero():
+    scale, zp = affine_qparams(torch.tensor(0.0), torch.tensor(0.0), 4)
+    assert torch.isfinite(fake_quantize(torch.zeros(3), scale, zp, 4)).all()
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16])
+def test_unsupported_bits_rejected(bits):
+    with pytest.raises(TmpqError, match="not supported"):
+        qmax(bits)
+
+
+def test_sqnr():
+    x = torch.randn(1000)
+    assert sqnr_db(x, x) == float("inf")
+    assert sqnr_db(x, x + 0.1 * torch.randn(1000)) == pytest.approx(20, abs=1.0)
