@@ -14,8 +14,11 @@ import typer
 
 from tmpq.errors import TmpqError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Joint timestep + mixed-precision compression "
-                  "of diffusion models (TMPQ-DM and beyond).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Joint timestep + mixed-precision compression of diffusion models (TMPQ-DM and beyond).",
+)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -117,11 +120,22 @@ def eval_cmd(
     from tmpq.evaluate import EvalConfig, evaluate
 
     ts = _parse_timesteps(timesteps)
-    cfg = EvalConfig(model=model, steps=steps if ts is None else len(ts), schedule=schedule, timesteps=ts,
-                     num_samples=num_samples, seed=seed, eta=eta, batch_size=batch_size, reference=reference)
+    cfg = EvalConfig(
+        model=model,
+        steps=steps if ts is None else len(ts),
+        schedule=schedule,
+        timesteps=ts,
+        num_samples=num_samples,
+        seed=seed,
+        eta=eta,
+        batch_size=batch_size,
+        reference=reference,
+    )
     res = evaluate(cfg, out)
-    typer.echo(f"FID {res.fid:.3f}  IS {res.inception_score:.3f} ± {res.inception_score_std:.3f}  "
-               f"({cfg.num_samples} samples, {len(res.timesteps)} steps, {res.sample_wall_s:.1f} s sampling)")
+    typer.echo(
+        f"FID {res.fid:.3f}  IS {res.inception_score:.3f} ± {res.inception_score_std:.3f}  "
+        f"({cfg.num_samples} samples, {len(res.timesteps)} steps, {res.sample_wall_s:.1f} s sampling)"
+    )
     typer.echo(f"wrote {out / 'eval.json'} and {out / 'samples.png'}")
 
 
@@ -147,8 +161,9 @@ def sample(
 
     loaded = load_model(model)
     ts = _parse_timesteps(timesteps) or make_timesteps(schedule, steps, loaded.schedule.num_train_timesteps)
-    images = generate(loaded.denoiser, DDIMSampler(loaded.schedule, ts, eta=eta), num_samples,
-                      loaded.sample_shape, seed)
+    images = generate(
+        loaded.denoiser, DDIMSampler(loaded.schedule, ts, eta=eta), num_samples, loaded.sample_shape, seed
+    )
     typer.echo(f"wrote {save_grid(images, out)}")
 
 

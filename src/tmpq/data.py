@@ -117,8 +117,10 @@ def load_image_folder(folder: Path | str, channels: int = 1, limit: int | None =
             arr = np.asarray(im.convert(mode))
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if arrays and arr.shape != arrays[0].shape:
-            raise TmpqError(f"{f.name} is {arr.shape[1]}x{arr.shape[2]} but earlier images are "
-                            f"{arrays[0].shape[1]}x{arrays[0].shape[2]}; all images in a folder must share one size")
+            raise TmpqError(
+                f"{f.name} is {arr.shape[1]}x{arr.shape[2]} but earlier images are "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[2]}; all images in a folder must share one size"
+            )
         arrays.append(arr)
     return to_model_range(np.stack(arrays))
 

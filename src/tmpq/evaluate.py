@@ -76,8 +76,9 @@ def evaluate(
     timesteps = cfg.resolved_timesteps(loaded.schedule.num_train_timesteps)
     sampler = DDIMSampler(loaded.schedule, timesteps, eta=cfg.eta)
     t0 = time.time()
-    images = generate(loaded.denoiser, sampler, cfg.num_samples, loaded.sample_shape, cfg.seed, cfg.batch_size,
-                      progress=progress)
+    images = generate(
+        loaded.denoiser, sampler, cfg.num_samples, loaded.sample_shape, cfg.seed, cfg.batch_size, progress=progress
+    )
     t1 = time.time()
     scores = metric.score(images, seed=cfg.seed)
     t2 = time.time()
@@ -101,4 +102,3 @@ def evaluate(
         tmp.write_text(json.dumps(result.to_json(), indent=2))
         tmp.replace(out / "eval.json")
     return result
-

@@ -35,8 +35,11 @@ def provenance(inputs: dict[str, Path | str] | None = None) -> dict:
     """Versions, machine, UTC time and sha256 of each input file."""
     return {
         "versions": versions(),
-        "machine": {"platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "inputs_sha256": {k: file_sha256(v) for k, v in (inputs or {}).items() if Path(v).is_file()},
     }

@@ -93,8 +93,13 @@ def train_classifier(
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
-    return model, {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                   "train_wall_s": round(time.time() - start, 1)}
+    return model, {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_wall_s": round(time.time() - start, 1),
+    }
 
 
 @torch.no_grad()

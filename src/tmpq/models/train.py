@@ -205,7 +205,6 @@ def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
         f"autocast {cfg.get('autocast', '?')}; final smoothed loss {meta.get('final_loss', '?')}.\n"
         f"- Wall time: {wall / 60:.1f} min on {platform.processor() or platform.machine()} "
         f"({torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}).\n"
-        f"- Command: `{command}`\n"
-        + (f"- Note: {note}\n" if note else "")
+        f"- Command: `{command}`\n" + (f"- Note: {note}\n" if note else "")
     )
     return card
