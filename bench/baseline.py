@@ -54,9 +54,11 @@ def main(
         per_k = r["sample_wall_s"] / c["num_samples"] * 1000
         lines.append(f"| {c['steps']} | {c['schedule']} | {r['fid']:.2f} | {r['inception_score']:.3f} | {per_k:.1f} |")
     table = "\n".join(lines)
-    note = (f"\n\n{num_samples} samples per row (seeds {seed}..{seed + num_samples - 1}), FID/IS in the shipped "
-            f"classifier's feature space against the 60,000 Fashion-MNIST training images; "
-            f"this run took {time.time() - start:.0f} s (rows already on disk are reused).\n")
+    note = (
+        f"\n\n{num_samples} samples per row (seeds {seed}..{seed + num_samples - 1}), FID/IS in the shipped "
+        f"classifier's feature space against the 60,000 Fashion-MNIST training images; "
+        f"this run took {time.time() - start:.0f} s (rows already on disk are reused).\n"
+    )
     (out / "baseline.md").write_text(table + note)
     typer.echo(table + note)
 

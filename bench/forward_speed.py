@@ -1,6 +1,6 @@
 """Forward time of the built-in UNet at batch 64: fp32 vs bf16 autocast, on this CPU.
 
-    .venv/bin/python bench/forward_speed.py
+.venv/bin/python bench/forward_speed.py
 """
 
 from __future__ import annotations

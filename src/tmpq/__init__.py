@@ -1,18 +1,37 @@
 """tmpq: make pretrained diffusion models cheap to run by searching, jointly, which timesteps to keep
 and how many bits each layer gets (TMPQ-DM and beyond).
 
-This release holds the foundation: the built-in Fashion-MNIST DDPM, DDIM over any timestep list,
-and FID/IS evaluation. Quantization and the joint search build on these.
+This release holds the foundation (the built-in Fashion-MNIST DDPM, DDIM over any timestep list,
+FID/IS evaluation) and the quantization super-network (every layer calibrated once for every candidate
+bit-width, switched per configuration, costed in BitOPs). The joint search builds on these.
 """
 
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, EvalResult, evaluate
 from tmpq.models.loading import load_model
+from tmpq.quant import (
+    CalibConfig,
+    CalibrationSet,
+    QuantConfig,
+    QuantSpec,
+    SuperNet,
+    build_supernet,
+    collect_calibration,
+    quantize_,
+)
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps, quad_timesteps, uniform_timesteps
 
 __version__ = "0.1.0"
 __all__ = [
+    "CalibConfig",
+    "CalibrationSet",
+    "QuantConfig",
+    "QuantSpec",
+    "SuperNet",
+    "build_supernet",
+    "collect_calibration",
+    "quantize_",
     "DDIMSampler",
     "EvalConfig",
     "EvalResult",
