@@ -178,3 +178,128 @@ def _parse_timesteps(text: str | None) -> tuple[int, ...] | None:
 
 if __name__ == "__main__":
     app()
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            return tuple(range(lo, hi + 1))
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise TmpqError(f"{what} must be comma-separated integers or a range like 8-12, got {text!r}") from None
+
+
+@app.command()
+@_friendly
+def calibrate(
+    model: Annotated[str, typer.Option(help="builtin:fashion or a .safetensors UNet")] = "builtin:fashion",
+    run_dir: Annotated[Path, typer.Option(help="writes calib.safetensors and supernet/ here")] = Path("runs/run"),
+    calib_samples: Annotated[int, typer.Option(help="FP DDIM trajectories")] = 128,
+    calib_steps: Annotated[int, typer.Option(help="steps per trajectory; every step's input is kept")] = 20,
+    w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = "2,3,4,5,6,8",
+    a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Calibrate the quantization super-network once for every candidate bit-width (reused by search)."""
+    from tmpq.models.loading import load_model
+    from tmpq.quant import CalibConfig, QuantSpec
+    from tmpq.quant.prepare import prepare_supernet
+
+    _threads(threads)
+    spec = QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits"))
+    loaded = load_model(model)
+    sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
+    what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
+    typer.echo(f"super-network: {len(sn.units)} quantizable units, {len(calib)} calibration inputs, {what}")
+    typer.echo(f"  W {list(spec.w_bits)} x A {list(spec.a_bits)}; pinned: {sn.pinned}")
+    typer.echo(f"  FP: {sn.cost.macs / 1e6:.1f} MMACs per forward; saved in {run_dir / 'supernet'}")
+
+
+@app.command()
+@_friendly
+def search(
+    model: Annotated[str, typer.Option(help="builtin:fashion or a .safetensors UNet")] = "builtin:fashion",
+    run_dir: Annotated[Path, typer.Option(help="all artefacts; re-run the same command to resume")] = Path(
+        "runs/search"
+    ),
+    like: Annotated[str | None, typer.Option(help="budget: uniform WxAy at --budget-steps steps")] = "W6A6",
+    budget_steps: Annotated[int, typer.Option(help="steps of the --like budget")] = 10,
+    bitops: Annotated[float | None, typer.Option(help="budget: fraction of FP BitOPs at 100 steps")] = None,
+    gbitops: Annotated[float | None, typer.Option(help="budget: absolute GBitOPs per image")] = None,
+    steps: Annotated[str, typer.Option(help="sampling steps K, or a range to search, e.g. 8-12")] = "10",
+    grouping: Annotated[str, typer.Option(help="timestep groups: quad | uniform | change")] = "quad",
+    phases: Annotated[str, typer.Option(help="timestep bounds of bit phases, e.g. 500 (none: one allocation)")] = "",
+    lever: Annotated[str, typer.Option(help="joint | bits (schedule fixed) | timesteps (precision fixed)")] = "joint",
+    fixed_precision: Annotated[str, typer.Option(help="precision of a timesteps-only search")] = "W6A6",
+    preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
+    fitness: Annotated[str, typer.Option(help="fid | proxy (distance to FP-100 samples, same noise)")] = "fid",
+    fitness_samples: int = 256,
+    generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    population: Annotated[int | None, typer.Option(help="override the preset (children scale with it)")] = None,
+    pareto: Annotated[bool, typer.Option(help="NSGA-II over (quality, BitOPs)")] = False,
+    seed: int = 0,
+    fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Search timesteps and per-layer bits jointly under a BitOPs budget; writes RUN/search.json."""
+    from tmpq.models.loading import load_model
+    from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
+
+    _threads(threads)
+    if sum(x is not None for x in (bitops, gbitops)) > 1:
+        raise TmpqError("give one budget: --like, --bitops or --gbitops")
+    budget = (
+        Budget.fraction(bitops)
+        if bitops is not None
+        else Budget.gbitops(gbitops)
+        if gbitops is not None
+        else Budget.like(like or "W6A6", budget_steps)
+    )
+    if preset not in ("tmpq", "reference"):
+        raise TmpqError(f"--preset must be 'tmpq' or 'reference', got {preset!r}")
+    evo = EvolutionConfig.tmpq(seed=seed) if preset == "tmpq" else EvolutionConfig.reference(seed=seed)
+    if population is not None:
+        scale = population / evo.population
+        evo = EvolutionConfig(
+            **{
+                **evo.__dict__,
+                "population": population,
+                "parents": max(1, round(evo.parents * scale)),
+                "mutations": round(evo.mutations * scale),
+                "crossovers": round(evo.crossovers * scale),
+                "randoms": round(evo.randoms * scale),
+            }
+        )
+    overrides = {"multi_objective": pareto} | ({"generations": generations} if generations else {})
+    evo = EvolutionConfig(**{**evo.__dict__, **overrides})
+    cfg = SearchConfig(
+        budget=budget,
+        steps=_int_list(steps, "--steps"),
+        grouping=grouping,
+        phase_bounds=_int_list(phases, "--phases") if phases else (),
+        lever=lever,
+        fixed_precision=fixed_precision,
+        evolution=evo,
+        fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed),
+    )
+    loaded = load_model(model)
+    res = run_search(loaded, cfg, run_dir, resume=not fresh)
+    best = res.best
+    summary = json.loads((run_dir / "search.json").read_text())
+    fp100 = summary["fp_bitops_full_100"]
+    typer.echo(
+        f"best ({fitness}): {best.value:.4f}  at {best.bitops / 1e9:.2f} GBitOPs "
+        f"({best.bitops / fp100:.4f} of FP-100; budget {res.budget / 1e9:.2f}, {budget.describe()})"
+    )
+    typer.echo(f"  timesteps: {list(best.candidate.timesteps)}")
+    for p, phase in enumerate(best.candidate.bits):
+        ws = [w for w, _ in phase if w is not None]
+        as_ = [a for _, a in phase if a is not None]
+        typer.echo(f"  bits (phase {p}): mean W {sum(ws) / len(ws):.2f}, mean A {sum(as_) / len(as_):.2f}")
+    c = summary["search_cost"]
+    typer.echo(
+        f"  search: {c['evaluations']} candidates, {c['fitness_forwards']:,} image-forwards "
+        f"(+{c['overhead_forwards']:,} calibration/sensitivity/reference), {c['search_wall_s']:.0f} s"
+    )
+    typer.echo(f"  wrote {run_dir / 'search.json'}")

@@ -156,6 +156,14 @@ class QualityMetric:
         return float(fid.compute())
 
     @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The FID feature vectors of `images` (classifier space only): for sample-by-sample distances."""
+        if not isinstance(self._fid_feature, nn.Module):
+            raise TmpqError("per-sample features are only available in the classifier feature space")
+        step = self.batch_size
+        return torch.cat([self._fid_feature(self._prep(images[i : i + step])) for i in range(0, len(images), step)])
+
+    @torch.no_grad()
     def inception_score(self, images: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
         metric = InceptionScore(feature=self._is_feature, splits=min(splits, images.shape[0]))
         for i in range(0, images.shape[0], self.batch_size):

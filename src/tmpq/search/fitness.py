@@ -1,0 +1,121 @@
+"""Fitness of a candidate: sample with its schedule and bits from fixed noise seeds, then score.
+
+Every candidate sees the same seeds, so differences between candidates are not sampling noise of the
+initial latents. 'fid' is FID against the real data (the paper's fitness); 'proxy' is the mean distance,
+sample by sample, to the FP model's samples from the same noise at many steps: the same target, reached
+with far fewer samples because paired distances do not need a distribution estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tmpq.errors import TmpqError
+from tmpq.metrics.fid import QualityMetric
+from tmpq.quant.config import QuantConfig
+from tmpq.quant.supernet import SuperNet
+from tmpq.sampling.ddim import DDIMSampler, generate
+from tmpq.sampling.schedules import NoiseSchedule, make_timesteps
+from tmpq.search.evolution import FitnessValue
+from tmpq.search.space import Candidate, SearchSpace
+
+FITNESS_KINDS = ("fid", "proxy")
+
+
+class PhasedDenoiser(nn.Module):
+    """The super-network, switched to each step's configuration (bit phases) as sampling reaches it."""
+
+    def __init__(self, supernet: SuperNet, step_configs: Sequence[tuple[int, QuantConfig]]) -> None:
+        super().__init__()
+        self.supernet = supernet
+        self.by_t = dict(step_configs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cfg = self.by_t[int(t[0])]
+        if self.supernet.config is not cfg:
+            self.supernet.set_config(cfg)
+        return self.supernet(x, t)
+
+
+@dataclass(frozen=True)
+class FitnessConfig:
+    kind: str = "fid"
+    num_samples: int = 256
+    seed: int = 0
+    batch_size: int = 128
+    reference_steps: int = 100  # proxy target: FP DDIM at this many uniform steps
+    proxy_space: str = "features"  # 'features' (classifier space) or 'pixels'
+
+    def __post_init__(self) -> None:
+        if self.kind not in FITNESS_KINDS:
+            raise TmpqError(f"fitness kind must be one of {FITNESS_KINDS}, got {self.kind!r}")
+        if self.proxy_space not in ("features", "pixels"):
+            raise TmpqError(f"proxy_space must be 'features' or 'pixels', got {self.proxy_space!r}")
+        if self.num_samples < 2:
+            raise TmpqError("fitness needs at least 2 samples")
+
+
+class SampleFitness:
+    """Callable fitness for the evolutionary search; counts the image-forwards it spends."""
+
+    def __init__(
+        self,
+        supernet: SuperNet,
+        space: SearchSpace,
+        schedule: NoiseSchedule,
+        sample_shape: Sequence[int],
+        metric: QualityMetric,
+        config: FitnessConfig = FitnessConfig(),
+        reference: torch.Tensor | None = None,
+    ) -> None:
+        self.sn, self.space, self.schedule, self.shape = supernet, space, schedule, tuple(sample_shape)
+        self.metric, self.config = metric, config
+        self.reference = reference
+        self.reference_forwards = 0
+        self._ref_feats: torch.Tensor | None = None
+
+    def fp_reference(self) -> torch.Tensor:
+        """FP samples from the fitness seeds at `reference_steps` (computed once; pass `reference` to reuse)."""
+        if self.reference is None:
+            cfg = self.config
+            ts = make_timesteps("uniform", cfg.reference_steps, self.schedule.num_train_timesteps)
+            self.sn.set_fp()
+            self.reference = generate(
+                self.sn,
+                DDIMSampler(self.schedule, ts),
+                cfg.num_samples,
+                self.shape,
+                cfg.seed,
+                cfg.batch_size,
+                progress=False,
+            )
+            self.reference_forwards = cfg.num_samples * len(ts)
+        if self.reference.shape[0] != self.config.num_samples:
+            raise TmpqError("the proxy reference has a different sample count than the fitness config")
+        return self.reference
+
+    def samples(self, c: Candidate) -> torch.Tensor:
+        model = PhasedDenoiser(self.sn, self.space.step_configs(c))
+        sampler = DDIMSampler(self.schedule, c.timesteps)
+        cfg = self.config
+        return generate(model, sampler, cfg.num_samples, self.shape, cfg.seed, cfg.batch_size, progress=False)
+
+    def distance(self, images: torch.Tensor) -> float:
+        ref = self.fp_reference()
+        if self.config.proxy_space == "pixels":
+            return float((images - ref).pow(2).mean())
+        if self._ref_feats is None:
+            self._ref_feats = self.metric.features(ref)
+        return float((self.metric.features(images) - self._ref_feats).pow(2).sum(dim=1).mean())
+
+    @torch.no_grad()
+    def __call__(self, c: Candidate) -> FitnessValue:
+        images = self.samples(c)
+        forwards = self.config.num_samples * len(c.timesteps)
+        if self.config.kind == "fid":
+            return FitnessValue(self.metric.fid(images), forwards)
+        return FitnessValue(self.distance(images), forwards)

@@ -1,0 +1,240 @@
+"""One search, end to end, in a run directory: calibrate (or reuse), build the space, search, write search.json.
+
+Every artefact lives in the run directory and is reused when its inputs match, so a re-run with the same
+settings resumes instead of starting over; search.json records the full config, seeds, versions and
+checksums, and the cost of the search in denoiser image-forwards and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from tmpq.errors import TmpqError
+from tmpq.evaluate import reference_metric
+from tmpq.models.loading import LoadedModel
+from tmpq.provenance import provenance
+from tmpq.quant.calibration import CalibConfig
+from tmpq.quant.config import QuantSpec
+from tmpq.quant.prepare import prepare_supernet
+from tmpq.search.budget import CandidateCost, Repairer
+from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
+from tmpq.search.fitness import FitnessConfig, SampleFitness
+from tmpq.search.profile import change_profile
+from tmpq.search.sensitivity import layer_sensitivity
+from tmpq.search.space import Candidate, SearchSpace
+
+LEVERS = ("joint", "bits", "timesteps")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A BitOPs budget per generated image, in the user's terms.
+
+    `Budget.like("W6A6", steps=10)`: what uniform W6A6 costs at 10 steps; `Budget.fraction(0.05)`: a share of
+    FP at `full_steps`; `Budget.gbitops(12.5)`: an absolute value.
+    """
+
+    kind: str
+    value: float
+    w: int = 0
+    a: int = 0
+    steps: int = 0
+
+    @classmethod
+    def like(cls, setting: str, steps: int) -> Budget:
+        m = re.fullmatch(r"W(\d)A(\d)", setting.upper())
+        if not m:
+            raise TmpqError(f"budget setting {setting!r} is not of the form WxAy (e.g. W6A6)")
+        return cls("like", 0.0, int(m.group(1)), int(m.group(2)), steps)
+
+    @classmethod
+    def fraction(cls, frac: float, full_steps: int = 100) -> Budget:
+        if not 0 < frac <= 1:
+            raise TmpqError(f"a BitOPs fraction must be in (0, 1], got {frac}")
+        return cls("fraction", frac, steps=full_steps)
+
+    @classmethod
+    def gbitops(cls, value: float) -> Budget:
+        if value <= 0:
+            raise TmpqError(f"a GBitOPs budget must be positive, got {value}")
+        return cls("gbitops", value)
+
+    def resolve(self, cost: CandidateCost) -> int:
+        if self.kind == "like":
+            return cost.uniform_bitops(self.w, self.a, self.steps)
+        if self.kind == "fraction":
+            return int(self.value * cost.fp_bitops(self.steps))
+        return int(self.value * 1e9)
+
+    def describe(self) -> str:
+        if self.kind == "like":
+            return f"like W{self.w}A{self.a} at {self.steps} steps"
+        if self.kind == "fraction":
+            return f"{self.value:g} of FP at {self.steps} steps"
+        return f"{self.value:g} GBitOPs"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    budget: Budget = Budget.like("W6A6", 10)
+    steps: tuple[int, ...] = (10,)
+    grouping: str = "quad"
+    phase_bounds: tuple[int, ...] = ()
+    lever: str = "joint"  # joint | bits (schedule fixed) | timesteps (precision fixed)
+    fixed_precision: str = "W6A6"  # the precision of a timesteps-only search
+    evolution: EvolutionConfig = EvolutionConfig.tmpq()
+    fitness: FitnessConfig = FitnessConfig()
+    calib: CalibConfig = CalibConfig()
+    quant: QuantSpec = QuantSpec()
+    sensitivity_inputs: int = 32
+    seed_candidates: bool = True  # start from the default schedule at the budget's uniform precision
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.lever not in LEVERS:
+            raise TmpqError(f"lever must be one of {LEVERS}, got {self.lever!r}")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _precision(setting: str) -> tuple[int, int]:
+    b = Budget.like(setting, 1)
+    return b.w, b.a
+
+
+def _cached_json(path: Path, key: dict, make) -> tuple[object, bool]:
+    """(value, computed): the value stored under `key` in `path`, or made now and stored."""
+    key = json.loads(json.dumps(key))  # tuples become lists, as they will be when read back
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("key") == key:
+            return d["value"], False
+    value = json.loads(json.dumps(make()))  # the same types whether fresh or reloaded
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}))
+    tmp.replace(path)
+    return value, True
+
+
+def run_search(
+    loaded: LoadedModel, cfg: SearchConfig, run_dir: str | Path, resume: bool = True, progress: bool = True
+) -> SearchResult:
+    """Calibrate (or reuse), search, and write RUN/search.json. Interrupt any time; re-run to resume."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    sn, calib, prep = prepare_supernet(loaded, run_dir, cfg.calib, cfg.quant, progress=progress)
+    overhead_forwards = prep["calib_forwards"]
+    fp_key = {"fingerprint": sn.fingerprint}
+
+    change = None
+    if cfg.grouping == "change":
+        key = fp_key | {"what": "change_profile", "samples": 32, "steps": 100}
+        prof, fresh = _cached_json(
+            run_dir / "change_profile.json", key, lambda: change_profile(sn, loaded.schedule, loaded.sample_shape)
+        )
+        change = tuple(prof)
+        overhead_forwards += 32 * 100 if fresh else 0
+    kw = dict(
+        num_train_timesteps=loaded.schedule.num_train_timesteps,
+        steps=cfg.steps,
+        grouping=cfg.grouping,
+        phase_bounds=cfg.phase_bounds,
+        change=change,
+    )
+    base = SearchSpace.from_supernet(sn, **kw)
+    if cfg.lever == "bits":
+        space = SearchSpace.from_supernet(sn, **kw, search_timesteps=False)
+    elif cfg.lever == "timesteps":
+        space = SearchSpace.from_supernet(
+            sn, **kw, search_bits=False, fixed_bits=base.uniform_bits(*_precision(cfg.fixed_precision))
+        )
+    else:
+        space = base
+    cost = CandidateCost(space, sn.cost)
+    budget = cfg.budget.resolve(cost)
+
+    repairer = None
+    if cfg.evolution.repair and space.search_bits:
+        key = fp_key | {"what": "sensitivity", "inputs": cfg.sensitivity_inputs, "spec": cfg.quant.to_dict()}
+        sens, fresh = _cached_json(
+            run_dir / "sensitivity.json", key, lambda: layer_sensitivity(sn, calib, cfg.sensitivity_inputs, progress)
+        )
+        sens = {n: {g: {int(b): v for b, v in d.items()} for g, d in e.items()} for n, e in sens.items()}
+        repairer = Repairer(cost, sens)
+        if fresh:
+            overhead_forwards += sum(cfg.sensitivity_inputs * (len(e["w"]) + len(e["a"]) + 1) for e in sens.values())
+
+    metric = reference_metric("fashion-mnist")
+    fitness = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, cfg.fitness)
+    if cfg.fitness.kind == "proxy":
+        ref_path = run_dir / "proxy_reference.safetensors"
+        meta = {"fitness": json.dumps(asdict(cfg.fitness)), "fingerprint": sn.fingerprint}
+        if ref_path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(ref_path), framework="pt") as fh:
+                if fh.metadata() == meta:
+                    fitness.reference = load_file(str(ref_path))["images"]
+        if fitness.reference is None:
+            save_file({"images": fitness.fp_reference().contiguous()}, str(ref_path), metadata=meta)
+            overhead_forwards += fitness.reference_forwards
+
+    initial: list[Candidate] = []
+    if cfg.seed_candidates:
+        w, a = (cfg.budget.w, cfg.budget.a) if cfg.budget.kind == "like" else _precision(cfg.fixed_precision)
+        bits = space.fixed_bits if not space.search_bits else space.uniform_bits(w, a)
+        initial = [space.candidate(space.default_timesteps(k), bits) for k in space.steps]
+
+    search = EvolutionarySearch(
+        space,
+        fitness,
+        cost,
+        budget,
+        cfg.evolution,
+        run_dir / "search_state.json",
+        repairer=repairer,
+        initial=initial,
+        progress=progress,
+        run_info={"search_config": cfg.to_json()},
+    )
+    result = search.run(resume=resume)
+    _write_result(run_dir, loaded, cfg, space, cost, result, overhead_forwards, time.perf_counter() - t_start)
+    return result
+
+
+def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overhead_forwards, wall_s) -> None:
+    best = result.best
+    configs = [json.loads(q.to_json()) for q in space.quant_configs(best.candidate)]
+    out = {
+        "best": best.to_json() | {"quant_configs": configs},
+        "budget_bitops": result.budget,
+        "budget": cfg.budget.describe(),
+        "fp_bitops_full_100": cost.fp_bitops(100),
+        "pareto": [r.to_json() for r in result.pareto],
+        "history": result.history,
+        "top": [r.to_json() for r in result.top(10)],
+        "search_cost": {
+            "fitness_forwards": result.forwards,
+            "overhead_forwards": overhead_forwards,
+            "evaluations": len(result.records),
+            "search_wall_s": result.wall_s,
+            "this_call_wall_s": round(wall_s, 2),
+        },
+        "config": cfg.to_json(),
+        "model": loaded.spec,
+        "provenance": provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
+    }
+    tmp = run_dir / "search.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(run_dir / "search.json")
+
+
+__all__ = ["Budget", "SearchConfig", "run_search"]

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tmpq.errors import TmpqError
+from tmpq.models.denoiser import UNetDenoiser
+from tmpq.models.loading import LoadedModel
+from tmpq.quant import CalibConfig, QuantSpec
+from tmpq.sampling.schedules import NoiseSchedule
+from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
+
+
+def _loaded(make_tiny_unet) -> LoadedModel:
+    return LoadedModel(UNetDenoiser(make_tiny_unet()), NoiseSchedule(), (1, 32, 32), "tiny", None)
+
+
+def _cfg(**kw) -> SearchConfig:
+    base = dict(
+        budget=Budget.like("W6A6", 4),
+        steps=(4,),
+        evolution=EvolutionConfig(
+            population=4, parents=2, mutations=2, crossovers=1, randoms=1, generations=2, repair=True
+        ),
+        fitness=FitnessConfig(kind="proxy", proxy_space="pixels", num_samples=4, reference_steps=8),
+        calib=CalibConfig(num_samples=4, num_steps=4),
+        quant=QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8)),
+        sensitivity_inputs=4,
+    )
+    return SearchConfig(**{**base, **kw})
+
+
+def test_run_search_end_to_end_then_resume(make_tiny_unet, tmp_path):
+    cfg = _cfg()
+    res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    assert res.best.bitops <= res.budget
+    out = json.loads((tmp_path / "search.json").read_text())
+    assert out["config"] == cfg.to_json() and "versions" in out["provenance"]
+    assert out["search_cost"]["fitness_forwards"] == 4 * 4 * len(res.records)
+    assert out["search_cost"]["overhead_forwards"] > 0  # calibration, sensitivity, FP reference all counted
+    assert len(out["best"]["quant_configs"]) == 1
+    for name in ("calib.safetensors", "supernet/supernet.json", "sensitivity.json", "proxy_reference.safetensors"):
+        assert (tmp_path / name).is_file()
+    again = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)  # everything reused
+    assert again.best.candidate == res.best.candidate and again.forwards == res.forwards
+    assert json.loads((tmp_path / "search.json").read_text())["search_cost"]["overhead_forwards"] == 0
+
+
+def test_single_lever_runs_keep_their_fixed_half(make_tiny_unet, tmp_path):
+    bits = run_search(_loaded(make_tiny_unet), _cfg(lever="bits"), tmp_path / "b", progress=False)
+    assert all(r.candidate.timesteps == bits.records[0].candidate.timesteps for r in bits.records)
+    ts = run_search(
+        _loaded(make_tiny_unet),
+        _cfg(lever="timesteps", fixed_precision="W6A6", budget=Budget.like("W8A8", 4)),
+        tmp_path / "t",
+        progress=False,
+    )
+    assert len({r.candidate.bits for r in ts.records}) == 1
+
+
+def test_bad_budget_and_lever(make_tiny_unet, tmp_path):
+    with pytest.raises(TmpqError, match="cheapest candidate"):
+        run_search(_loaded(make_tiny_unet), _cfg(budget=Budget.gbitops(1e-6)), tmp_path, progress=False)
+    with pytest.raises(TmpqError, match="lever"):
+        _cfg(lever="both")
+    with pytest.raises(TmpqError, match="WxAy"):
+        Budget.like("8bit", 10)
