@@ -235,6 +235,7 @@ def search(
     preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
     fitness: Annotated[str, typer.Option(help="fid | proxy (distance to FP-100 samples, same noise)")] = "fid",
     fitness_samples: int = 256,
+    final_samples: Annotated[int, typer.Option(help="re-score the top 3 and the uniform baseline (0: skip)")] = 1000,
     generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
     population: Annotated[int | None, typer.Option(help="override the preset (children scale with it)")] = None,
     pareto: Annotated[bool, typer.Option(help="NSGA-II over (quality, BitOPs)")] = False,
@@ -282,6 +283,7 @@ def search(
         fixed_precision=fixed_precision,
         evolution=evo,
         fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed),
+        final_samples=final_samples,
     )
     loaded = load_model(model)
     res = run_search(loaded, cfg, run_dir, resume=not fresh)
@@ -302,4 +304,16 @@ def search(
         f"  search: {c['evaluations']} candidates, {c['fitness_forwards']:,} image-forwards "
         f"(+{c['overhead_forwards']:,} calibration/sensitivity/reference), {c['search_wall_s']:.0f} s"
     )
+    final = summary.get("final")
+    if final and final["best"]:
+        b, base = final["best"], final["baseline"]
+        typer.echo(
+            f"  final ({final['samples']} samples, same seeds): searched FID {b['fid']:.2f} "
+            f"at {b['bitops'] / 1e9:.2f} GBitOPs"
+        )
+        if base:
+            typer.echo(
+                f"  vs uniform baseline (default schedule, {budget.describe()}): FID {base['fid']:.2f} "
+                f"at {base['bitops'] / 1e9:.2f} GBitOPs"
+            )
     typer.echo(f"  wrote {run_dir / 'search.json'}")

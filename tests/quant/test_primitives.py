@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tmpq.errors import TmpqError
-from tmpq.quant.primitives import affine_qparams, dequantize, fake_quantize, qmax, quantize, sqnr_db
+from tmpq.quant.primitives import affine_qparams, dequantize, fake_quantize, fake_quantize_, qmax, quantize, sqnr_db
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -39,3 +39,13 @@ def test_sqnr():
     x = torch.randn(1000)
     assert sqnr_db(x, x) == float("inf")
     assert sqnr_db(x, x + 0.1 * torch.randn(1000)) == pytest.approx(20, abs=1.0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_in_place_fast_path_is_bit_identical_to_reference_and_torch(bits):
+    x = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(3)) * 3
+    scale, zp = affine_qparams(x.min(), x.max() * 0.7, bits)
+    ref = fake_quantize(x, scale, zp, bits)
+    assert torch.equal(fake_quantize_(x.clone(), scale, zp, bits), ref)
+    torch_fq = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), 0, qmax(bits))
+    assert torch.equal(torch_fq, ref)

@@ -16,7 +16,7 @@ from torch import nn
 
 from tmpq.errors import TmpqError
 from tmpq.quant.observers import ActObserver, act_qparams, weight_qparams
-from tmpq.quant.primitives import channel_view, dequantize, qmax, quantize
+from tmpq.quant.primitives import channel_view, dequantize, fake_quantize_, quantize
 
 
 def _check_bits(bits: int | None, candidates: Sequence[int], what: str, name: str) -> None:
@@ -63,7 +63,7 @@ class ActQuantizer(nn.Module):
         for b in self.candidates:
             qp = [act_qparams(o, b, method) for o in self.observers]
             self.register_buffer(f"a{b}_scale", torch.tensor([s for s, _ in qp]), persistent=False)
-            self.register_buffer(f"a{b}_zp", torch.tensor([z for _, z in qp], dtype=torch.int32), persistent=False)
+            self.register_buffer(f"a{b}_zp", torch.tensor([z for _, z in qp]), persistent=False)
         self.observers = None
 
     def qparams(self) -> dict[str, torch.Tensor]:
@@ -84,11 +84,10 @@ class ActQuantizer(nn.Module):
         if self.bits is None:
             return x
         scale, zp = getattr(self, f"a{self.bits}_scale"), getattr(self, f"a{self.bits}_zp")
-        q = [
-            torch.fake_quantize_per_tensor_affine(p, scale[i].to(p.dtype), zp[i], 0, qmax(self.bits))
-            for i, p in enumerate(self.parts(x))
-        ]
-        return q[0] if len(q) == 1 else torch.cat(q, dim=1)
+        out = x.clone()
+        for i, part in enumerate(self.parts(out)):  # views of the copy: no split/cat round trip
+            fake_quantize_(part, scale[i], zp[i], self.bits)
+        return out
 
 
 class QuantUnit(nn.Module):

@@ -94,6 +94,8 @@ class SearchConfig:
     quant: QuantSpec = QuantSpec()
     sensitivity_inputs: int = 32
     seed_candidates: bool = True  # start from the default schedule at the budget's uniform precision
+    final_samples: int = 0  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
+    final_top: int = 3
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -206,11 +208,61 @@ def run_search(
         run_info={"search_config": cfg.to_json()},
     )
     result = search.run(resume=resume)
-    _write_result(run_dir, loaded, cfg, space, cost, result, overhead_forwards, time.perf_counter() - t_start)
+    final = None
+    if cfg.final_samples > 0:
+        baseline = initial[0] if initial else None
+        final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
+    _write_result(run_dir, loaded, cfg, space, cost, result, overhead_forwards, time.perf_counter() - t_start, final)
     return result
 
 
-def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overhead_forwards, wall_s) -> None:
+def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress) -> dict:
+    """Re-score the search's top candidates and the uniform-precision default schedule on more samples
+    (same seeds for all): the search fitness used few samples, the final ranking should not."""
+    path = run_dir / "final.json"
+    key = json.loads(json.dumps({"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness)}))
+    done = {}
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("key") == key:
+            done = d["rows"]
+    fcfg = FitnessConfig(
+        kind="fid", num_samples=cfg.final_samples, seed=cfg.fitness.seed, batch_size=cfg.fitness.batch_size
+    )
+    fit = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, fcfg)
+    todo = [("baseline", baseline)] if baseline is not None else []
+    todo += [(f"top{i + 1}", r.candidate) for i, r in enumerate(result.top(cfg.final_top))]
+    for label, cand in todo:
+        if cand.key in done:
+            continue
+        t0 = time.perf_counter()
+        images = fit.samples(cand)
+        scores = metric.score(images, seed=cfg.fitness.seed)
+        done[cand.key] = {
+            "label": label,
+            "candidate": cand.to_json(),
+            "fid": scores.fid,
+            "inception_score": scores.inception_score,
+            "bitops": cost.bitops(cand),
+            "forwards": cfg.final_samples * len(cand.timesteps),
+            "wall_s": round(time.perf_counter() - t0, 2),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "rows": done}, indent=1))
+        tmp.replace(path)
+        if progress:
+            print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")
+    rows = list(done.values())
+    searched = [r for r in rows if r["label"] != "baseline"]
+    return {
+        "samples": cfg.final_samples,
+        "rows": rows,
+        "best": min(searched, key=lambda r: r["fid"]) if searched else None,
+        "baseline": next((r for r in rows if r["label"] == "baseline"), None),
+    }
+
+
+def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overhead_forwards, wall_s, final) -> None:
     best = result.best
     configs = [json.loads(q.to_json()) for q in space.quant_configs(best.candidate)]
     out = {
@@ -221,9 +273,11 @@ def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overh
         "pareto": [r.to_json() for r in result.pareto],
         "history": result.history,
         "top": [r.to_json() for r in result.top(10)],
+        "final": final,
         "search_cost": {
             "fitness_forwards": result.forwards,
             "overhead_forwards": overhead_forwards,
+            "final_forwards": sum(r["forwards"] for r in final["rows"]) if final else 0,
             "evaluations": len(result.records),
             "search_wall_s": result.wall_s,
             "this_call_wall_s": round(wall_s, 2),
