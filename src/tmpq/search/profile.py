@@ -20,21 +20,29 @@ def change_profile(
     num_steps: int = 100,
     seed: int = 2_000_000,
 ) -> tuple[float, ...]:
-    """Per training timestep, the mean squared change of ε̂ per unit of t along FP DDIM trajectories.
+    """Per training timestep, the density of DDIM's local error along FP trajectories: where steps pay off.
 
-    Measured between consecutive steps of a `num_steps` uniform trajectory and spread evenly over the
-    timesteps between them; costs num_samples × num_steps image-forwards.
+    DDIM is Euler's method on dx̄/dσ = ε̂(x̄, σ), with x̄ = x/√ᾱ and σ = √((1-ᾱ)/ᾱ). A step of size Δσ errs in x̄ by
+    about |dε̂/dσ|·Δσ², i.e. by √ᾱ·|dε̂/dσ|·Δσ² in the image's own scale. Spreading K steps to minimise the summed
+    error puts step density ∝ √(√ᾱ·|dε̂/dσ|) in σ, that is √(√ᾱ · |dε̂/dt| · dσ/dt) per unit t: what this returns,
+    with |dε̂/dt| measured as the RMS change of ε̂ between consecutive steps of a `num_steps` uniform trajectory.
+    Equal shares of it make the 'change' grouping. (The raw ε̂ change is no profile: on the built-in model 80 % of
+    its squared change lies in t < 10, where it barely moves the sample.) Costs num_samples × num_steps forwards.
     """
     T = schedule.num_train_timesteps
     ts = uniform_timesteps(num_steps, T)
     sampler = DDIMSampler(schedule, ts)
     x = per_sample_noise(seed_generators(range(seed, seed + num_samples)), sample_shape)
+    a = schedule.alphas_cumprod.double()
+    sigma = ((1 - a) / a).sqrt()
     eps_prev, t_prev = None, None
     rate = [0.0] * T
     for i, t in enumerate(ts):
         eps = model(x, torch.full((num_samples,), t, dtype=torch.long))
         if eps_prev is not None:
-            r = float((eps - eps_prev).pow(2).mean()) / (t_prev - t)
+            d_eps = float((eps - eps_prev).pow(2).mean().sqrt()) / (t_prev - t)
+            d_sigma = float(sigma[t_prev] - sigma[t]) / (t_prev - t)
+            r = (float(a[t_prev].sqrt()) * d_eps * d_sigma) ** 0.5
             for s in range(t, t_prev):
                 rate[s] = r
         eps_prev, t_prev = eps, t
