@@ -3,7 +3,8 @@ and how many bits each layer gets (TMPQ-DM and beyond).
 
 This release holds the foundation (the built-in Fashion-MNIST DDPM, DDIM over any timestep list,
 FID/IS evaluation) and the quantization super-network (every layer calibrated once for every candidate
-bit-width, switched per configuration, costed in BitOPs). The joint search builds on these.
+bit-width, switched per configuration, costed in BitOPs), and the joint evolutionary search over
+timesteps and per-layer bits under a BitOPs budget (`run_search`, `tmpq search`).
 """
 
 from tmpq.errors import TmpqError
@@ -21,9 +22,16 @@ from tmpq.quant import (
 )
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps, quad_timesteps, uniform_timesteps
+from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, SearchSpace, run_search
 
 __version__ = "0.1.0"
 __all__ = [
+    "Budget",
+    "EvolutionConfig",
+    "FitnessConfig",
+    "SearchConfig",
+    "SearchSpace",
+    "run_search",
     "CalibConfig",
     "CalibrationSet",
     "QuantConfig",
