@@ -253,11 +253,10 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
         if progress:
             print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")
     rows = list(done.values())
-    searched = [r for r in rows if r["label"] != "baseline"]
     return {
         "samples": cfg.final_samples,
         "rows": rows,
-        "best": min(searched, key=lambda r: r["fid"]) if searched else None,
+        "best": min(rows, key=lambda r: r["fid"]) if rows else None,  # may be the baseline: then say so
         "baseline": next((r for r in rows if r["label"] == "baseline"), None),
     }
 
