@@ -89,3 +89,70 @@ def test_bad_input_is_one_clear_line(tiny_model, args, msg, tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 2
     assert msg in res.output and "Traceback" not in res.output
+
+
+def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "--model",
+            str(tiny_model),
+            "--run-dir",
+            str(run),
+            "--calib-samples",
+            "2",
+            "--calib-steps",
+            "3",
+            "--w-bits",
+            "4,8",
+            "--a-bits",
+            "8",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "quantizable units" in res.output and (run / "supernet" / "supernet.json").is_file()
+    args = [
+        "search",
+        "--model",
+        str(tiny_model),
+        "--run-dir",
+        str(run),
+        "--like",
+        "W8A8",
+        "--budget-steps",
+        "3",
+        "--steps",
+        "3",
+        "--fitness",
+        "proxy",
+        "--fitness-samples",
+        "4",
+        "--final-samples",
+        "0",
+        "--generations",
+        "2",
+        "--population",
+        "4",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads((run / "search.json").read_text())
+    assert out["best"]["bitops"] <= out["budget_bitops"] and "timesteps:" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["search", "--bitops", "2"], "fraction must be in"),
+        (["search", "--lever", "both"], "lever must be one of"),
+        (["search", "--like", "8bit"], "WxAy"),
+        (["search", "--preset", "fast"], "--preset"),
+        (["search", "--steps", "a-b"], "comma-separated integers"),
+        (["calibrate", "--w-bits", "9"], "not supported"),
+    ],
+)
+def test_search_and_calibrate_bad_options(args, message):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and message in res.output, res.output
