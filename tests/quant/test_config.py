@@ -39,3 +39,9 @@ def test_include_exclude_patterns():
     assert spec.selects("unet.conv_in")
     assert not spec.selects("unet.mid_block.attentions.0.to_q")
     assert not spec.selects("other.conv")
+
+
+def test_pins_may_keep_full_precision():
+    spec = QuantSpec(pin={"*conv_in": (8, None), "*head": (None, None)})
+    assert spec.pinned("unet.conv_in") == (8, None) and spec.pinned("x.head") == (None, None)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec

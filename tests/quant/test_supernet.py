@@ -30,8 +30,8 @@ def _random_config(sn: SuperNet, seed: int) -> QuantConfig:
     rng = random.Random(seed)
     bits = {}
     for name, u in sn.units.items():
-        w = None if isinstance(u, MatmulQuant) else rng.choice(u.w_candidates)
-        bits[name] = (w, rng.choice(u.a_candidates))
+        w = None if isinstance(u, MatmulQuant) else rng.choice(u.w_candidates or (None,))
+        bits[name] = (w, rng.choice(u.a_candidates or (None,)))
     return QuantConfig.from_mapping(bits)
 
 
@@ -89,10 +89,11 @@ def test_memory_bounded_codes_not_float_copies(supernet, fp_model):
 
 
 def test_pins_and_matmuls(supernet):
-    assert supernet.pinned == {"unet.conv_in": (8, 8), "unet.conv_out": (8, 8)}
+    assert supernet.pinned == {"unet.conv_in": (8, None), "unet.conv_out": (8, 8)}
+    assert supernet.units["unet.conv_in"].a_candidates == ()  # the raw x_t input stays FP by default
     assert supernet.units["unet.conv_in"].w_candidates == (8,)
     c = supernet.uniform_config(4, 6)
-    assert c["unet.conv_in"] == (8, 8) and c["unet.down_blocks.0.resnets.0.conv1"] == (4, 6)
+    assert c["unet.conv_in"] == (8, None) and c["unet.down_blocks.0.resnets.0.conv1"] == (4, 6)
     qk = next(n for n in supernet.units if n.endswith(".qk"))
     assert c[qk] == (None, 6)
 

@@ -27,15 +27,18 @@ def _bits_tuple(values: Iterable[int], what: str) -> tuple[int, ...]:
 class QuantSpec:
     """Which layers are quantizable, their candidate bit-widths, and how ranges are calibrated.
 
-    `pin` maps a layer-name pattern (fnmatch) to fixed (w_bits, a_bits): by default the first and last
-    convolutions stay at 8 bits, as Q-Diffusion and most PTQ work do, because they touch raw pixels.
+    `pin` maps a layer-name pattern (fnmatch) to fixed (w_bits, a_bits), None meaning full precision. By
+    default the first and last convolutions keep 8-bit weights, as Q-Diffusion and most PTQ work do, and the
+    first convolution's input (the raw x_t) stays in full precision: quantizing x_t to 8 bits per tensor
+    makes the built-in model's ε̂ 42 % wrong (relative MSE) at t = 0, where the signal to predict is noise
+    far below one 8-bit step; it costs 0.15 % of the model's MACs.
     """
 
     w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     a_bits: tuple[int, ...] = (4, 5, 6, 8)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    pin: tuple[tuple[str, int, int], ...] = (("*conv_in", 8, 8), ("*conv_out", 8, 8))
+    pin: tuple[tuple[str, int, int | None], ...] = (("*conv_in", 8, None), ("*conv_out", 8, 8))
     attention_matmuls: bool = True
     split_concat: bool = True
     act_method: str = "mse"
@@ -46,13 +49,17 @@ class QuantSpec:
         object.__setattr__(self, "a_bits", _bits_tuple(self.a_bits, "activation"))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        if isinstance(self.pin, Mapping):
-            pins = tuple((str(p), int(wa[0]), int(wa[1])) for p, wa in self.pin.items())
-        else:
-            pins = tuple((str(p), int(w), int(a)) for p, w, a in self.pin)
+        raw = [(p, *wa) for p, wa in self.pin.items()] if isinstance(self.pin, Mapping) else self.pin
+
+        def opt(v):
+            return None if v is None else int(v)
+
+        pins = tuple((str(p), opt(w), opt(a)) for p, w, a in raw)
         for p, w, a in pins:
-            _bits_tuple([w], f"pinned weight ({p})")
-            _bits_tuple([a], f"pinned activation ({p})")
+            if w is not None:
+                _bits_tuple([w], f"pinned weight ({p})")
+            if a is not None:
+                _bits_tuple([a], f"pinned activation ({p})")
         object.__setattr__(self, "pin", pins)
         if self.act_method not in ("mse", "minmax"):
             raise TmpqError(f"act_method must be 'mse' or 'minmax', got {self.act_method!r}")
@@ -62,7 +69,7 @@ class QuantSpec:
     def selects(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
 
-    def pinned(self, name: str) -> tuple[int, int] | None:
+    def pinned(self, name: str) -> tuple[int | None, int | None] | None:
         for p, w, a in self.pin:
             if fnmatchcase(name, p):
                 return w, a

@@ -84,7 +84,14 @@ class SuperNet(nn.Module):
             twin_type = QUANT_LAYERS.get(type(module))
             if twin_type is not None and spec.selects(name) and (only is None or name in only):
                 pin = spec.pinned(name)
-                w_c, a_c = ((pin[0],), (pin[1],)) if pin else (spec.w_bits, spec.a_bits)
+                w_c, a_c = (
+                    (tuple(b for b in pin[:1] if b), tuple(b for b in pin[1:] if b))
+                    if pin
+                    else (
+                        spec.w_bits,
+                        spec.a_bits,
+                    )
+                )
                 twin = twin_type(module, name, w_c, a_c)
                 self._set_child(name, twin)
                 self.units[name] = twin
@@ -98,7 +105,7 @@ class SuperNet(nn.Module):
                 for u in (proc.qk, proc.av):
                     pin = spec.pinned(u.name)
                     if pin:
-                        u.__init__(u.name, (pin[1],))
+                        u.__init__(u.name, tuple(b for b in pin[1:] if b))
                         self.pinned[u.name] = (None, pin[1])
                     if u in kept:
                         self.units[u.name] = u
@@ -173,7 +180,7 @@ class SuperNet(nn.Module):
             u.calibrate_weights()
         t1 = time.perf_counter()
         self.set_fp()
-        quantizers = self.quantizers()
+        quantizers = [q for q in self.quantizers() if q.candidates]  # a pinned-FP input needs no ranges
         for q in quantizers:
             q.start_observing(self.spec.act_max_values)
         try:
@@ -326,7 +333,7 @@ class SuperNet(nn.Module):
             sn.set_fp()
             for u in sn.units.values():  # every candidate must be present: a truncated file fails here, not mid-search
                 for w in getattr(u, "w_candidates", ()) or (None,):
-                    for a in u.a_candidates:
+                    for a in u.a_candidates or (None,):
                         u.set_bits(w, a)
             sn.set_fp()
         except (TmpqError, AttributeError) as e:

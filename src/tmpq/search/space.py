@@ -110,7 +110,7 @@ class SearchSpace:
     def from_supernet(cls, supernet, **kwargs) -> SearchSpace:
         names = tuple(supernet.units)
         w = tuple(tuple(u.w_candidates) or (None,) for u in supernet.units.values())
-        a = tuple(tuple(u.a_candidates) for u in supernet.units.values())
+        a = tuple(tuple(u.a_candidates) or (None,) for u in supernet.units.values())
         return cls(names, w, a, **kwargs)
 
     @property
@@ -143,7 +143,7 @@ class SearchSpace:
         for name, wc, ac in zip(self.unit_names, self.w_choices, self.a_choices):
             wb = w if w in wc else wc[0] if len(wc) == 1 else None
             ab = a if a in ac else ac[0] if len(ac) == 1 else None
-            if wb is None and wc != (None,) or ab is None:
+            if (wb is None and wc != (None,)) or (ab is None and ac != (None,)):
                 raise TmpqError(f"unit {name!r} cannot take W{w}A{a} (choices: W {wc}, A {ac})")
             out.append((wb, ab))
         return tuple(out)
