@@ -1,0 +1,51 @@
+"""Where does quantization hurt? Relative ε̂ error of uniform settings per timestep, on the built-in model.
+
+For each setting (and W-only / A-only variants) prints the relative MSE of the denoiser output against FP
+on calibration-style inputs (FP DDIM trajectories) at each timestep. Reuses OUT's calibrated super-network.
+
+    .venv/bin/python bench/quant_error.py --out runs/ptq
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+
+from tmpq.models.loading import load_model
+from tmpq.quant import QuantConfig
+from tmpq.quant.prepare import prepare_supernet
+
+
+def main(settings: str = "W8A8,W6A6,W4A8", per_t: int = 16, out: Path = Path("runs/ptq")) -> None:
+    loaded = load_model("builtin:fashion")
+    sn, calib, _ = prepare_supernet(loaded, out)
+    ts = sorted(set(calib.t.tolist()))
+    rows = []
+    with torch.no_grad():
+        x = torch.cat([calib.x[calib.t == t][:per_t] for t in ts])
+        t = torch.cat([calib.t[calib.t == t][:per_t] for t in ts])
+        sn.set_fp()
+        ref = sn(x, t)
+        for s in settings.split(","):
+            w, a = int(s[1]), int(s[3])
+            full = sn.uniform_config(w, a).as_dict()
+            variants = {
+                s: full,
+                f"{s} weights only": {n: (wb, None) for n, (wb, _) in full.items()},
+                f"{s} activations only": {n: (None, ab) for n, (_, ab) in full.items()},
+            }
+            for label, bits in variants.items():
+                sn.set_config(QuantConfig.from_mapping(bits))
+                y = sn(x, t)
+                errs = [float((y[t == tt] - ref[t == tt]).pow(2).mean() / ref[t == tt].pow(2).mean()) for tt in ts]
+                rows.append((label, errs))
+    head = "| setting | " + " | ".join(f"t={tt}" for tt in ts) + " |"
+    typer.echo(head + "\n|:---|" + "---:|" * len(ts))
+    for label, errs in rows:
+        typer.echo(f"| {label} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
+
+
+if __name__ == "__main__":
+    typer.run(main)
