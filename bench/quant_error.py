@@ -4,6 +4,7 @@ For each setting (and W-only / A-only variants) prints the relative MSE of the d
 on calibration-style inputs (FP DDIM trajectories) at each timestep. Reuses OUT's calibrated super-network.
 
     .venv/bin/python bench/quant_error.py --out runs/ptq
+    .venv/bin/python bench/quant_error.py --quantize-input --settings W8A8 --out runs/ptq_input8   # x_t at 8 bits
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ import torch
 import typer
 
 from tmpq.models.loading import load_model
-from tmpq.quant import QuantConfig
+from tmpq.quant import QuantConfig, QuantSpec
 from tmpq.quant.prepare import prepare_supernet
 
 
-def main(settings: str = "W8A8,W6A6,W4A8", per_t: int = 16, out: Path = Path("runs/ptq")) -> None:
+def main(
+    settings: str = "W8A8,W6A6,W4A8",
+    per_t: int = 16,
+    out: Path = Path("runs/ptq"),
+    quantize_input: bool = typer.Option(False, help="also quantize conv_in's input x_t (pin W8A8 instead of W8A-FP)"),
+) -> None:
     loaded = load_model("builtin:fashion")
-    sn, calib, _ = prepare_supernet(loaded, out)
+    spec = QuantSpec(pin=(("*conv_in", 8, 8), ("*conv_out", 8, 8))) if quantize_input else QuantSpec()
+    sn, calib, _ = prepare_supernet(loaded, out, spec=spec)
     ts = sorted(set(calib.t.tolist()))
     rows = []
     with torch.no_grad():
