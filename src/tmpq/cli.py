@@ -235,7 +235,7 @@ def search(
     preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
     fitness: Annotated[str, typer.Option(help="fid | proxy (distance to FP-100 samples, same noise)")] = "fid",
     fitness_samples: int = 256,
-    final_samples: Annotated[int, typer.Option(help="re-score the top candidates and the uniform baseline (0: skip)")] = 1000,
+    final_samples: Annotated[int, typer.Option(help="re-score top candidates + uniform baseline (0: skip)")] = 1000,
     final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = 3,
     generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
     population: Annotated[int | None, typer.Option(help="override the preset (children scale with it)")] = None,
