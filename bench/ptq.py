@@ -112,9 +112,13 @@ def main(
             wa = _parse(label)
             cfg = EvalConfig(model=model, steps=n, schedule=schedule, num_samples=num_samples, seed=seed)
             path = out / "rows" / f"{label}_{schedule}{n}_{num_samples}_{seed}.json"
-            if path.is_file():
-                rows.append(json.loads(path.read_text()))
-                continue
+            if path.is_file():  # reuse a row only if it was made with this spec and sampling config
+                row = json.loads(path.read_text())
+                if row["quant_spec"] == json.loads(json.dumps(spec.to_dict())) and row["config"] == json.loads(
+                    json.dumps(asdict(cfg))
+                ):
+                    rows.append(row)
+                    continue
             qc = None if wa is None else sn.uniform_config(*wa)
             sn.set_fp() if qc is None else sn.set_config(qc)
             with torch.no_grad():

@@ -244,18 +244,7 @@ class QuantAttnProcessor(nn.Module):
         self.qk = MatmulQuant(f"{name}.qk", a_candidates)
         self.av = MatmulQuant(f"{name}.av", a_candidates)
 
-    def __call__(  # explicit signature: diffusers inspects it to decide which kwargs (temb) to pass
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-
-    def forward(
+    def __call__(  # __call__ itself, with diffusers' signature: Attention inspects it to decide which kwargs to pass
         self,
         attn: nn.Module,
         hidden_states: torch.Tensor,
