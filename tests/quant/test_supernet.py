@@ -171,3 +171,24 @@ def test_bad_configs_get_clear_errors(supernet, make_denoiser, calib, small_spec
         raw.set_config(supernet.uniform_config(8, 8))
     with pytest.raises(TmpqError, match="no quantizable layers"):
         SuperNet.wrap(make_denoiser(), QuantSpec(include=("nothing*",)), (calib.x[:1], calib.t[:1]))
+
+
+def test_unwrap_and_failed_load_leave_the_model_as_it_was(make_denoiser, calib, small_spec, probe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tmpq.quant.layers import QuantUnit
+
+    plain = make_denoiser()
+    ref = _out(plain, probe)
+    sn = build_supernet(make_denoiser(), calib, small_spec, progress=False)
+    d = sn.save(tmp_path / "sn")
+    model = sn.unwrap()
+    assert not any(isinstance(m, QuantUnit) for m in model.modules())
+    assert torch.equal(_out(model, probe), ref) and model_fingerprint(model) == model_fingerprint(plain)
+    tensors = load_file(str(d / "supernet.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".w4_" not in k}, str(d / "supernet.safetensors"))
+    victim = make_denoiser()
+    with pytest.raises(TmpqError, match="incomplete"):
+        SuperNet.load(d, victim)
+    assert not any(isinstance(m, QuantUnit) for m in victim.modules())
+    assert torch.equal(_out(victim, probe), ref)

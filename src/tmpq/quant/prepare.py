@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tmpq.errors import TmpqError
-from tmpq.models.loading import LoadedModel, load_model
+from tmpq.models.loading import LoadedModel
 from tmpq.quant.calibration import CalibConfig, CalibrationSet, collect_calibration
 from tmpq.quant.config import QuantSpec
 from tmpq.quant.supernet import SuperNet, build_supernet
@@ -45,14 +45,13 @@ def prepare_supernet(
     sdir = run_dir / SUPERNET_DIR
     if (sdir / "supernet.json").is_file():
         try:
-            sn = SuperNet.load(sdir, loaded.denoiser)
+            sn = SuperNet.load(sdir, loaded.denoiser)  # on failure the model is left unwrapped
         except TmpqError:
             sn = None
-            loaded = load_model(loaded.spec) if loaded.weights_path else loaded
         if sn is not None:
             if sn.spec == spec and sn.calibration_info.get("calib_config") == asdict(calib_config):
                 return sn, calib, info
-            loaded = load_model(loaded.spec)  # the stale super-network wrapped the model; start from clean weights
+            sn.unwrap()  # stale: calibrate afresh on the same, untouched weights
     t0 = time.perf_counter()
     sn = build_supernet(loaded.denoiser, calib, spec, progress=progress)
     sn.save(sdir)

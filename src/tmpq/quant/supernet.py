@@ -62,6 +62,7 @@ class SuperNet(nn.Module):
         self.calibrated = False
         self.calibration_info: dict = {}
         self._config: QuantConfig | None = None
+        self._orig_processors: dict[str, object] = {}
 
     # --- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -109,6 +110,7 @@ class SuperNet(nn.Module):
                         self.pinned[u.name] = (None, pin[1])
                     if u in kept:
                         self.units[u.name] = u
+                self._orig_processors[name] = module.processor
                 module.set_processor(proc)
         self.units = dict(sorted(self.units.items()))
 
@@ -161,6 +163,17 @@ class SuperNet(nn.Module):
             {n: UnitCost(u.kind, int(u.macs), int(u.weight_params), int(u.bias_params)) for n, u in self.units.items()},
             other_params=n_all - n_unit,
         )
+
+    def unwrap(self) -> nn.Module:
+        """Put the original layers and attention processors back; returns the plain FP model."""
+        for name, u in self.units.items():
+            if not isinstance(u, MatmulQuant):
+                self._set_child(name, u.base)
+        for name, proc in self._orig_processors.items():
+            self.model.get_submodule(name).set_processor(proc)
+        self.units, self.pinned, self._orig_processors, self._config = {}, {}, {}, None
+        self.calibrated = False
+        return self.model
 
     def quantizers(self) -> list[ActQuantizer]:
         return [m for u in self.units.values() for m in u.modules() if isinstance(m, ActQuantizer)]
@@ -317,27 +330,30 @@ class SuperNet(nn.Module):
             )
         sn = cls(model, QuantSpec.from_dict(meta["spec"]), fp)
         sn._swap(only=set(meta["units"]))
-        if set(sn.units) != set(meta["units"]):
-            raise TmpqError(f"the model's layers do not match the saved super-network in {directory}; re-calibrate")
-        for name, info in meta["units"].items():
-            u = sn.units[name]
-            if info["split"] is not None:
-                u.act.split = int(info["split"])
-            prefix = name + "."
-            u.load_qparams({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        sn.pinned = {n: (p[0], p[1]) for n, p in meta["pinned"].items()}
-        sn.cost = CostModel.from_dict(meta["cost"])
-        sn.calibrated = True
-        sn.calibration_info = meta["calibration"]
         try:
+            if set(sn.units) != set(meta["units"]):
+                raise TmpqError("the model's layers do not match the saved super-network")
+            for name, info in meta["units"].items():
+                u = sn.units[name]
+                if info["split"] is not None:
+                    u.act.split = int(info["split"])
+                prefix = name + "."
+                u.load_qparams({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            sn.pinned = {n: (p[0], p[1]) for n, p in meta["pinned"].items()}
+            sn.cost = CostModel.from_dict(meta["cost"])
+            sn.calibrated = True
+            sn.calibration_info = meta["calibration"]
             sn.set_fp()
             for u in sn.units.values():  # every candidate must be present: a truncated file fails here, not mid-search
                 for w in getattr(u, "w_candidates", ()) or (None,):
                     for a in u.a_candidates or (None,):
                         u.set_bits(w, a)
             sn.set_fp()
-        except (TmpqError, AttributeError) as e:
-            raise TmpqError(f"the super-network in {directory} is incomplete ({e}); re-calibrate") from None
+        except (TmpqError, AttributeError, KeyError) as e:
+            sn.unwrap()  # leave the caller's model as it was
+            raise TmpqError(
+                f"the super-network in {directory} does not fit this model or is incomplete ({e}); re-calibrate"
+            ) from None
         return sn
 
 
