@@ -310,7 +310,7 @@ def search(
     if final and final["best"]:
         b, base = final["best"], final["baseline"]
         typer.echo(
-            f"  final ({final['samples']} samples, same seeds): searched FID {b['fid']:.2f} "
+            f"  final ({final['samples']} samples, same seeds): best FID {b['fid']:.2f} ({b['label']}) "
             f"at {b['bitops'] / 1e9:.2f} GBitOPs"
         )
         if base:
