@@ -22,8 +22,10 @@ import typer
 
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, evaluate, reference_metric
+from tmpq.fileio import write_json_atomic
 from tmpq.models.loading import load_model
-from tmpq.quant import CalibConfig, CalibrationSet, QuantSpec, SuperNet, build_supernet, collect_calibration, quantize_
+from tmpq.quant import CalibConfig, QuantSpec, SuperNet, quantize_
+from tmpq.quant.prepare import prepare_supernet
 
 
 def _rss_mb() -> float:
@@ -45,42 +47,27 @@ def _parse(label: str) -> tuple[int, int] | None:
 
 
 def calibrate_once(loaded, out: Path, calib_cfg: CalibConfig, spec: QuantSpec) -> tuple[SuperNet, dict]:
-    """Reuse OUT/supernet when it matches; otherwise collect, calibrate and save, timing each part."""
+    """prepare_supernet (reuses OUT's calibration set and super-network when they match); when it had to
+    calibrate, also time one uniform config calibrated alone and record the costs in OUT/calibration.json."""
     stats_path = out / "calibration.json"
-    calib_path = out / "calib.safetensors"
     rss0 = _rss_mb()
-    t0 = time.perf_counter()
-    if calib_path.is_file() and CalibrationSet.load(calib_path).config == calib_cfg:
-        calib = CalibrationSet.load(calib_path)
-    else:
-        calib = collect_calibration(loaded.denoiser, loaded.schedule, loaded.sample_shape, calib_cfg)
-        calib.save(calib_path)
-    t1 = time.perf_counter()
-    try:
-        sn = SuperNet.load(out / "supernet", loaded.denoiser)
-        if sn.spec != spec or sn.calibration_info.get("calib_config") != asdict(calib_cfg):
-            raise TmpqError("stale")
-        return sn, json.loads(stats_path.read_text())
-    except TmpqError:
-        loaded = load_model(loaded.spec)  # a fresh, unwrapped copy
-    sn = build_supernet(loaded.denoiser, calib, spec)
-    t2 = time.perf_counter()
-    sn.save(out / "supernet")
+    sn, calib, info = prepare_supernet(loaded, out, calib_cfg, spec)
+    if info["reused"] and stats_path.is_file():
+        return sn, json.loads(stats_path.read_text())  # the costs measured when it was built
     one = load_model(loaded.spec)  # Q-Diffusion's way: one uniform config, calibrated alone
-    t3 = time.perf_counter()
+    t0 = time.perf_counter()
     quantize_(one.denoiser, sn.uniform_config(8, 8), calib, spec)
-    t4 = time.perf_counter()
     stats = {
-        "collect_s": round(t1 - t0, 1),
-        "supernet_calibrate_s": round(t2 - t1, 1),
+        "collect_s": info["calib_collect_s"],
+        "supernet_calibrate_s": info["calibrate_s"],
         "supernet_detail": sn.calibration_info,
-        "single_config_calibrate_s": round(t4 - t3, 1),
+        "single_config_calibrate_s": round(time.perf_counter() - t0, 1),
         "rss_before_mb": round(rss0, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "calib_rows": len(calib),
         "candidates": {"w": list(spec.w_bits), "a": list(spec.a_bits)},
     }
-    stats_path.write_text(json.dumps(stats, indent=1))
+    write_json_atomic(stats_path, stats)
     return sn, stats
 
 

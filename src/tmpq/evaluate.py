@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tmpq.errors import TmpqError
+from tmpq.fileio import write_json_atomic
 from tmpq.images import save_grid
 from tmpq.metrics.fid import QualityMetric, fashion_mnist_metric
 from tmpq.models.loading import BUILTIN_SPEC, LoadedModel, load_model
@@ -98,7 +98,5 @@ def evaluate(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", nrow=8)
-        tmp = out / "eval.json.tmp"
-        tmp.write_text(json.dumps(result.to_json(), indent=2))
-        tmp.replace(out / "eval.json")
+        write_json_atomic(out / "eval.json", result.to_json(), indent=2)
     return result

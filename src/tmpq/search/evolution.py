@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq.errors import TmpqError
+from tmpq.fileio import write_json_atomic
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.space import Candidate, SearchSpace
 
@@ -187,10 +188,7 @@ class EvolutionarySearch:
     def _save(self, state: dict) -> None:
         if self.state_path is None:
             return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.state_path)
+        write_json_atomic(self.state_path, state, indent=None)
 
     def _load(self) -> dict | None:
         if self.state_path is None or not self.state_path.is_file():

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tmpq.errors import TmpqError
 from tmpq.evaluate import reference_metric
+from tmpq.fileio import write_json_atomic
 from tmpq.models.loading import LoadedModel
 from tmpq.provenance import provenance
 from tmpq.quant.calibration import CalibConfig
@@ -119,9 +120,7 @@ def _cached_json(path: Path, key: dict, make) -> tuple[object, bool]:
         if d.get("key") == key:
             return d["value"], False
     value = json.loads(json.dumps(make()))  # the same types whether fresh or reloaded
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}))
-    tmp.replace(path)
+    write_json_atomic(path, {"key": key, "value": value}, indent=None)
     return value, True
 
 
@@ -247,9 +246,7 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
             "forwards": cfg.final_samples * len(cand.timesteps),
             "wall_s": round(time.perf_counter() - t0, 2),
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "rows": done}, indent=1))
-        tmp.replace(path)
+        write_json_atomic(path, {"key": key, "rows": done})
         if progress:
             print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")
     rows = list(done.values())
@@ -285,9 +282,7 @@ def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overh
         "model": loaded.spec,
         "provenance": provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
     }
-    tmp = run_dir / "search.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(run_dir / "search.json")
+    write_json_atomic(run_dir / "search.json", out)
 
 
 __all__ = ["Budget", "SearchConfig", "run_search"]

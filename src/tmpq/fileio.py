@@ -1,0 +1,15 @@
+"""Atomic result files: a kill mid-write never leaves a truncated JSON behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_json_atomic(path: str | Path, obj: object, indent: int | None = 1) -> None:
+    """Write `obj` as JSON to a sibling temp file, then rename it over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent))
+    tmp.replace(path)
