@@ -18,6 +18,7 @@ import typer
 
 from tmpq.evaluate import EvalConfig, evaluate, reference_metric
 from tmpq.models.loading import load_model
+from tmpq.provenance import file_sha256
 
 
 def main(
@@ -29,6 +30,7 @@ def main(
     out: Path = Path("runs/baseline"),
 ) -> None:
     loaded = load_model(model)
+    weights_sha = file_sha256(loaded.weights_path) if loaded.weights_path else None
     metric = reference_metric("fashion-mnist")
     rows_dir = out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -38,9 +40,13 @@ def main(
         for sch in schedules.split(","):
             cfg = EvalConfig(model=model, steps=n, schedule=sch, num_samples=num_samples, seed=seed)
             path = rows_dir / f"{sch}_{n}_{num_samples}_{seed}.json"
-            if path.is_file() and json.loads(path.read_text())["config"] == json.loads(json.dumps(asdict(cfg))):
-                rows.append(json.loads(path.read_text()))
-                continue
+            if path.is_file():
+                old = json.loads(path.read_text())
+                same_cfg = old["config"] == json.loads(json.dumps(asdict(cfg)))
+                same_weights = old["provenance"].get("inputs_sha256", {}).get("model") == weights_sha
+                if same_cfg and same_weights:  # a row of other weights (a retrained model) is recomputed
+                    rows.append(old)
+                    continue
             res = evaluate(cfg, rows_dir / path.stem, loaded=loaded, metric=metric).to_json()
             path.write_text(json.dumps(res, indent=2))
             rows.append(res)

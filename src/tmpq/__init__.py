@@ -7,8 +7,10 @@ bit-width, switched per configuration, costed in BitOPs), and the joint evolutio
 timesteps and per-layer bits under a BitOPs budget (`run_search`, `tmpq search`).
 """
 
+from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, EvalResult, evaluate
+from tmpq.export import load
 from tmpq.models.loading import load_model
 from tmpq.quant import (
     CalibConfig,
@@ -26,6 +28,8 @@ from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, Se
 
 __version__ = "0.1.0"
 __all__ = [
+    "CompressedSampler",
+    "load",
     "Budget",
     "EvolutionConfig",
     "FitnessConfig",

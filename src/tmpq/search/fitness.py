@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from tmpq.compressed import PhasedDenoiser
 from tmpq.errors import TmpqError
 from tmpq.metrics.fid import QualityMetric
-from tmpq.quant.config import QuantConfig
 from tmpq.quant.supernet import SuperNet
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps
@@ -24,21 +23,6 @@ from tmpq.search.evolution import FitnessValue
 from tmpq.search.space import Candidate, SearchSpace
 
 FITNESS_KINDS = ("fid", "proxy")
-
-
-class PhasedDenoiser(nn.Module):
-    """The super-network, switched to each step's configuration (bit phases) as sampling reaches it."""
-
-    def __init__(self, supernet: SuperNet, step_configs: Sequence[tuple[int, QuantConfig]]) -> None:
-        super().__init__()
-        self.supernet = supernet
-        self.by_t = dict(step_configs)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cfg = self.by_t[int(t[0])]
-        if self.supernet.config is not cfg:
-            self.supernet.set_config(cfg)
-        return self.supernet(x, t)
 
 
 @dataclass(frozen=True)

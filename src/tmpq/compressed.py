@@ -1,0 +1,124 @@
+"""The compressed sampler a search hands over: a quantized denoiser switched per step, on its own timesteps.
+
+`CompressedSampler` is the same object whether it comes from a search in memory
+(`CompressedSampler.from_candidate`) or from an exported directory (`tmpq.load`), so the two sample
+bit-identically under the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tmpq.errors import TmpqError
+from tmpq.quant.config import QuantConfig
+from tmpq.quant.supernet import SuperNet
+from tmpq.sampling.ddim import DDIMSampler, generate
+from tmpq.sampling.schedules import NoiseSchedule, validate_timesteps
+
+
+def phase_of(t: int, phase_bounds: Sequence[int]) -> int:
+    """Bit phase of timestep t: phase 0 holds the noisiest steps (t >= every bound), the last the final ones."""
+    return sum(1 for b in phase_bounds if t < b)
+
+
+class PhasedDenoiser(nn.Module):
+    """The super-network, switched to each step's configuration (bit phases) as sampling reaches it."""
+
+    def __init__(self, supernet: SuperNet, step_configs: Sequence[tuple[int, QuantConfig]]) -> None:
+        super().__init__()
+        self.supernet = supernet
+        self.by_t = dict(step_configs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t0 = int(t[0])
+        if t0 not in self.by_t:
+            raise TmpqError(f"timestep {t0} is not one of this compressed sampler's steps {sorted(self.by_t)}")
+        cfg = self.by_t[t0]
+        if self.supernet.config is not cfg:
+            self.supernet.set_config(cfg)
+        return self.supernet(x, t)
+
+
+class CompressedSampler:
+    """Timesteps + per-phase bit allocations over a calibrated super-network; `sample()` makes images."""
+
+    def __init__(
+        self,
+        supernet: SuperNet,
+        schedule: NoiseSchedule,
+        timesteps: Sequence[int],
+        phase_configs: Sequence[QuantConfig],
+        phase_bounds: Sequence[int] = (),
+        sample_shape: Sequence[int] = (1, 32, 32),
+        eta: float = 0.0,
+    ) -> None:
+        self.supernet = supernet
+        self.schedule = schedule
+        self.timesteps = validate_timesteps(timesteps, schedule.num_train_timesteps)
+        self.phase_bounds = tuple(sorted(set(int(b) for b in phase_bounds), reverse=True))
+        if len(phase_configs) != len(self.phase_bounds) + 1:
+            raise TmpqError(
+                f"{len(phase_configs)} bit allocation(s) for {len(self.phase_bounds) + 1} phase(s) "
+                f"(bounds {list(self.phase_bounds)}); give one allocation per phase"
+            )
+        for cfg in phase_configs:
+            supernet.validate(cfg)
+        self.phase_configs = tuple(phase_configs)
+        self.sample_shape = tuple(sample_shape)
+        self.eta = eta
+        self.info: dict = {}  # what produced it (search summary, measured FID), carried into an export
+
+    @classmethod
+    def from_candidate(
+        cls, supernet: SuperNet, space, candidate, schedule: NoiseSchedule, sample_shape
+    ) -> CompressedSampler:
+        """The sampler of a search candidate (a `tmpq.search.Candidate` in a `SearchSpace`)."""
+        space.validate(candidate)
+        return cls(
+            supernet,
+            schedule,
+            candidate.timesteps,
+            space.quant_configs(candidate),
+            space.phase_bounds,
+            sample_shape,
+        )
+
+    def step_configs(self) -> list[tuple[int, QuantConfig]]:
+        """(timestep, config) for each sampling step, in sampling order."""
+        return [(t, self.phase_configs[phase_of(t, self.phase_bounds)]) for t in self.timesteps]
+
+    @property
+    def denoiser(self) -> PhasedDenoiser:
+        return PhasedDenoiser(self.supernet, self.step_configs())
+
+    def ddim(self) -> DDIMSampler:
+        return DDIMSampler(self.schedule, self.timesteps, eta=self.eta)
+
+    def bitops(self) -> int:
+        """BitOPs per generated image (all steps)."""
+        return sum(self.supernet.cost.bitops(cfg, 1) for _, cfg in self.step_configs())
+
+    def size_bits(self) -> int:
+        """Stored size of the weights: every weight width any phase uses is shipped."""
+        return max(self.supernet.cost.size_bits(c) for c in self.phase_configs) if self.phase_configs else 0
+
+    @torch.no_grad()
+    def sample(
+        self, num_samples: int = 64, seed: int = 0, batch_size: int = 64, progress: bool = False
+    ) -> torch.Tensor:
+        """Images in [-1, 1], shape (N, *sample_shape); sample i comes from seed `seed + i`."""
+        try:
+            return generate(
+                self.denoiser, self.ddim(), num_samples, self.sample_shape, seed, batch_size, progress=progress
+            )
+        finally:
+            self.supernet.set_fp()
+
+    def export(self, directory, **kwargs):
+        """Write a self-contained directory that `tmpq.load` turns back into this sampler (see tmpq.export)."""
+        from tmpq.export import export_sampler
+
+        return export_sampler(self, directory, **kwargs)

@@ -1,0 +1,244 @@
+"""Export a compressed sampler to a directory, and load it back bit-exactly, without unpickling anything.
+
+The directory holds:
+
+- `tmpq_compressed.json` — the manifest: format version, the UNet config, the noise schedule, the kept
+  timesteps, the bit allocation of every phase, concat split points, MACs per layer (for BitOPs), what
+  produced it (source model checksum, search summary, versions) and the sha256 of the tensor file;
+- `weights.safetensors` — quantized weights as integer codes (uint8) with per-channel scale and zero point,
+  only at the widths the allocation uses; activation scales and zero points at the widths used; every other
+  parameter (biases, norms, embeddings, layers left in full precision) as float;
+- `README.md` — a model card.
+
+`load(directory)` checks the tensor file's checksum before reading it, so a truncated or edited file is
+rejected with a clear error, and reads tensors with safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tmpq.compressed import CompressedSampler
+from tmpq.errors import TmpqError
+from tmpq.fileio import write_json_atomic
+from tmpq.provenance import file_sha256, provenance
+from tmpq.quant.config import QuantConfig, QuantSpec
+from tmpq.quant.cost import CostModel
+from tmpq.quant.layers import MatmulQuant
+from tmpq.quant.supernet import SuperNet, model_fingerprint
+from tmpq.sampling.schedules import NoiseSchedule
+
+FORMAT = "tmpq-compressed"
+FORMAT_VERSION = 1
+MANIFEST = "tmpq_compressed.json"
+TENSORS = "weights.safetensors"
+CARD = "README.md"
+
+_QPARAM = re.compile(r"(?:^|\.)(?:w|a)(\d+)_(?:codes|scale|zp)$")
+
+
+def _unet_config(supernet: SuperNet) -> dict:
+    unet = getattr(supernet.model, "unet", None)
+    if unet is None or not hasattr(unet, "config"):
+        raise TmpqError(
+            f"export supports diffusers UNet denoisers; this super-network wraps {type(supernet.model).__name__}"
+        )
+    return {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+
+
+def _used_widths(configs) -> tuple[dict[str, set[int]], dict[str, set[int]], set[str]]:
+    """Per unit: weight widths and activation widths used by any phase, and units with a full-precision weight."""
+    w_used: dict[str, set[int]] = {}
+    a_used: dict[str, set[int]] = {}
+    fp_weight: set[str] = set()
+    for cfg in configs:
+        for name, w, a in cfg.bits:
+            w_used.setdefault(name, set())
+            a_used.setdefault(name, set())
+            if w is None:
+                fp_weight.add(name)
+            else:
+                w_used[name].add(w)
+            if a is not None:
+                a_used[name].add(a)
+    return w_used, a_used, fp_weight
+
+
+def export_sampler(
+    sampler: CompressedSampler, directory: str | Path, info: dict | None = None, overwrite: bool = False
+) -> Path:
+    """Write `sampler` to `directory` (see the module doc). Refuses to overwrite another export unless asked."""
+    directory = Path(directory)
+    if (directory / MANIFEST).exists() and not overwrite:
+        raise TmpqError(f"{directory} already holds an export; pass overwrite=True (CLI: --overwrite) or another --out")
+    sn = sampler.supernet
+    unet_config = _unet_config(sn)
+    w_used, a_used, fp_weight = _used_widths(sampler.phase_configs)
+
+    tensors: dict[str, torch.Tensor] = {}
+    prefixes = {f"{n}.base.": f"{n}." for n, u in sn.units.items() if not isinstance(u, MatmulQuant)}
+    for key, value in sn.model.state_dict().items():
+        plain = key
+        for wrapped, orig in prefixes.items():
+            if key.startswith(wrapped):
+                plain = orig + key[len(wrapped) :]
+                break
+        unit = plain.rsplit(".", 1)[0]
+        if plain.endswith(".weight") and unit in sn.units and unit not in fp_weight:
+            continue  # shipped as integer codes below
+        tensors[f"fp.{plain}"] = value.detach().contiguous().cpu()
+    for name, u in sn.units.items():
+        for key, value in u.qparams().items():
+            m = _QPARAM.search(key)
+            bits = int(m.group(1)) if m else None
+            used = w_used[name] if key.startswith("w") else a_used[name]
+            if bits in used:
+                tensors[f"q.{name}.{key}"] = value.detach().contiguous().cpu()
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (TENSORS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(directory / TENSORS)
+    s = sampler.schedule
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "unet_config": unet_config,
+        "noise_schedule": {
+            "num_train_timesteps": s.num_train_timesteps,
+            "beta_start": s.beta_start,
+            "beta_end": s.beta_end,
+            "beta_schedule": s.beta_schedule,
+        },
+        "sample_shape": list(sampler.sample_shape),
+        "timesteps": list(sampler.timesteps),
+        "eta": sampler.eta,
+        "phase_bounds": list(sampler.phase_bounds),
+        "phases": [{n: [w, a] for n, w, a in cfg.bits} for cfg in sampler.phase_configs],
+        "units": {
+            n: {"kind": u.kind, "split": getattr(getattr(u, "act", None), "split", None)} for n, u in sn.units.items()
+        },
+        "cost": sn.cost.to_dict(),
+        "bitops_per_image": sampler.bitops(),
+        "fp_bitops_per_image": sn.cost.bitops(None, len(sampler.timesteps)),
+        "weight_size_bits": sampler.size_bits(),
+        "source_fingerprint": sn.fingerprint,
+        "files": {TENSORS: file_sha256(directory / TENSORS)},
+        "info": info or {},
+        "provenance": provenance(),
+    }
+    write_json_atomic(directory / MANIFEST, manifest)
+    (directory / CARD).write_text(_model_card(manifest))
+    return directory
+
+
+def _model_card(m: dict) -> str:
+    ws = [w for ph in m["phases"] for w, _ in ph.values() if w is not None]
+    as_ = [a for ph in m["phases"] for _, a in ph.values() if a is not None]
+    info = m.get("info") or {}
+    lines = [
+        "# tmpq compressed sampler",
+        "",
+        "Load with `tmpq.load(this_directory)`; `sampler.sample(64, seed=0)` gives images in [-1, 1].",
+        "",
+        f"- timesteps ({len(m['timesteps'])}): {m['timesteps']}",
+        f"- bit phases: {len(m['phases'])} (bounds {m['phase_bounds'] or 'none'})",
+        f"- weights: mean {sum(ws) / max(len(ws), 1):.2f} bits (min {min(ws, default=0)}, max {max(ws, default=0)})",
+        f"- activations: mean {sum(as_) / max(len(as_), 1):.2f} bits (min {min(as_, default=0)}, "
+        f"max {max(as_, default=0)})",
+        f"- cost: {m['bitops_per_image'] / 1e9:.2f} GBitOPs per image "
+        f"({m['bitops_per_image'] / m['fp_bitops_per_image']:.4f} of FP at the same steps)",
+        f"- weight storage: {m['weight_size_bits'] / 8 / 1024:.1f} KiB at the chosen widths "
+        "(codes are stored one per uint8 in the file)",
+        f"- source model fingerprint: `{m['source_fingerprint']}`",
+    ]
+    if info.get("command"):
+        lines.append(f"- produced by: `{info['command']}`")
+    if info.get("fid") is not None:
+        lines.append(f"- measured FID: {info['fid']:.2f} ({info.get('fid_samples', '?')} samples)")
+    return "\n".join(lines) + "\n"
+
+
+def load(directory: str | Path) -> CompressedSampler:
+    """A `CompressedSampler` from an exported directory (safetensors + JSON only; checksum verified)."""
+    from tmpq.models.builtin import build_unet
+    from tmpq.models.denoiser import UNetDenoiser
+
+    directory = Path(directory)
+    mpath, tpath = directory / MANIFEST, directory / TENSORS
+    if not mpath.is_file():
+        raise TmpqError(f"{directory} is not a tmpq export (no {MANIFEST}); create one with `tmpq export`")
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise TmpqError(f"{mpath} is not valid JSON ({e}); the export is damaged, re-export it") from None
+    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        raise TmpqError(f"{mpath} is not a {FORMAT} v{FORMAT_VERSION} manifest; re-export with this tmpq version")
+    if not tpath.is_file():
+        raise TmpqError(f"{tpath} is missing; the export is incomplete, re-export it")
+    expected = m.get("files", {}).get(TENSORS)
+    if file_sha256(tpath) != expected:
+        raise TmpqError(
+            f"{tpath} does not match the checksum in {MANIFEST}: it was truncated or modified; re-export it"
+        )
+    try:
+        tensors = load_file(str(tpath))
+    except (SafetensorError, OSError) as e:
+        raise TmpqError(f"{tpath} is unreadable ({e}); re-export it") from None
+    try:
+        return _rebuild(m, tensors, build_unet, UNetDenoiser)
+    except (KeyError, TypeError, ValueError, RuntimeError, TmpqError) as e:
+        raise TmpqError(f"the export in {directory} is inconsistent or incomplete ({e}); re-export it") from None
+
+
+def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser) -> CompressedSampler:
+    den = UNetDenoiser(build_unet(m["unet_config"])).eval()
+    phases = [QuantConfig.from_mapping({n: tuple(v) for n, v in ph.items()}) for ph in m["phases"]]
+    units = m["units"]
+    qt = {k[2:]: v for k, v in tensors.items() if k.startswith("q.")}
+    state = {k[3:]: v for k, v in tensors.items() if k.startswith("fp.")}
+    # a quantized layer's float weight is its dequantized codes (at the first width it uses): the quantized
+    # twin replaces it at run time, but the module needs a weight of the right shape
+    w_used, a_used, _ = _used_widths(phases)
+    for name, info in units.items():
+        key = f"{name}.weight"
+        if info["kind"] != "matmul" and key not in state:
+            b = min(w_used[name])
+            codes, scale, zp = (qt[f"{name}.w{b}_{s}"] for s in ("codes", "scale", "zp"))
+            shape = (-1, *([1] * (codes.ndim - 1)))
+            state[key] = (codes.to(scale.dtype) - zp.reshape(shape)) * scale.reshape(shape)
+    missing, unexpected = den.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"tensors do not match the UNet config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    all_w = sorted({b for s in w_used.values() for b in s}) or [8]
+    all_a = sorted({b for s in a_used.values() for b in s}) or [8]
+    spec = replace(QuantSpec(), w_bits=tuple(all_w), a_bits=tuple(all_a), pin=())
+    sn = SuperNet(den, spec, model_fingerprint(den))
+    sn._swap(only=set(units))
+    if set(sn.units) != set(units):
+        raise ValueError("the model's quantizable layers differ from the manifest's units")
+    for name, info in units.items():
+        u = sn.units[name]
+        if info["split"] is not None:
+            u.act.split = int(info["split"])
+        prefix = name + "."
+        u.load_qparams({k[len(prefix) :]: v for k, v in qt.items() if k.startswith(prefix)})
+    sn.cost = CostModel.from_dict(m["cost"])
+    sn.calibrated = True
+    sn.set_fp()
+    schedule = NoiseSchedule(**m["noise_schedule"])
+    sampler = CompressedSampler(
+        sn, schedule, m["timesteps"], phases, m["phase_bounds"], tuple(m["sample_shape"]), float(m["eta"])
+    )
+    for _, cfg in sampler.step_configs():  # every used width must be present: fail now, not mid-sampling
+        sn.set_config(cfg)
+    sn.set_fp()
+    sampler.info = m.get("info", {})
+    return sampler
