@@ -18,11 +18,14 @@ from safetensors.torch import load_file, save_file
 from tmpq.errors import TmpqError
 from tmpq.evaluate import reference_metric
 from tmpq.fileio import write_json_atomic
+from tmpq.images import save_grid
 from tmpq.models.loading import LoadedModel
 from tmpq.provenance import provenance
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantSpec
 from tmpq.quant.prepare import prepare_supernet
+from tmpq.sampling.ddim import DDIMSampler, generate
+from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
 from tmpq.search.fitness import FitnessConfig, SampleFitness
@@ -215,9 +218,15 @@ def run_search(
     return result
 
 
+FULL_STEPS = 100
+"""The 'FP at full steps' reference of the final table (uniform DDIM steps)."""
+
+
 def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress) -> dict:
-    """Re-score the search's top candidates and the uniform-precision default schedule on more samples
-    (same seeds for all): the search fitness used few samples, the final ranking should not."""
+    """Re-score, on more samples and the same seeds for all: the FP model at full steps and at the search's
+    step count (plain step reduction), the uniform-precision default schedule (plain PTQ), and the search's
+    top candidates. The search fitness used few samples; the final ranking should not. A 64-image grid of
+    every row is kept in RUN/final/ (same noise in every grid)."""
     path = run_dir / "final.json"
     key = json.loads(json.dumps({"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness)}))
     done = {}
@@ -229,31 +238,61 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
         kind="fid", num_samples=cfg.final_samples, seed=cfg.fitness.seed, batch_size=cfg.fitness.batch_size
     )
     fit = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, fcfg)
-    todo = [("baseline", baseline)] if baseline is not None else []
-    todo += [(f"top{i + 1}", r.candidate) for i, r in enumerate(result.top(cfg.final_top))]
-    for label, cand in todo:
-        if cand.key in done:
+    k = min(space.steps)
+    T = loaded.schedule.num_train_timesteps
+    todo: list[tuple[str, str, Candidate | None, tuple[int, ...]]] = [
+        (f"fp:{FULL_STEPS}", f"FP, {FULL_STEPS} steps", None, tuple(make_timesteps("uniform", FULL_STEPS, T))),
+        (f"fp:{k}", f"FP, {k} steps ({space.grouping})", None, space.default_timesteps(k)),
+    ]
+    if baseline is not None:
+        todo.append((baseline.key, "baseline", baseline, baseline.timesteps))
+    todo += [
+        (r.candidate.key, f"top{i + 1}", r.candidate, r.candidate.timesteps)
+        for i, r in enumerate(result.top(cfg.final_top))
+    ]
+    grids = run_dir / "final"
+    for row_key, label, cand, timesteps in todo:
+        if row_key in done:
             continue
         t0 = time.perf_counter()
-        images = fit.samples(cand)
+        if cand is None:
+            sn.set_fp()
+            images = generate(
+                sn,
+                DDIMSampler(loaded.schedule, timesteps),
+                fcfg.num_samples,
+                loaded.sample_shape,
+                fcfg.seed,
+                fcfg.batch_size,
+                progress=False,
+            )
+            bitops = cost.fp_bitops(len(timesteps))
+        else:
+            images = fit.samples(cand)
+            bitops = cost.bitops(cand)
         scores = metric.score(images, seed=cfg.fitness.seed)
-        done[cand.key] = {
+        grid = save_grid(images[:64], grids / f"{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.png", nrow=8)
+        done[row_key] = {
             "label": label,
-            "candidate": cand.to_json(),
+            "kind": "fp" if cand is None else "quantized",
+            "candidate": None if cand is None else cand.to_json(),
+            "timesteps": list(timesteps),
             "fid": scores.fid,
             "inception_score": scores.inception_score,
-            "bitops": cost.bitops(cand),
-            "forwards": cfg.final_samples * len(cand.timesteps),
+            "bitops": bitops,
+            "forwards": cfg.final_samples * len(timesteps),
             "wall_s": round(time.perf_counter() - t0, 2),
+            "grid": str(grid.relative_to(run_dir)),
         }
         write_json_atomic(path, {"key": key, "rows": done})
         if progress:
             print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")
     rows = list(done.values())
+    quantized = [r for r in rows if r["kind"] == "quantized"]
     return {
         "samples": cfg.final_samples,
         "rows": rows,
-        "best": min(rows, key=lambda r: r["fid"]) if rows else None,  # may be the baseline: then say so
+        "best": min(quantized, key=lambda r: r["fid"]) if quantized else None,  # may be the baseline: then say so
         "baseline": next((r for r in rows if r["label"] == "baseline"), None),
     }
 
@@ -280,6 +319,9 @@ def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overh
         },
         "config": cfg.to_json(),
         "model": loaded.spec,
+        "noise_schedule": {
+            k: getattr(loaded.schedule, k) for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+        },
         "provenance": provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
     }
     write_json_atomic(run_dir / "search.json", out)
