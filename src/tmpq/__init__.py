@@ -4,9 +4,11 @@ and how many bits each layer gets (TMPQ-DM and beyond).
 This release holds the foundation (the built-in Fashion-MNIST DDPM, DDIM over any timestep list,
 FID/IS evaluation) and the quantization super-network (every layer calibrated once for every candidate
 bit-width, switched per configuration, costed in BitOPs), and the joint evolutionary search over
-timesteps and per-layer bits under a BitOPs budget (`run_search`, `tmpq search`).
+timesteps and per-layer bits under a BitOPs budget (`run_search`, `tmpq search`), the one-call API
+`tmpq.compress(model, budget=...)`, export of the compressed sampler and `tmpq.load`, and the report.
 """
 
+from tmpq.api import CompressionResult, compress, parse_budget, sampler_from_run
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, EvalResult, evaluate
@@ -28,6 +30,10 @@ from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, Se
 
 __version__ = "0.1.0"
 __all__ = [
+    "CompressionResult",
+    "compress",
+    "parse_budget",
+    "sampler_from_run",
     "CompressedSampler",
     "load",
     "Budget",

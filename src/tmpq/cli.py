@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -144,27 +145,45 @@ def eval_cmd(
 def sample(
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("runs/samples.png"),
     model: str = "builtin:fashion",
+    compressed: Annotated[
+        Path | None, typer.Option(help="an exported sampler (`tmpq export`) instead of --model")
+    ] = None,
     steps: int = 10,
     schedule: str = "quad",
     timesteps: str | None = None,
     num_samples: int = 64,
     seed: int = 0,
     eta: float = 0.0,
+    save_tensor: Annotated[Path | None, typer.Option(help="also save the raw samples (safetensors)")] = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Write a grid of samples from the FP model."""
+    """Write a grid of samples from the FP model, or from an exported compressed sampler."""
     _threads(threads)
     from tmpq.images import save_grid
-    from tmpq.models.loading import load_model
-    from tmpq.sampling.ddim import DDIMSampler, generate
-    from tmpq.sampling.schedules import make_timesteps
 
-    loaded = load_model(model)
-    ts = _parse_timesteps(timesteps) or make_timesteps(schedule, steps, loaded.schedule.num_train_timesteps)
-    images = generate(
-        loaded.denoiser, DDIMSampler(loaded.schedule, ts, eta=eta), num_samples, loaded.sample_shape, seed
-    )
-    typer.echo(f"wrote {save_grid(images, out)}")
+    if compressed is not None:
+        from tmpq.export import load
+
+        s = load(compressed)
+        images = s.sample(num_samples, seed=seed)
+        what = f"compressed sampler ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs)"
+    else:
+        from tmpq.models.loading import load_model
+        from tmpq.sampling.ddim import DDIMSampler, generate
+        from tmpq.sampling.schedules import make_timesteps
+
+        loaded = load_model(model)
+        ts = _parse_timesteps(timesteps) or make_timesteps(schedule, steps, loaded.schedule.num_train_timesteps)
+        images = generate(
+            loaded.denoiser, DDIMSampler(loaded.schedule, ts, eta=eta), num_samples, loaded.sample_shape, seed
+        )
+        what = f"FP model ({len(ts)} steps)"
+    if save_tensor is not None:
+        from safetensors.torch import save_file
+
+        save_tensor.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": images.contiguous()}, str(save_tensor), metadata={"seed": str(seed)})
+    typer.echo(f"wrote {save_grid(images, out)}: {num_samples} samples of the {what}")
 
 
 def _parse_timesteps(text: str | None) -> tuple[int, ...] | None:
@@ -174,10 +193,6 @@ def _parse_timesteps(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise TmpqError(f"--timesteps must be comma-separated integers, got {text!r}") from None
-
-
-if __name__ == "__main__":
-    app()
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
@@ -216,79 +231,111 @@ def calibrate(
     typer.echo(f"  FP: {sn.cost.macs / 1e6:.1f} MMACs per forward; saved in {run_dir / 'supernet'}")
 
 
-@app.command()
-@_friendly
-def search(
-    model: Annotated[str, typer.Option(help="builtin:fashion or a .safetensors UNet")] = "builtin:fashion",
-    run_dir: Annotated[Path, typer.Option(help="all artefacts; re-run the same command to resume")] = Path(
-        "runs/search"
-    ),
-    like: Annotated[str | None, typer.Option(help="budget: uniform WxAy at --budget-steps steps")] = "W6A6",
-    budget_steps: Annotated[int, typer.Option(help="steps of the --like budget")] = 10,
-    bitops: Annotated[float | None, typer.Option(help="budget: fraction of FP BitOPs at 100 steps")] = None,
-    gbitops: Annotated[float | None, typer.Option(help="budget: absolute GBitOPs per image")] = None,
-    steps: Annotated[str, typer.Option(help="sampling steps K, or a range to search, e.g. 8-12")] = "10",
-    grouping: Annotated[str, typer.Option(help="timestep groups: quad | uniform | change")] = "quad",
-    phases: Annotated[str, typer.Option(help="timestep bounds of bit phases, e.g. 500 (none: one allocation)")] = "",
-    lever: Annotated[str, typer.Option(help="joint | bits (schedule fixed) | timesteps (precision fixed)")] = "joint",
-    fixed_precision: Annotated[str, typer.Option(help="precision of a timesteps-only search")] = "W6A6",
-    preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
-    fitness: Annotated[str, typer.Option(help="fid | proxy (distance to FP-100 samples, same noise)")] = "fid",
-    fitness_samples: int = 256,
-    final_samples: Annotated[int, typer.Option(help="re-score top candidates + uniform baseline (0: skip)")] = 1000,
-    final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = 3,
-    generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
-    population: Annotated[int | None, typer.Option(help="override the preset (children scale with it)")] = None,
-    pareto: Annotated[bool, typer.Option(help="NSGA-II over (quality, BitOPs)")] = False,
-    seed: int = 0,
-    fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,
-    threads: ThreadsOpt = None,
-) -> None:
-    """Search timesteps and per-layer bits jointly under a BitOPs budget; writes RUN/search.json."""
-    from tmpq.models.loading import load_model
-    from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
+def _search_command(full: bool) -> Callable[..., None]:
+    """`tmpq search` (full=False) and `tmpq run` (full=True: also export the best sampler and write the report)
+    share one set of options, defined once here."""
 
-    _threads(threads)
-    if sum(x is not None for x in (bitops, gbitops)) > 1:
-        raise TmpqError("give one budget: --like, --bitops or --gbitops")
-    budget = (
-        Budget.fraction(bitops)
-        if bitops is not None
-        else Budget.gbitops(gbitops)
-        if gbitops is not None
-        else Budget.like(like or "W6A6", budget_steps)
+    def command(
+        model: Annotated[str, typer.Option(help="builtin:fashion or a .safetensors UNet")] = "builtin:fashion",
+        run_dir: Annotated[Path, typer.Option(help="all artefacts; re-run the same command to resume")] = Path(
+            "runs/run" if full else "runs/search"
+        ),
+        like: Annotated[str | None, typer.Option(help="budget: uniform WxAy at --budget-steps steps")] = "W6A6",
+        budget_steps: Annotated[int, typer.Option(help="steps of the --like budget")] = 10,
+        bitops: Annotated[float | None, typer.Option(help="budget: fraction of FP BitOPs at 100 steps")] = None,
+        gbitops: Annotated[float | None, typer.Option(help="budget: absolute GBitOPs per image")] = None,
+        steps: Annotated[str, typer.Option(help="sampling steps K, or a range to search, e.g. 8-12")] = "10",
+        grouping: Annotated[str, typer.Option(help="timestep groups: quad | uniform | change")] = "quad",
+        phases: Annotated[str, typer.Option(help="timestep bounds of bit phases, e.g. 500 (none: one set)")] = "",
+        lever: Annotated[str, typer.Option(help="joint | bits (schedule fixed) | timesteps (bits fixed)")] = "joint",
+        fixed_precision: Annotated[str, typer.Option(help="precision of a timesteps-only search")] = "W6A6",
+        preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
+        fitness: Annotated[str, typer.Option(help="proxy (distance to FP-100 samples, same noise) | fid")] = "proxy",
+        fitness_samples: int = 64,
+        final_samples: Annotated[int, typer.Option(help="re-score peers + top candidates (0: skip)")] = 1000,
+        final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = 3,
+        generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
+        population: Annotated[int | None, typer.Option(help="override the preset (children scale with it)")] = None,
+        pareto: Annotated[bool, typer.Option(help="NSGA-II over (quality, BitOPs)")] = False,
+        calib_samples: Annotated[int, typer.Option(help="FP DDIM trajectories for calibration")] = 128,
+        calib_steps: Annotated[int, typer.Option(help="steps per calibration trajectory")] = 20,
+        w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = "2,3,4,5,6,8",
+        a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
+        seed: int = 0,
+        fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,
+        threads: ThreadsOpt = None,
+    ) -> None:
+        from tmpq.models.loading import load_model
+        from tmpq.quant import CalibConfig, QuantSpec
+        from tmpq.search import Budget, FitnessConfig, SearchConfig, run_search
+
+        _threads(threads)
+        if sum(x is not None for x in (bitops, gbitops)) > 1:
+            raise TmpqError("give one budget: --like, --bitops or --gbitops")
+        budget = (
+            Budget.fraction(bitops)
+            if bitops is not None
+            else Budget.gbitops(gbitops)
+            if gbitops is not None
+            else Budget.like(like or "W6A6", budget_steps)
+        )
+        if full and final_samples < 2:
+            raise TmpqError("`tmpq run` needs a final re-scoring for its report; give --final-samples >= 2")
+        cfg = SearchConfig(
+            budget=budget,
+            steps=_int_list(steps, "--steps"),
+            grouping=grouping,
+            phase_bounds=_int_list(phases, "--phases") if phases else (),
+            lever=lever,
+            fixed_precision=fixed_precision,
+            evolution=_evolution(preset, seed, population, generations, pareto),
+            fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed),
+            calib=CalibConfig(calib_samples, calib_steps),
+            quant=QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits")),
+            final_samples=final_samples,
+            final_top=final_top,
+        )
+        loaded = load_model(model)
+        res = run_search(loaded, cfg, run_dir, resume=not fresh)
+        _print_search(run_dir, res, budget, fitness)
+        if full:
+            from tmpq.api import CompressionResult
+            from tmpq.report import write_report
+
+            out = CompressionResult(run_dir, loaded, cfg, res).export(run_dir / "export", overwrite=True)
+            typer.echo(f"  exported the best sampler to {out}  (load with tmpq.load('{out}'))")
+            html_path, md_path = write_report(run_dir)
+            typer.echo(f"report: {html_path}  (Markdown: {md_path})")
+
+    command.__doc__ = (
+        "Calibrate, search timesteps and per-layer bits jointly under a BitOPs budget, re-score, export the best "
+        "sampler and write the report: the whole job."
+        if full
+        else "Search timesteps and per-layer bits jointly under a BitOPs budget; writes RUN/search.json."
     )
+    return command
+
+
+def _evolution(preset: str, seed: int, population: int | None, generations: int | None, pareto: bool):
+    from tmpq.search import EvolutionConfig
+
     if preset not in ("tmpq", "reference"):
         raise TmpqError(f"--preset must be 'tmpq' or 'reference', got {preset!r}")
     evo = EvolutionConfig.tmpq(seed=seed) if preset == "tmpq" else EvolutionConfig.reference(seed=seed)
     if population is not None:
         scale = population / evo.population
-        evo = EvolutionConfig(
-            **{
-                **evo.__dict__,
-                "population": population,
-                "parents": max(1, round(evo.parents * scale)),
-                "mutations": round(evo.mutations * scale),
-                "crossovers": round(evo.crossovers * scale),
-                "randoms": round(evo.randoms * scale),
-            }
+        evo = replace(
+            evo,
+            population=population,
+            parents=max(1, round(evo.parents * scale)),
+            mutations=round(evo.mutations * scale),
+            crossovers=round(evo.crossovers * scale),
+            randoms=round(evo.randoms * scale),
         )
-    overrides = {"multi_objective": pareto} | ({"generations": generations} if generations else {})
-    evo = EvolutionConfig(**{**evo.__dict__, **overrides})
-    cfg = SearchConfig(
-        budget=budget,
-        steps=_int_list(steps, "--steps"),
-        grouping=grouping,
-        phase_bounds=_int_list(phases, "--phases") if phases else (),
-        lever=lever,
-        fixed_precision=fixed_precision,
-        evolution=evo,
-        fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed),
-        final_samples=final_samples,
-        final_top=final_top,
-    )
-    loaded = load_model(model)
-    res = run_search(loaded, cfg, run_dir, resume=not fresh)
+    return replace(evo, multi_objective=pareto, **({"generations": generations} if generations else {}))
+
+
+def _print_search(run_dir: Path, res, budget, fitness: str) -> None:
     best = res.best
     summary = json.loads((run_dir / "search.json").read_text())
     fp100 = summary["fp_bitops_full_100"]
@@ -307,15 +354,60 @@ def search(
         f"(+{c['overhead_forwards']:,} calibration/sensitivity/reference), {c['search_wall_s']:.0f} s"
     )
     final = summary.get("final")
-    if final and final["best"]:
-        b, base = final["best"], final["baseline"]
-        typer.echo(
-            f"  final ({final['samples']} samples, same seeds): best FID {b['fid']:.2f} ({b['label']}) "
-            f"at {b['bitops'] / 1e9:.2f} GBitOPs"
-        )
-        if base:
+    if final:
+        for r in final["rows"]:
             typer.echo(
-                f"  vs uniform baseline (default schedule, {budget.describe()}): FID {base['fid']:.2f} "
-                f"at {base['bitops'] / 1e9:.2f} GBitOPs"
+                f"  final ({final['samples']} samples, same seeds): {r['label']:<24s} FID {r['fid']:8.2f}  "
+                f"{r['bitops'] / 1e9:10.2f} GBitOPs"
             )
+        if final["best"] and final["best"]["label"] == "baseline":
+            typer.echo("  note: the uniform-precision baseline scored best; the search found nothing better")
     typer.echo(f"  wrote {run_dir / 'search.json'}")
+
+
+app.command("search")(_friendly(_search_command(full=False)))
+app.command("run")(_friendly(_search_command(full=True)))
+
+
+@app.command()
+@_friendly
+def export(
+    run_dir: Annotated[Path, typer.Option(help="a finished `tmpq search` / `tmpq run` directory")] = Path("runs/run"),
+    out: Annotated[Path, typer.Option(help="directory to write the compressed sampler to")] = Path("runs/export"),
+    which: Annotated[str, typer.Option(help="best | search | baseline | top2 | ... (rows of the final table)")] = (
+        "best"
+    ),
+    overwrite: Annotated[bool, typer.Option(help="replace an existing export in --out")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Write a run's compressed sampler: timesteps, per-layer bits, integer weight codes + scales, card."""
+    from tmpq.api import sampler_from_run
+
+    _threads(threads)
+    s = sampler_from_run(run_dir, which)
+    path = s.export(out, info=s.info, overwrite=overwrite)
+    typer.echo(f"exported {s.info['label']} ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs) to {path}")
+
+
+@app.command()
+@_friendly
+def report(
+    run_dir: Annotated[Path, typer.Option(help="a finished `tmpq search` / `tmpq run` directory")] = Path("runs/run"),
+    out: Annotated[Path | None, typer.Option(help="report directory (default RUN/report)")] = None,
+    peer: Annotated[list[str] | None, typer.Option(help="LABEL=RUN_DIR of another run to compare; repeatable")] = None,
+) -> None:
+    """Write report.html + report.md with the peers table, Pareto plot, bit map, timesteps and sample grids."""
+    from tmpq.report import write_report
+
+    peers = {}
+    for item in peer or []:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise TmpqError(f"--peer takes LABEL=RUN_DIR, got {item!r}")
+        peers[label] = Path(path)
+    html_path, md_path = write_report(run_dir, out, peers)
+    typer.echo(f"report: {html_path}  (Markdown: {md_path})")
+
+
+if __name__ == "__main__":
+    app()

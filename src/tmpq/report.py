@@ -114,8 +114,7 @@ def _bits_plot(run: RunData, path: Path) -> Path:
     kinds = {n: u["kind"] for n, u in (run.supernet or {}).get("units", {}).items()}
     grid = np.array([[np.nan if v is None else v for v in col] for col in cols], dtype=float).T
     fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(cols), 1.5 + 0.17 * len(names)))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=2, vmax=8)
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):

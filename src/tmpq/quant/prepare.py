@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from tmpq.errors import TmpqError
+from tmpq.fileio import write_json_atomic
 from tmpq.models.loading import LoadedModel
 from tmpq.quant.calibration import CalibConfig, CalibrationSet, collect_calibration
 from tmpq.quant.config import QuantSpec
-from tmpq.quant.supernet import SuperNet, build_supernet
+from tmpq.quant.supernet import SuperNet, build_supernet, model_fingerprint
 
 CALIB_FILE = "calib.safetensors"
 SUPERNET_DIR = "supernet"
+MODEL_FILE = "model.json"
+
+
+def claim_run_dir(loaded: LoadedModel, run_dir: str | Path) -> str:
+    """Tie a run directory to one model's weights (RUN/model.json); refuse a directory of another model, so
+    its results are never mixed with or overwritten by this one's. Returns the weights' fingerprint."""
+    run_dir = Path(run_dir)
+    fp = model_fingerprint(loaded.denoiser)
+    path = run_dir / MODEL_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("fingerprint") != fp:
+            raise TmpqError(
+                f"{run_dir} holds results of another model ({old.get('model', 'unknown')}, other weights); "
+                "its files are left untouched: pick another --run-dir for this model"
+            )
+        return fp
+    write_json_atomic(path, {"model": loaded.spec, "fingerprint": fp})
+    return fp
 
 
 def prepare_supernet(
@@ -28,6 +52,7 @@ def prepare_supernet(
     calibration set and what it cost: image-forwards and seconds, zero when reused."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(loaded, run_dir)
     info = {"calib_forwards": 0, "calib_collect_s": 0.0, "calibrate_s": 0.0, "reused": True}
     cpath = run_dir / CALIB_FILE
     calib = None

@@ -111,6 +111,9 @@ class SearchResult:
     forwards: int
     wall_s: float
     budget: int
+    supernet: object = field(default=None, repr=False)  # set by run_search: what a sampler is built from
+    space: object = field(default=None, repr=False)
+    final: dict | None = None  # run_search's final re-scoring (None when skipped)
 
     def top(self, n: int) -> list[Record]:
         return sorted(self.records, key=lambda r: (r.value, r.bitops))[:n]

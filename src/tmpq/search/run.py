@@ -115,6 +115,21 @@ def _precision(setting: str) -> tuple[int, int]:
     return b.w, b.a
 
 
+def _seed_bits(space: SearchSpace, cfg: SearchConfig):
+    """The uniform precision a search starts from: the budget's own (a 'like' budget), else the widest
+    uniform setting among --fixed-precision and the calibrated widths that the space offers."""
+    if cfg.budget.kind == "like":
+        return space.uniform_bits(cfg.budget.w, cfg.budget.a)
+    w_all = sorted({w for wc in space.w_choices for w in wc if w is not None}, reverse=True)
+    a_all = sorted({a for ac in space.a_choices for a in ac if a is not None}, reverse=True)
+    for w, a in [_precision(cfg.fixed_precision), *((w, a) for w in w_all for a in a_all if w == a)]:
+        try:
+            return space.uniform_bits(w, a)
+        except TmpqError:
+            continue
+    return None
+
+
 def _cached_json(path: Path, key: dict, make) -> tuple[object, bool]:
     """(value, computed): the value stored under `key` in `path`, or made now and stored."""
     key = json.loads(json.dumps(key))  # tuples become lists, as they will be when read back
@@ -164,6 +179,12 @@ def run_search(
         space = base
     cost = CandidateCost(space, sn.cost)
     budget = cfg.budget.resolve(cost)
+    if cost.min_bitops() > budget:  # before sensitivity and reference samples are paid for
+        raise TmpqError(
+            f"the budget ({cfg.budget.describe()} = {budget / 1e9:.3f} GBitOPs) is below the cheapest candidate of "
+            f"this space ({cost.min_bitops() / 1e9:.3f} GBitOPs: {min(space.steps)} steps at the lowest bits); "
+            "raise the budget or allow fewer steps / lower bit-widths"
+        )
 
     repairer = None
     if cfg.evolution.repair and space.search_bits:
@@ -193,9 +214,9 @@ def run_search(
 
     initial: list[Candidate] = []
     if cfg.seed_candidates:
-        w, a = (cfg.budget.w, cfg.budget.a) if cfg.budget.kind == "like" else _precision(cfg.fixed_precision)
-        bits = space.fixed_bits if not space.search_bits else space.uniform_bits(w, a)
-        initial = [space.candidate(space.default_timesteps(k), bits) for k in space.steps]
+        bits = space.fixed_bits if not space.search_bits else _seed_bits(space, cfg)
+        if bits is not None:
+            initial = [space.candidate(space.default_timesteps(k), bits) for k in space.steps]
 
     search = EvolutionarySearch(
         space,
@@ -215,6 +236,7 @@ def run_search(
         baseline = initial[0] if initial else None
         final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
     _write_result(run_dir, loaded, cfg, space, cost, result, overhead_forwards, time.perf_counter() - t_start, final)
+    result.supernet, result.space, result.final = sn, space, final
     return result
 
 

@@ -1,0 +1,181 @@
+"""The one-call Python API: `tmpq.compress(model, budget=...)` → a result with `.best`, `.pareto`,
+`.sampler()`, `.export()`, `.report()`; and `sampler_from_run` to rebuild a sampler from a finished run.
+
+Everything is written to one run directory, so an interrupted `compress` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tmpq.compressed import CompressedSampler
+from tmpq.errors import TmpqError
+from tmpq.models.loading import LoadedModel, load_model
+from tmpq.quant.calibration import CalibConfig
+from tmpq.quant.config import QuantConfig, QuantSpec
+from tmpq.quant.prepare import prepare_supernet
+from tmpq.search.evolution import EvolutionConfig, SearchResult
+from tmpq.search.fitness import FitnessConfig
+from tmpq.search.run import Budget, SearchConfig, run_search
+from tmpq.search.space import Candidate
+
+
+def parse_budget(budget: Budget | str | float, steps: int = 10) -> Budget:
+    """A budget in the user's terms: a `Budget`; "W6A6" (uniform W6A6 at `steps` steps) or "W6A6@20";
+    a float in (0, 1] (that share of FP BitOPs at 100 steps); "35.1G" (absolute GBitOPs per image)."""
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return Budget.fraction(float(budget))
+    text = str(budget).strip()
+    m = re.fullmatch(r"(W\d+A\d+)(?:@(\d+))?", text, flags=re.IGNORECASE)
+    if m:
+        return Budget.like(m.group(1), int(m.group(2) or steps))
+    m = re.fullmatch(r"([0-9.]+)\s*G(?:BitOPs)?", text, flags=re.IGNORECASE)
+    if m:
+        return Budget.gbitops(float(m.group(1)))
+    try:
+        return Budget.fraction(float(text))
+    except ValueError:
+        raise TmpqError(
+            f"budget {budget!r} not understood; use e.g. 'W6A6' / 'W6A6@10' (like a uniform setting), "
+            "0.05 (fraction of FP BitOPs at 100 steps) or '35G' (GBitOPs per image)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A chosen setting: its candidate, cost, and quality (final FID when re-scored, else search fitness)."""
+
+    label: str
+    candidate: Candidate
+    bitops: int
+    fid: float | None
+    fitness: float | None
+
+
+def _choice(summary: dict, which: str = "best") -> Choice:
+    """`best`: the final re-scoring's best (the search's best when there was none); `baseline`, `top2`, …:
+    that final row; `search`: the search's own best by its fitness."""
+    final = summary.get("final")
+    if which == "search" or (which == "best" and not (final and final.get("best"))):
+        b = summary["best"]
+        return Choice("search", Candidate.from_json(b["candidate"]), b["bitops"], None, b["value"])
+    if not final:
+        raise TmpqError(f"the run has no final re-scoring, so no row {which!r}; use 'best' or 'search'")
+    row = final["best"] if which == "best" else next((r for r in final["rows"] if r["label"] == which), None)
+    if row is None or row.get("candidate") is None:
+        labels = [r["label"] for r in final["rows"] if r.get("candidate")]
+        raise TmpqError(f"no quantized row {which!r} in the final re-scoring; choose one of {labels}")
+    return Choice(row["label"], Candidate.from_json(row["candidate"]), row["bitops"], row["fid"], None)
+
+
+def _sampler(sn, loaded: LoadedModel, cfg_json: dict, choice: Choice) -> CompressedSampler:
+    names = list(sn.units)
+    configs = [QuantConfig(tuple((n, w, a) for n, (w, a) in zip(names, phase))) for phase in choice.candidate.bits]
+    s = CompressedSampler(
+        sn, loaded.schedule, choice.candidate.timesteps, configs, cfg_json["phase_bounds"], loaded.sample_shape
+    )
+    s.info = {"label": choice.label, "fid": choice.fid, "search_fitness": choice.fitness, "bitops": choice.bitops}
+    return s
+
+
+def sampler_from_run(run_dir: str | Path, which: str = "best", model: str | None = None) -> CompressedSampler:
+    """Rebuild a finished run's compressed sampler in a new process (reloads the saved super-network)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "search.json"
+    if not path.is_file():
+        raise TmpqError(f"{run_dir} holds no finished search (no search.json); run `tmpq search` or `tmpq run` first")
+    summary = json.loads(path.read_text())
+    choice = _choice(summary, which)
+    loaded = load_model(model or summary["model"])
+    cfg = summary["config"]
+    calib = CalibConfig(**cfg["calib"])
+    spec = QuantSpec.from_dict(cfg["quant"])
+    sn, _, _ = prepare_supernet(loaded, run_dir, calib, spec, progress=False)
+    s = _sampler(sn, loaded, cfg, choice)
+    s.info |= {
+        "run_dir": str(run_dir),
+        "budget": summary["budget"],
+        "samples": (summary.get("final") or {}).get("samples"),
+    }
+    return s
+
+
+class CompressionResult:
+    """What `compress` returns: the search result plus the objects to sample, export and report with."""
+
+    def __init__(self, run_dir: Path, loaded: LoadedModel, config: SearchConfig, result: SearchResult) -> None:
+        self.run_dir, self.loaded, self.config, self.search = run_dir, loaded, config, result
+        self.summary = json.loads((run_dir / "search.json").read_text())
+
+    @property
+    def best(self) -> Choice:
+        return _choice(self.summary, "best")
+
+    @property
+    def pareto(self) -> list:
+        """Non-dominated (search fitness, BitOPs) records within the budget, cheapest first."""
+        return self.search.pareto
+
+    def sampler(self, which: str = "best") -> CompressedSampler:
+        s = _sampler(self.search.supernet, self.loaded, self.config.to_json(), _choice(self.summary, which))
+        s.info |= {"run_dir": str(self.run_dir), "budget": self.summary["budget"]}
+        return s
+
+    def export(self, directory: str | Path, which: str = "best", overwrite: bool = False) -> Path:
+        s = self.sampler(which)
+        return s.export(directory, info=s.info | {"model": self.loaded.spec}, overwrite=overwrite)
+
+    def report(self, out_dir: str | Path | None = None, peers: dict | None = None) -> tuple[Path, Path]:
+        from tmpq.report import write_report
+
+        return write_report(self.run_dir, out_dir, peers)
+
+
+def compress(
+    model: str | LoadedModel = "builtin:fashion",
+    budget: Budget | str | float = "W6A6",
+    *,
+    steps: int | tuple[int, ...] = 10,
+    run_dir: str | Path | None = None,
+    fitness: str = "proxy",
+    fitness_samples: int = 64,
+    final_samples: int = 1000,
+    lever: str = "joint",
+    generations: int | None = None,
+    seed: int = 0,
+    calib: CalibConfig = CalibConfig(),
+    quant: QuantSpec = QuantSpec(),
+    config: SearchConfig | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> CompressionResult:
+    """Search timesteps and per-layer bits jointly under `budget`; calibration, search and the final
+    re-scoring all live in `run_dir` (a temporary directory when None) and resume after an interruption.
+
+    `config` overrides everything but `model`, `run_dir`, `resume` and `progress`.
+    """
+    loaded = load_model(model) if isinstance(model, str) else model
+    if config is None:
+        ks = (steps,) if isinstance(steps, int) else tuple(steps)
+        evo = EvolutionConfig.tmpq(seed=seed)
+        if generations is not None:
+            evo = replace(evo, generations=generations)
+        config = SearchConfig(
+            budget=parse_budget(budget, min(ks)),
+            steps=ks,
+            lever=lever,
+            evolution=evo,
+            fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed),
+            calib=calib,
+            quant=quant,
+            final_samples=final_samples,
+        )
+    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="tmpq-"))
+    result = run_search(loaded, config, run_dir, resume=resume, progress=progress)
+    return CompressionResult(run_dir, loaded, config, result)
