@@ -135,11 +135,13 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
         "2",
         "--population",
         "4",
+        *["--calib-samples", "2", "--calib-steps", "3", "--w-bits", "4,8", "--a-bits", "8"],  # reuse the calibration
     ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     out = json.loads((run / "search.json").read_text())
     assert out["best"]["bitops"] <= out["budget_bitops"] and "timesteps:" in res.output
+    assert "calibrate weights" not in res.output  # the saved super-network was reused, not rebuilt
 
 
 @pytest.mark.parametrize(
