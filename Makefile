@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml constraints.txt | $(FASHION)
 
 install: $(STAMP)
 
+# The main job at a demo-sized search (~15 min on 2 cores): calibrate, search timesteps + bits under the
+# W6A6@10-steps budget, re-score against FP and uniform PTQ, export the sampler, write the report.
+DEMO_ARGS ?= --like W6A6 --budget-steps 10 --steps 10 --generations 6 --final-samples 500 --final-top 2
 demo: install
-	$(BIN)/tmpq eval --model builtin:fashion --steps 10 --schedule quad --num-samples 1000 --seed 0 --out runs/demo
+	$(BIN)/tmpq run --model builtin:fashion --run-dir runs/demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest

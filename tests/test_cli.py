@@ -142,6 +142,10 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
     out = json.loads((run / "search.json").read_text())
     assert out["best"]["bitops"] <= out["budget_bitops"] and "timesteps:" in res.output
     assert "calibrate weights" not in res.output  # the saved super-network was reused, not rebuilt
+    res = runner.invoke(app, ["report", "--run-dir", str(run)])  # a run without final re-scoring still reports
+    assert res.exit_code == 0, res.output
+    md = (run / "report" / "report.md").read_text()
+    assert "tmpq search, best" in md and "bits.png" in md
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,11 @@ def test_export_then_load_then_sample_is_bit_identical_to_the_run(finished_run, 
     )
     assert res.exit_code == 0, res.output
     assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["images"], b)
+    res = runner.invoke(app, ["eval", "--compressed", str(out), "--num-samples", "6", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ev["timesteps"] == list(loaded.timesteps) and ev["image_forwards"] == 6 * len(loaded.timesteps)
+    assert ev["provenance"]["inputs_sha256"]["compressed"] and ev["config"]["compressed"] == str(out)
 
 
 def test_export_refuses_to_overwrite_and_names_rows(finished_run, tmp_path):

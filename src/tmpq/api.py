@@ -98,12 +98,20 @@ def sampler_from_run(run_dir: str | Path, which: str = "best", model: str | None
     spec = QuantSpec.from_dict(cfg["quant"])
     sn, _, _ = prepare_supernet(loaded, run_dir, calib, spec, progress=False)
     s = _sampler(sn, loaded, cfg, choice)
-    s.info |= {
-        "run_dir": str(run_dir),
-        "budget": summary["budget"],
-        "samples": (summary.get("final") or {}).get("samples"),
-    }
+    s.info |= _run_info(run_dir, summary)
     return s
+
+
+def _run_info(run_dir: Path, summary: dict) -> dict:
+    """What an export records of the run that chose it: config, seeds, the source model's checksum."""
+    return {
+        "run_dir": str(run_dir),
+        "model": summary["model"],
+        "budget": summary["budget"],
+        "fid_samples": (summary.get("final") or {}).get("samples"),
+        "search_config": summary["config"],
+        "model_sha256": summary["provenance"]["inputs_sha256"].get("model"),
+    }
 
 
 class CompressionResult:
@@ -124,12 +132,12 @@ class CompressionResult:
 
     def sampler(self, which: str = "best") -> CompressedSampler:
         s = _sampler(self.search.supernet, self.loaded, self.config.to_json(), _choice(self.summary, which))
-        s.info |= {"run_dir": str(self.run_dir), "budget": self.summary["budget"]}
+        s.info |= _run_info(self.run_dir, self.summary)
         return s
 
     def export(self, directory: str | Path, which: str = "best", overwrite: bool = False) -> Path:
         s = self.sampler(which)
-        return s.export(directory, info=s.info | {"model": self.loaded.spec}, overwrite=overwrite)
+        return s.export(directory, info=s.info, overwrite=overwrite)
 
     def report(self, out_dir: str | Path | None = None, peers: dict | None = None) -> tuple[Path, Path]:
         from tmpq.report import write_report

@@ -113,10 +113,11 @@ def eval_cmd(
     eta: float = 0.0,
     batch_size: int = 100,
     reference: Annotated[str, typer.Option(help="fashion-mnist or a folder of real images")] = "fashion-mnist",
+    compressed: Annotated[Path | None, typer.Option(help="score an exported sampler instead of --model")] = None,
     out: Annotated[Path, typer.Option(help="directory for eval.json and samples.png")] = Path("runs/eval"),
     threads: ThreadsOpt = None,
 ) -> None:
-    """Sample the FP model on a schedule and report FID/IS (JSON + sample grid)."""
+    """Sample the FP model on a schedule (or an exported compressed sampler) and report FID/IS (JSON + grid)."""
     _threads(threads)
     from tmpq.evaluate import EvalConfig, evaluate
 
@@ -131,6 +132,7 @@ def eval_cmd(
         eta=eta,
         batch_size=batch_size,
         reference=reference,
+        compressed=None if compressed is None else str(compressed),
     )
     res = evaluate(cfg, out)
     typer.echo(

@@ -29,6 +29,7 @@ class EvalConfig:
     eta: float = 0.0
     batch_size: int = 100
     reference: str = "fashion-mnist"
+    compressed: str | None = None  # an exported sampler (`tmpq export`): its own timesteps and bits are used
 
     def resolved_timesteps(self, num_train_timesteps: int) -> list[int]:
         if self.timesteps is not None:
@@ -71,18 +72,27 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Generate cfg.num_samples images (sample i from seed cfg.seed + i), score FID/IS, write eval.json + grid."""
-    loaded = loaded or load_model(cfg.model)
     metric = metric or reference_metric(cfg.reference)
-    timesteps = cfg.resolved_timesteps(loaded.schedule.num_train_timesteps)
-    sampler = DDIMSampler(loaded.schedule, timesteps, eta=cfg.eta)
-    t0 = time.time()
-    images = generate(
-        loaded.denoiser, sampler, cfg.num_samples, loaded.sample_shape, cfg.seed, cfg.batch_size, progress=progress
-    )
+    if cfg.compressed is not None:
+        from tmpq.export import MANIFEST, TENSORS, load
+
+        compressed = load(cfg.compressed)
+        timesteps = list(compressed.timesteps)
+        inputs = {"compressed": Path(cfg.compressed) / TENSORS, "manifest": Path(cfg.compressed) / MANIFEST}
+        t0 = time.time()
+        images = compressed.sample(cfg.num_samples, cfg.seed, cfg.batch_size, progress=progress)
+    else:
+        loaded = loaded or load_model(cfg.model)
+        timesteps = cfg.resolved_timesteps(loaded.schedule.num_train_timesteps)
+        sampler = DDIMSampler(loaded.schedule, timesteps, eta=cfg.eta)
+        inputs = {"model": loaded.weights_path} if loaded.weights_path else {}
+        t0 = time.time()
+        images = generate(
+            loaded.denoiser, sampler, cfg.num_samples, loaded.sample_shape, cfg.seed, cfg.batch_size, progress=progress
+        )
     t1 = time.time()
     scores = metric.score(images, seed=cfg.seed)
     t2 = time.time()
-    inputs = {"model": loaded.weights_path} if loaded.weights_path else {}
     result = EvalResult(
         config=cfg,
         timesteps=timesteps,

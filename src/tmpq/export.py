@@ -105,6 +105,7 @@ def export_sampler(
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (TENSORS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    tmp.chmod(0o644)  # safetensors creates 0600; an export is meant to be shipped and read by others
     tmp.replace(directory / TENSORS)
     s = sampler.schedule
     manifest = {

@@ -125,7 +125,7 @@ def _bits_plot(run: RunData, path: Path) -> Path:
                     color="k" if np.isnan(v) or v > 5 else "w")  # fmt: skip
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yticks(range(len(names)), [n.removeprefix("unet.") for n in names], fontsize=6)
-    ax.set_title("bits per layer (grey: full precision; –: matmul, no weight)", fontsize=9)
+    ax.set_title("bits per layer\n(grey FP; – matmul: no weight)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05, label="bits")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -265,7 +265,7 @@ def write_report(
             if src and src.is_file():
                 dst = out / f"grid_{src.name}"
                 shutil.copyfile(src, dst)
-                title = "compressed (best)" if r is best else r["label"]
+                title = "compressed (best)" if r is best else "uniform PTQ" if r["label"] == "baseline" else r["label"]
                 grids.append((f"{title}: FID {r['fid']:.2f}, {r['bitops'] / 1e9:.2f} GBitOPs", dst.name))
     rows = peers_rows(run, peer_runs)
     s = run.search
@@ -327,13 +327,14 @@ def write_report(
         _table_html(rows, samples),
         "<h2>Quality vs cost</h2>",
         f'<img src="{figs["pareto"].name}" alt="Pareto plot">',
-        "<h2>Chosen bits per layer</h2>",
-        f'<img src="{figs["bits"].name}" alt="bits per layer">',
+        "<div class='cols'><div class='narrow'><h2>Chosen bits per layer</h2>",
+        f'<img src="{figs["bits"].name}" alt="bits per layer"></div><div>',
         "<h2>Chosen timesteps</h2>",
         f'<img src="{figs["timesteps"].name}" alt="timesteps">',
         "<h2>Search progress</h2>",
         f'<img src="{figs["progress"].name}" alt="progress">',
     ]
+    body.append("</div></div>")
     if grids:
         body.append("<h2>Samples (same noise)</h2><div class='grids'>")
         body += [f"<figure><img src='{f}'><figcaption>{html.escape(t)}</figcaption></figure>" for t, f in grids]
@@ -342,7 +343,8 @@ def write_report(
         "body{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #bbb;padding:4px 8px}"
         "td:not(:first-child){text-align:right}img{max-width:100%}"
-        ".grids{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0}figcaption{font-size:13px}"
+        ".grids{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0;flex:0 0 32%}figcaption{font-size:13px}"
+        ".cols{display:flex;gap:24px;align-items:flex-start}.narrow{flex:0 0 34%}"
     )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>tmpq report</title><style>{style}</style>"
     page += "</head><body>" + "\n".join(body) + "</body></html>"
