@@ -20,6 +20,7 @@ from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.prepare import prepare_supernet
 from tmpq.search.evolution import EvolutionConfig, SearchResult
 from tmpq.search.fitness import FitnessConfig
+from tmpq.search.parallel import Execution
 from tmpq.search.run import Budget, SearchConfig, run_search
 from tmpq.search.space import Candidate
 
@@ -162,11 +163,13 @@ def compress(
     config: SearchConfig | None = None,
     resume: bool = True,
     progress: bool = True,
+    execution: Execution = Execution(),
 ) -> CompressionResult:
     """Search timesteps and per-layer bits jointly under `budget`; calibration, search and the final
     re-scoring all live in `run_dir` (a temporary directory when None) and resume after an interruption.
 
-    `config` overrides everything but `model`, `run_dir`, `resume` and `progress`.
+    `config` overrides everything but `model`, `run_dir`, `resume`, `progress` and `execution` (where candidates
+    are evaluated: `Execution(workers=4)` for local processes, `Execution(ray_address="auto")` for Ray).
     """
     loaded = load_model(model) if isinstance(model, str) else model
     if config is None:
@@ -185,5 +188,5 @@ def compress(
             final_samples=final_samples,
         )
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="tmpq-"))
-    result = run_search(loaded, config, run_dir, resume=resume, progress=progress)
+    result = run_search(loaded, config, run_dir, resume=resume, progress=progress, execution=execution)
     return CompressionResult(run_dir, loaded, config, result)

@@ -265,9 +265,14 @@ def _search_command(full: bool) -> Callable[..., None]:
         a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
         seed: int = 0,
         fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,
+        workers: Annotated[int, typer.Option(help="evaluate candidates in N local worker processes (0: here)")] = 0,
+        ray: Annotated[str | None, typer.Option(help="evaluate on a Ray cluster: ADDRESS, auto, or local")] = None,
+        worker_threads: Annotated[int, typer.Option(help="torch threads per worker")] = 1,
+        candidate_timeout: Annotated[float | None, typer.Option(help="re-queue a candidate after S seconds")] = None,
         threads: ThreadsOpt = None,
     ) -> None:
         from tmpq.models.loading import load_model
+        from tmpq.search.parallel import Execution
         from tmpq.quant import CalibConfig, QuantSpec
         from tmpq.search import Budget, FitnessConfig, SearchConfig, run_search
 
@@ -298,7 +303,8 @@ def _search_command(full: bool) -> Callable[..., None]:
             final_top=final_top,
         )
         loaded = load_model(model)
-        res = run_search(loaded, cfg, run_dir, resume=not fresh)
+        execution = Execution(workers, ray, worker_threads, candidate_timeout)
+        res = run_search(loaded, cfg, run_dir, resume=not fresh, execution=execution)
         _print_search(run_dir, res, budget, fitness)
         if full:
             from tmpq.api import CompressionResult

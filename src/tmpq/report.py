@@ -239,6 +239,16 @@ def _table_html(rows: list[dict], samples: int | None) -> str:
     return "\n".join(out)
 
 
+def _throughput(history: list[dict]) -> str:
+    """Evaluations per minute and worker utilisation, averaged over the generations that evaluated something."""
+    rows = [h for h in history if h.get("evals_per_min")]
+    if not rows:
+        return "throughput: not recorded (a run from before tmpq recorded it)"
+    rate = sum(h["evals_per_min"] for h in rows) / len(rows)
+    util = sum(h["utilisation"] for h in rows) / len(rows)
+    return f"throughput: {rate:.1f} candidates/min on {rows[-1]['workers']} worker(s), utilisation {util:.0%}"
+
+
 # --- the report ---------------------------------------------------------------------------------------------
 def write_report(
     run_dir: str | Path, out_dir: str | Path | None = None, peers: Mapping[str, str | Path] | None = None
@@ -277,6 +287,7 @@ def write_report(
         f"search: {cost['evaluations']} candidates, {cost['fitness_forwards']:,} image-forwards for fitness "
         f"(+{cost['overhead_forwards']:,} calibration/sensitivity/reference), {cost['search_wall_s']:.0f} s",
         f"fitness: {run.fitness_label}; chosen: {b['bitops'] / 1e9:.2f} GBitOPs, fitness {b['value']:.4f}",
+        _throughput(s["history"]),
         f"chosen timesteps: {b['candidate']['timesteps']}",
     ]
     if run.final and run.final.get("best") and run.final["best"]["label"] == "baseline":

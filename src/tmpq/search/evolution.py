@@ -156,8 +156,12 @@ class EvolutionarySearch:
         initial: Sequence[Candidate] = (),
         progress: bool = True,
         run_info: dict | None = None,
+        evaluator=None,
     ) -> None:
+        """`fitness` scores one candidate in this process; `evaluator` (see search/parallel.py), when given,
+        scores batches of them elsewhere (worker processes, Ray) and takes precedence."""
         self.space, self.fitness, self.cost, self.budget, self.config = space, fitness, cost, int(budget), config
+        self.evaluator = evaluator
         self.state_path = None if state_path is None else Path(state_path)
         self.repairer = repairer or (Repairer(cost) if config.repair else None)
         self.initial = list(initial)
@@ -275,28 +279,31 @@ class EvolutionarySearch:
             dynamic_ncols=True,
         )
         t_start = time.perf_counter() - state["wall_s"]
+        from tmpq.search.parallel import SerialEvaluator  # parallel.py imports this module
+
+        evaluator = self.evaluator or SerialEvaluator(self.fitness)
         try:
             while not state["done"]:
                 gen = state["generation"]
                 pending = [Candidate.from_json(d) for d in state["pending"]]
-                for c in pending:
-                    if c.key in records:
-                        continue
-                    t0 = time.perf_counter()
-                    fv = self.fitness(c)
+                todo = [c for c in pending if c.key not in records]
+                t_gen, busy = time.perf_counter(), 0.0
+                for c, fv, seconds in evaluator.evaluate(todo):  # in completion order; records are keyed
                     rec = Record(
                         c,
                         float(fv.value),
                         self.cost.bitops(c),
                         int(fv.forwards),
-                        round(time.perf_counter() - t0, 3),
+                        round(seconds, 3),
                         gen,
                         dict(fv.extra),
                     )
+                    busy += seconds
                     records[c.key] = rec
                     state["records"][c.key] = rec.to_json()
                     state["wall_s"] = time.perf_counter() - t_start
                     self._save(state)
+                gen_wall = time.perf_counter() - t_gen
                 pool = [records[k] for k in state["parents"]] + [records[c.key] for c in pending]
                 parents = self._select(pool)
                 best = min(pool, key=lambda r: (r.value, r.bitops))
@@ -309,10 +316,21 @@ class EvolutionarySearch:
                         "evaluated": len(records),
                         "forwards": sum(r.forwards for r in records.values()),
                         "wall_s": round(time.perf_counter() - t_start, 2),
+                        "workers": evaluator.workers,
+                        "evals_per_min": round(60 * len(todo) / gen_wall, 2) if todo and gen_wall > 0 else None,
+                        "utilisation": round(busy / (evaluator.workers * gen_wall), 3)
+                        if todo and gen_wall > 0
+                        else None,
                     }
                 )
                 bar.update(1)
-                bar.set_postfix(best=f"{best.value:.3f}", gbitops=f"{best.bitops / 1e9:.2f}", evals=len(records))
+                rate = state["history"][-1]["evals_per_min"]
+                bar.set_postfix(
+                    best=f"{best.value:.3f}",
+                    gbitops=f"{best.bitops / 1e9:.2f}",
+                    evals=len(records),
+                    per_min="-" if rate is None else f"{rate:.1f}",
+                )
                 if gen + 1 >= cfg.generations:
                     state["done"] = True
                     state["parents"] = [r.candidate.key for r in parents]
@@ -329,6 +347,7 @@ class EvolutionarySearch:
                 self._save(state)
         finally:
             bar.close()
+            evaluator.close()
         return self._result(state, records)
 
     def _result(self, state: dict, records: dict[str, Record]) -> SearchResult:

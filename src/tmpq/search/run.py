@@ -29,6 +29,7 @@ from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
 from tmpq.search.fitness import FitnessConfig, SampleFitness
+from tmpq.search.parallel import Execution, WorkerSpec, make_evaluator
 from tmpq.search.profile import change_profile
 from tmpq.search.sensitivity import layer_sensitivity
 from tmpq.search.space import Candidate, SearchSpace
@@ -130,6 +131,66 @@ def _seed_bits(space: SearchSpace, cfg: SearchConfig):
     return None
 
 
+def _build_space(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path) -> tuple[SearchSpace, int]:
+    """The search space of `cfg` (and the image-forwards a fresh change profile cost; 0 when cached)."""
+    change, forwards = None, 0
+    if cfg.grouping == "change":
+        key = {"fingerprint": sn.fingerprint, "what": "change_profile", "samples": 32, "steps": 100}
+        prof, fresh = _cached_json(
+            run_dir / "change_profile.json", key, lambda: change_profile(sn, loaded.schedule, loaded.sample_shape)
+        )
+        change = tuple(prof)
+        forwards = 32 * 100 if fresh else 0
+    kw = dict(
+        num_train_timesteps=loaded.schedule.num_train_timesteps,
+        steps=cfg.steps,
+        grouping=cfg.grouping,
+        phase_bounds=cfg.phase_bounds,
+        change=change,
+    )
+    base = SearchSpace.from_supernet(sn, **kw)
+    if cfg.lever == "bits":
+        return SearchSpace.from_supernet(sn, **kw, search_timesteps=False), forwards
+    if cfg.lever == "timesteps":
+        fixed = base.uniform_bits(*_precision(cfg.fixed_precision))
+        return SearchSpace.from_supernet(sn, **kw, search_bits=False, fixed_bits=fixed), forwards
+    return base, forwards
+
+
+def _build_fitness(sn, space, loaded, cfg: SearchConfig, run_dir: Path, metric) -> tuple[SampleFitness, int]:
+    """The fitness, with the proxy's FP reference samples loaded from RUN (or made and saved there)."""
+    fitness = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, cfg.fitness)
+    forwards = 0
+    if cfg.fitness.kind == "proxy":
+        ref_path = run_dir / "proxy_reference.safetensors"
+        meta = {"fitness": json.dumps(asdict(cfg.fitness)), "fingerprint": sn.fingerprint}
+        if ref_path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(ref_path), framework="pt") as fh:
+                if fh.metadata() == meta:
+                    fitness.reference = load_file(str(ref_path))["images"]
+        if fitness.reference is None:
+            save_file({"images": fitness.fp_reference().contiguous()}, str(ref_path), metadata=meta)
+            forwards = fitness.reference_forwards
+    return fitness, forwards
+
+
+def worker_fitness(model: str, run_dir: str, config: SearchConfig) -> SampleFitness:
+    """A search worker's fitness, rebuilt from the run directory the main process has prepared (calibrated
+    super-network, change profile, proxy reference): nothing is recomputed, so every worker scores alike."""
+    from tmpq.models.loading import load_model
+
+    loaded = load_model(model)
+    run_dir = Path(run_dir)
+    sn, _, prep = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
+    if not prep["reused"]:
+        raise TmpqError(f"worker found no calibrated super-network in {run_dir}; the main process prepares it first")
+    space, _ = _build_space(sn, loaded, config, run_dir)
+    fitness, _ = _build_fitness(sn, space, loaded, config, run_dir, reference_metric("fashion-mnist"))
+    return fitness
+
+
 def _cached_json(path: Path, key: dict, make) -> tuple[object, bool]:
     """(value, computed): the value stored under `key` in `path`, or made now and stored."""
     key = json.loads(json.dumps(key))  # tuples become lists, as they will be when read back
@@ -143,9 +204,17 @@ def _cached_json(path: Path, key: dict, make) -> tuple[object, bool]:
 
 
 def run_search(
-    loaded: LoadedModel, cfg: SearchConfig, run_dir: str | Path, resume: bool = True, progress: bool = True
+    loaded: LoadedModel,
+    cfg: SearchConfig,
+    run_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    execution: Execution = Execution(),
 ) -> SearchResult:
-    """Calibrate (or reuse), search, and write RUN/search.json. Interrupt any time; re-run to resume."""
+    """Calibrate (or reuse), search, and write RUN/search.json. Interrupt any time; re-run to resume.
+
+    `execution` says where candidates are evaluated (this process, local worker processes, a Ray cluster);
+    it never changes the result, so it is not part of the config a resumed search must match."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -153,30 +222,8 @@ def run_search(
     overhead_forwards = prep["calib_forwards"]
     fp_key = {"fingerprint": sn.fingerprint}
 
-    change = None
-    if cfg.grouping == "change":
-        key = fp_key | {"what": "change_profile", "samples": 32, "steps": 100}
-        prof, fresh = _cached_json(
-            run_dir / "change_profile.json", key, lambda: change_profile(sn, loaded.schedule, loaded.sample_shape)
-        )
-        change = tuple(prof)
-        overhead_forwards += 32 * 100 if fresh else 0
-    kw = dict(
-        num_train_timesteps=loaded.schedule.num_train_timesteps,
-        steps=cfg.steps,
-        grouping=cfg.grouping,
-        phase_bounds=cfg.phase_bounds,
-        change=change,
-    )
-    base = SearchSpace.from_supernet(sn, **kw)
-    if cfg.lever == "bits":
-        space = SearchSpace.from_supernet(sn, **kw, search_timesteps=False)
-    elif cfg.lever == "timesteps":
-        space = SearchSpace.from_supernet(
-            sn, **kw, search_bits=False, fixed_bits=base.uniform_bits(*_precision(cfg.fixed_precision))
-        )
-    else:
-        space = base
+    space, overhead = _build_space(sn, loaded, cfg, run_dir)
+    overhead_forwards += overhead
     cost = CandidateCost(space, sn.cost)
     budget = cfg.budget.resolve(cost)
     if cost.min_bitops() > budget:  # before sensitivity and reference samples are paid for
@@ -198,19 +245,16 @@ def run_search(
             overhead_forwards += sum(cfg.sensitivity_inputs * (len(e["w"]) + len(e["a"]) + 1) for e in sens.values())
 
     metric = reference_metric("fashion-mnist")
-    fitness = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, cfg.fitness)
-    if cfg.fitness.kind == "proxy":
-        ref_path = run_dir / "proxy_reference.safetensors"
-        meta = {"fitness": json.dumps(asdict(cfg.fitness)), "fingerprint": sn.fingerprint}
-        if ref_path.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(ref_path), framework="pt") as fh:
-                if fh.metadata() == meta:
-                    fitness.reference = load_file(str(ref_path))["images"]
-        if fitness.reference is None:
-            save_file({"images": fitness.fp_reference().contiguous()}, str(ref_path), metadata=meta)
-            overhead_forwards += fitness.reference_forwards
+    fitness, overhead = _build_fitness(sn, space, loaded, cfg, run_dir, metric)
+    overhead_forwards += overhead
+    evaluator = None
+    if execution.workers or execution.ray_address is not None:
+        spec = WorkerSpec(
+            "tmpq.search.run:worker_fitness",
+            {"model": loaded.spec, "run_dir": str(run_dir), "config": cfg},
+            threads=execution.threads,
+        )
+        evaluator = make_evaluator(None, spec, execution.workers, execution.ray_address, execution.timeout_s)
 
     initial: list[Candidate] = []
     if cfg.seed_candidates:
@@ -229,6 +273,7 @@ def run_search(
         initial=initial,
         progress=progress,
         run_info={"search_config": cfg.to_json()},
+        evaluator=evaluator,
     )
     result = search.run(resume=resume)
     final = None

@@ -1,0 +1,287 @@
+"""Evaluate search candidates in parallel: local worker processes or an existing Ray cluster.
+
+Every evaluator yields `(candidate, FitnessValue, seconds)` as results arrive; the search records each one
+as it comes, so an interruption loses nothing. Workers build their fitness once, from a picklable
+`WorkerSpec` (for a real search: the run directory, whose calibrated super-network they load), then score
+the candidates they are sent. A candidate's fitness depends only on the candidate and its fixed seeds, so
+the result does not depend on how many workers there are (given the same threads per worker).
+
+Faults: a worker that dies or exceeds `timeout_s` on a candidate is replaced and its candidate re-queued;
+a candidate that kills `max_attempts` workers in a row, or a pool that cannot be restarted, stops the search
+with a clear error (its state is saved after every evaluation, so it resumes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from tmpq.errors import TmpqError
+from tmpq.search.evolution import FitnessValue
+from tmpq.search.space import Candidate
+
+Result = tuple[Candidate, FitnessValue, float]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where a search evaluates candidates: this process (workers 0), `workers` local processes, or a Ray
+    cluster (`ray_address`: an address, "auto" for a running cluster, "local" to start one). `threads` is
+    torch's thread count per worker; `timeout_s` re-queues a candidate whose worker takes longer."""
+
+    workers: int = 0
+    ray_address: str | None = None
+    threads: int = 1
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.threads < 1:
+            raise TmpqError(f"need workers >= 0 and threads >= 1, got {self.workers} and {self.threads}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise TmpqError(f"a candidate timeout must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How a worker builds its fitness: `factory` is "package.module:function", called as factory(**kwargs)
+    in the worker, returning a callable Candidate -> FitnessValue. Plain data, so it pickles everywhere."""
+
+    factory: str
+    kwargs: dict = field(default_factory=dict)
+    threads: int = 1
+
+    def build(self) -> Callable[[Candidate], FitnessValue]:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        module, _, name = self.factory.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise TmpqError(f"worker factory {self.factory!r} cannot be imported ({e})") from None
+        return fn(**self.kwargs)
+
+
+class SerialEvaluator:
+    """In this process, one candidate after another (the default)."""
+
+    workers = 1
+
+    def __init__(self, fitness: Callable[[Candidate], FitnessValue]) -> None:
+        self.fitness = fitness
+
+    def evaluate(self, candidates: Sequence[Candidate]) -> Iterator[Result]:
+        for c in candidates:
+            t0 = time.perf_counter()
+            fv = self.fitness(c)
+            yield c, fv, time.perf_counter() - t0
+
+    def close(self) -> None:
+        pass
+
+
+# --- local processes ------------------------------------------------------------------------------------------
+_worker_fitness: Callable[[Candidate], FitnessValue] | None = None
+"""The fitness of a pool worker process, built once by its initializer (the standard pattern for per-process
+state in a process pool; it lives only in worker processes, never in the caller's)."""
+
+
+def _init_worker(spec: WorkerSpec) -> None:
+    global _worker_fitness
+    _worker_fitness = spec.build()
+
+
+def _evaluate_in_worker(candidate: dict) -> tuple[float, int, dict, float]:
+    t0 = time.perf_counter()
+    fv = _worker_fitness(Candidate.from_json(candidate))
+    return float(fv.value), int(fv.forwards), dict(fv.extra), time.perf_counter() - t0
+
+
+class ProcessEvaluator:
+    """`workers` local processes (spawned: safe with torch and threads), at most one candidate each at a time."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, timeout_s: float | None = None, max_attempts: int = 3) -> None:
+        if workers < 1:
+            raise TmpqError(f"workers must be >= 1, got {workers}")
+        self.spec, self.workers, self.timeout_s, self.max_attempts = spec, workers, timeout_s, max_attempts
+        self._pool: ProcessPoolExecutor | None = None
+        self.restarts = 0
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(self.spec,)
+            )
+        return self._pool
+
+    def _kill_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # a hung task cannot be cancelled through the executor's API; terminating its processes is the only way
+        for p in list(getattr(pool, "_processes", {}).values()):
+            p.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        self.restarts += 1
+
+    def evaluate(self, candidates: Sequence[Candidate]) -> Iterator[Result]:
+        queue = list(candidates)
+        attempts: dict[str, int] = {}
+        inflight: dict[Future, tuple[Candidate, float]] = {}
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < self.workers:
+                    c = queue.pop(0)
+                    attempts[c.key] = attempts.get(c.key, 0) + 1
+                    if attempts[c.key] > self.max_attempts:
+                        raise TmpqError(
+                            f"candidate {c.key[:60]}... failed {self.max_attempts} times (worker died or timed out); "
+                            "the search state is saved: check the worker error, or raise --candidate-timeout"
+                        )
+                    try:
+                        inflight[self._get_pool().submit(_evaluate_in_worker, c.to_json())] = (c, time.monotonic())
+                    except BrokenProcessPool:
+                        queue.insert(0, c)
+                        attempts[c.key] -= 1
+                        self._requeue(inflight, queue)
+                done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
+                broken = False
+                for fut in done:
+                    c, _ = inflight.pop(fut)
+                    try:
+                        value, forwards, extra, wall = fut.result()
+                    except BrokenProcessPool:
+                        queue.insert(0, c)
+                        broken = True
+                        continue
+                    yield c, FitnessValue(value, forwards, extra), wall
+                if broken:
+                    self._requeue(inflight, queue)
+                    continue
+                if self.timeout_s is not None:
+                    now = time.monotonic()
+                    if any(now - t0 > self.timeout_s for _, t0 in inflight.values()):
+                        self._requeue(inflight, queue)
+        finally:
+            if inflight:  # interrupted: nothing is left running behind the caller's back
+                self._kill_pool()
+
+    def _requeue(self, inflight: dict, queue: list[Candidate]) -> None:
+        """The pool is broken or a task hung: kill it, put every unfinished candidate back at the front."""
+        lost = [c for c, _ in inflight.values()]
+        inflight.clear()
+        queue[:0] = lost
+        self._kill_pool()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# --- Ray ------------------------------------------------------------------------------------------------------
+class RayEvaluator:
+    """One Ray actor per worker (one GPU each where the cluster has GPUs) on an existing cluster."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        address: str = "auto",
+        workers: int | None = None,
+        timeout_s: float | None = None,
+        max_attempts: int = 3,
+    ) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise TmpqError("--ray needs Ray: pip install 'tmpq[ray]' (or pip install ray)") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        self.workers = workers or gpus or max(1, int(res.get("CPU", 1)) // max(spec.threads, 1))
+        self.spec, self.timeout_s, self.max_attempts = spec, timeout_s, max_attempts
+        self._actor_cls = ray.remote(num_cpus=spec.threads, num_gpus=1 if gpus else 0, max_restarts=0)(_RayWorker)
+        self.actors = [self._actor_cls.remote(spec) for _ in range(self.workers)]
+        self.restarts = 0
+
+    def evaluate(self, candidates: Sequence[Candidate]) -> Iterator[Result]:
+        ray = self.ray
+        queue = list(candidates)
+        attempts: dict[str, int] = {}
+        idle = list(range(len(self.actors)))
+        inflight: dict = {}  # ObjectRef -> (candidate, actor index, start)
+        while queue or inflight:
+            while queue and idle:
+                c = queue.pop(0)
+                attempts[c.key] = attempts.get(c.key, 0) + 1
+                if attempts[c.key] > self.max_attempts:
+                    raise TmpqError(
+                        f"candidate {c.key[:60]}... failed {self.max_attempts} times on Ray workers; "
+                        "the search state is saved: check the worker logs"
+                    )
+                i = idle.pop(0)
+                inflight[self.actors[i].evaluate.remote(c.to_json())] = (c, i, time.monotonic())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                c, i, _ = inflight.pop(ref)
+                try:
+                    value, forwards, extra, wall = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                    queue.insert(0, c)
+                    self._replace(i)
+                    idle.append(i)
+                    continue
+                idle.append(i)
+                yield c, FitnessValue(value, forwards, extra), wall
+            if self.timeout_s is not None:
+                now = time.monotonic()
+                for ref, (c, i, t0) in list(inflight.items()):
+                    if now - t0 > self.timeout_s:
+                        inflight.pop(ref)
+                        queue.insert(0, c)
+                        self._replace(i)
+                        idle.append(i)
+
+    def _replace(self, i: int) -> None:
+        self.ray.kill(self.actors[i], no_restart=True)
+        self.actors[i] = self._actor_cls.remote(self.spec)
+        self.restarts += 1
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+class _RayWorker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.fitness = spec.build()
+
+    def evaluate(self, candidate: dict) -> tuple[float, int, dict, float]:
+        t0 = time.perf_counter()
+        fv = self.fitness(Candidate.from_json(candidate))
+        return float(fv.value), int(fv.forwards), dict(fv.extra), time.perf_counter() - t0
+
+
+def make_evaluator(
+    fitness: Callable[[Candidate], FitnessValue] | None,
+    spec: WorkerSpec | None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    timeout_s: float | None = None,
+):
+    """Serial in-process (workers 0, no Ray), N local processes, or Ray actors."""
+    if ray_address is not None:
+        return RayEvaluator(spec, ray_address, workers or None, timeout_s)
+    if workers >= 1:
+        return ProcessEvaluator(spec, workers, timeout_s)
+    if fitness is None:
+        raise TmpqError("a serial evaluator needs the fitness callable")
+    return SerialEvaluator(fitness)
