@@ -272,9 +272,9 @@ def _search_command(full: bool) -> Callable[..., None]:
         threads: ThreadsOpt = None,
     ) -> None:
         from tmpq.models.loading import load_model
-        from tmpq.search.parallel import Execution
         from tmpq.quant import CalibConfig, QuantSpec
         from tmpq.search import Budget, FitnessConfig, SearchConfig, run_search
+        from tmpq.search.parallel import Execution
 
         _threads(threads)
         if sum(x is not None for x in (bitops, gbitops)) > 1:
