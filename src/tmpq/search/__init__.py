@@ -3,6 +3,7 @@
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, FitnessValue, Record, SearchResult, pareto_front
 from tmpq.search.fitness import FitnessConfig, PhasedDenoiser, SampleFitness
+from tmpq.search.parallel import Execution
 from tmpq.search.run import Budget, SearchConfig, run_search
 from tmpq.search.space import Candidate, SearchSpace, group_starts
 
@@ -12,6 +13,7 @@ __all__ = [
     "CandidateCost",
     "EvolutionConfig",
     "EvolutionarySearch",
+    "Execution",
     "FitnessConfig",
     "FitnessValue",
     "PhasedDenoiser",

@@ -202,7 +202,13 @@ class RayEvaluator:
             raise TmpqError("--ray needs Ray: pip install 'tmpq[ray]' (or pip install ray)") from None
         self.ray = ray
         if not ray.is_initialized():
-            ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+            try:
+                ray.init(address=None if address == "local" else address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise TmpqError(
+                    f"could not connect to a Ray cluster at {address!r} ({e}); start one with `ray start --head`, "
+                    "or use --ray local to start a local instance"
+                ) from None
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         self.workers = workers or gpus or max(1, int(res.get("CPU", 1)) // max(spec.threads, 1))
