@@ -50,6 +50,10 @@ def test_export_ships_integer_codes_not_float_weights(compressed, tmp_path):
     assert f"fp.{unit}.weight" not in tensors
     codes = [k for k in tensors if k.startswith(f"q.{unit}.w") and k.endswith("_codes")]
     assert codes and all(tensors[k].dtype == torch.uint8 for k in codes)
+    weight = compressed.supernet.units[unit].base.weight
+    for k in codes:  # bit-packed: a b-bit layer takes b/8 of a byte per weight
+        bits = int(k.split(".w")[-1].split("_")[0])
+        assert tensors[k].numel() == (weight.numel() * bits + 7) // 8
     used = {compressed.phase_configs[p][unit][0] for p in range(len(compressed.phase_configs))}
     assert {int(k.split(".w")[-1].split("_")[0]) for k in codes} == used  # only the widths the sampler uses
 

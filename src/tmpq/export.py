@@ -5,7 +5,8 @@ The directory holds:
 - `tmpq_compressed.json` — the manifest: format version, the UNet config, the noise schedule, the kept
   timesteps, the bit allocation of every phase, concat split points, MACs per layer (for BitOPs), what
   produced it (source model checksum, search summary, versions) and the sha256 of the tensor file;
-- `weights.safetensors` — quantized weights as integer codes (uint8) with per-channel scale and zero point,
+- `weights.safetensors` — quantized weights as integer codes, bit-packed (a 4-bit layer takes half the bytes of an
+  8-bit one), with per-channel scale and zero point,
   only at the widths the allocation uses; activation scales and zero points at the widths used; every other
   parameter (biases, norms, embeddings, layers left in full precision) as float;
 - `README.md` — a model card.
@@ -32,11 +33,12 @@ from tmpq.provenance import file_sha256, provenance
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
 from tmpq.quant.layers import MatmulQuant
+from tmpq.quant.primitives import pack_codes, unpack_codes
 from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.sampling.schedules import NoiseSchedule
 
 FORMAT = "tmpq-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weight codes bit-packed
 MANIFEST = "tmpq_compressed.json"
 TENSORS = "weights.safetensors"
 CARD = "README.md"
@@ -94,13 +96,18 @@ def export_sampler(
         if plain.endswith(".weight") and unit in sn.units and unit not in fp_weight:
             continue  # shipped as integer codes below
         tensors[f"fp.{plain}"] = value.detach().contiguous().cpu()
+    packed: dict[str, dict] = {}
     for name, u in sn.units.items():
         for key, value in u.qparams().items():
             m = _QPARAM.search(key)
             bits = int(m.group(1)) if m else None
             used = w_used[name] if key.startswith("w") else a_used[name]
-            if bits in used:
-                tensors[f"q.{name}.{key}"] = value.detach().contiguous().cpu()
+            if bits not in used:
+                continue
+            if key.endswith("_codes"):
+                packed[f"{name}.{key}"] = {"bits": bits, "shape": list(value.shape)}
+                value = pack_codes(value, bits)
+            tensors[f"q.{name}.{key}"] = value.detach().contiguous().cpu()
 
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (TENSORS + ".tmp")
@@ -126,6 +133,7 @@ def export_sampler(
         "units": {
             n: {"kind": u.kind, "split": getattr(getattr(u, "act", None), "split", None)} for n, u in sn.units.items()
         },
+        "packed_codes": packed,
         "cost": sn.cost.to_dict(),
         "bitops_per_image": sampler.bitops(),
         "fp_bitops_per_image": sn.cost.bitops(None, len(sampler.timesteps)),
@@ -157,7 +165,7 @@ def _model_card(m: dict) -> str:
         f"- cost: {m['bitops_per_image'] / 1e9:.2f} GBitOPs per image "
         f"({m['bitops_per_image'] / m['fp_bitops_per_image']:.4f} of FP at the same steps)",
         f"- weight storage: {m['weight_size_bits'] / 8 / 1024:.1f} KiB at the chosen widths "
-        "(codes are stored one per uint8 in the file)",
+        "(codes bit-packed; biases, scales and other parameters in fp32)",
         f"- source model fingerprint: `{m['source_fingerprint']}`",
     ]
     if info.get("command"):
@@ -204,6 +212,8 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser
     phases = [QuantConfig.from_mapping({n: tuple(v) for n, v in ph.items()}) for ph in m["phases"]]
     units = m["units"]
     qt = {k[2:]: v for k, v in tensors.items() if k.startswith("q.")}
+    for key, p in m["packed_codes"].items():
+        qt[key] = unpack_codes(qt[key], int(p["bits"]), tuple(p["shape"]))
     state = {k[3:]: v for k, v in tensors.items() if k.startswith("fp.")}
     # a quantized layer's float weight is its dequantized codes (at the first width it uses): the quantized
     # twin replaces it at run time, but the module needs a weight of the right shape

@@ -49,3 +49,23 @@ def test_in_place_fast_path_is_bit_identical_to_reference_and_torch(bits):
     assert torch.equal(fake_quantize_(x.clone(), scale, zp, bits), ref)
     torch_fq = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), 0, qmax(bits))
     assert torch.equal(torch_fq, ref)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_pack_codes_round_trips_exactly_and_is_dense(bits):
+    from tmpq.quant.primitives import pack_codes, unpack_codes
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (7, 3, 3, 3), generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (codes.numel() * bits + 7) // 8
+    assert torch.equal(unpack_codes(packed, bits, tuple(codes.shape)), codes)
+
+
+def test_pack_codes_rejects_codes_too_wide_and_wrong_lengths():
+    from tmpq.quant.primitives import pack_codes, unpack_codes
+
+    with pytest.raises(TmpqError, match="does not fit in 3 bits"):
+        pack_codes(torch.tensor([9], dtype=torch.uint8), 3)
+    with pytest.raises(TmpqError, match="expected"):
+        unpack_codes(torch.zeros(2, dtype=torch.uint8), 4, (10,))

@@ -7,6 +7,7 @@ reference `fake_quantize` and the fast in-place `fake_quantize_fast` agree bit f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tmpq.errors import TmpqError
@@ -65,3 +66,28 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise))
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes of `bits` bits densely into a flat uint8 tensor (ceil(n * bits / 8) bytes), most
+    significant bit first: what makes a 4-bit layer take half the bytes of an 8-bit one on disk."""
+    qmax(bits)
+    flat = codes.detach().reshape(-1).to(torch.uint8).cpu().numpy()
+    if flat.size and int(flat.max()) >= 1 << bits:
+        raise TmpqError(f"a code does not fit in {bits} bits; these codes were not made for this width")
+    bitplanes = np.unpackbits(flat[:, None], axis=1)[:, 8 - bits :]  # (n, bits), MSB first
+    return torch.from_numpy(np.packbits(bitplanes.reshape(-1)).copy())
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 codes of the given shape."""
+    qmax(bits)
+    n = int(np.prod(shape)) if shape else 1
+    need = (n * bits + 7) // 8
+    data = packed.detach().reshape(-1).cpu().numpy()
+    if data.size != need:
+        raise TmpqError(f"packed codes hold {data.size} bytes, {need} expected for {n} codes of {bits} bits")
+    bitplanes = np.unpackbits(data)[: n * bits].reshape(n, bits)
+    full = np.zeros((n, 8), dtype=np.uint8)
+    full[:, 8 - bits :] = bitplanes
+    return torch.from_numpy(np.packbits(full, axis=1).reshape(shape).copy())
