@@ -254,6 +254,9 @@ def _search_command(full: bool) -> Callable[..., None]:
         preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
         fitness: Annotated[str, typer.Option(help="proxy (distance to FP-100 samples, same noise) | fid")] = "proxy",
         fitness_samples: int = 64,
+        proxy_space: Annotated[str, typer.Option(help="proxy distance in: features (classifier) | pixels")] = (
+            "features"
+        ),
         final_samples: Annotated[int, typer.Option(help="re-score peers + top candidates (0: skip)")] = 1000,
         final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = 3,
         generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
@@ -286,8 +289,6 @@ def _search_command(full: bool) -> Callable[..., None]:
             if gbitops is not None
             else Budget.like(like or "W6A6", budget_steps)
         )
-        if full and final_samples < 2:
-            raise TmpqError("`tmpq run` needs a final re-scoring for its report; give --final-samples >= 2")
         cfg = SearchConfig(
             budget=budget,
             steps=_int_list(steps, "--steps"),
@@ -296,7 +297,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             lever=lever,
             fixed_precision=fixed_precision,
             evolution=_evolution(preset, seed, population, generations, pareto),
-            fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed),
+            fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed, proxy_space=proxy_space),
             calib=CalibConfig(calib_samples, calib_steps),
             quant=QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits")),
             final_samples=final_samples,

@@ -114,17 +114,11 @@ def export_sampler(
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.chmod(0o644)  # safetensors creates 0600; an export is meant to be shipped and read by others
     tmp.replace(directory / TENSORS)
-    s = sampler.schedule
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "unet_config": unet_config,
-        "noise_schedule": {
-            "num_train_timesteps": s.num_train_timesteps,
-            "beta_start": s.beta_start,
-            "beta_end": s.beta_end,
-            "beta_schedule": s.beta_schedule,
-        },
+        "noise_schedule": sampler.schedule.to_dict(),
         "sample_shape": list(sampler.sample_shape),
         "timesteps": list(sampler.timesteps),
         "eta": sampler.eta,
@@ -208,7 +202,8 @@ def load(directory: str | Path) -> CompressedSampler:
 
 
 def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser) -> CompressedSampler:
-    den = UNetDenoiser(build_unet(m["unet_config"])).eval()
+    schedule = NoiseSchedule(**m["noise_schedule"])
+    den = UNetDenoiser(build_unet(m["unet_config"]), schedule).eval()
     phases = [QuantConfig.from_mapping({n: tuple(v) for n, v in ph.items()}) for ph in m["phases"]]
     units = m["units"]
     qt = {k[2:]: v for k, v in tensors.items() if k.startswith("q.")}
@@ -244,7 +239,6 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser
     sn.cost = CostModel.from_dict(m["cost"])
     sn.calibrated = True
     sn.set_fp()
-    schedule = NoiseSchedule(**m["noise_schedule"])
     sampler = CompressedSampler(
         sn, schedule, m["timesteps"], phases, m["phase_bounds"], tuple(m["sample_shape"]), float(m["eta"])
     )

@@ -7,6 +7,7 @@ goes through `validate_timesteps`, so a bad schedule fails before any compute is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,11 @@ import torch
 from tmpq.errors import TmpqError
 
 SCHEDULE_KINDS = ("uniform", "quad")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def _cos_bar(t: float) -> float:
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
 
 @dataclass(frozen=True)
@@ -26,20 +32,29 @@ class NoiseSchedule:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"  # what the model predicts: epsilon | sample (x0) | v_prediction
     alphas_cumprod: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_train_timesteps < 2:
             raise TmpqError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise TmpqError(f"prediction_type {self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+        T = self.num_train_timesteps
+        if self.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule, as diffusers builds it
+            betas = torch.tensor([min(1 - _cos_bar((i + 1) / T) / _cos_bar(i / T), 0.999) for i in range(T)])
+            object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas.float(), dim=0))
+            return
         if not 0 < self.beta_start < self.beta_end < 1:
             raise TmpqError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
-        T = self.num_train_timesteps
         if self.beta_schedule == "linear":
             betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
         elif self.beta_schedule == "scaled_linear":
             betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float32) ** 2
         else:
-            raise TmpqError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'scaled_linear'")
+            raise TmpqError(
+                f"unknown beta_schedule {self.beta_schedule!r}; use 'linear', 'scaled_linear' or 'squaredcos_cap_v2'"
+            )
         # float32 throughout, like diffusers, so our sampler and DDIMScheduler see bit-identical alphas.
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
 
@@ -54,7 +69,30 @@ class NoiseSchedule:
             "beta_start": self.beta_start,
             "beta_end": self.beta_end,
             "beta_schedule": self.beta_schedule,
+            "prediction_type": self.prediction_type,
         }
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> NoiseSchedule:
+        """From a diffusers scheduler config (DDPM/DDIM/PNDM/... all declare the same training process)."""
+        if config.get("trained_betas") is not None:
+            raise TmpqError("schedulers with explicit trained_betas are not supported yet; use a beta_schedule")
+        return cls(
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            beta_start=float(config.get("beta_start", 1e-4)),
+            beta_end=float(config.get("beta_end", 0.02)),
+            beta_schedule=str(config.get("beta_schedule", "linear")),
+            prediction_type=str(config.get("prediction_type", "epsilon")),
+        )
+
+    def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's output as an ε prediction, whatever it predicts (DDIM, calibration and search use ε)."""
+        if self.prediction_type == "epsilon":
+            return output
+        a = self.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+        if self.prediction_type == "sample":  # x0: eps = (x_t - sqrt(a) x0) / sqrt(1 - a)
+            return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+        return a.sqrt() * output + (1 - a).sqrt() * x_t  # v = sqrt(a) eps - sqrt(1 - a) x0
 
 
 def uniform_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:

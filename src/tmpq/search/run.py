@@ -116,6 +116,23 @@ def _precision(setting: str) -> tuple[int, int]:
     return b.w, b.a
 
 
+FEATURE_SHAPE = (1, 32, 32)
+"""What the shipped FID classifier scores: Fashion-MNIST-like single-channel 32×32 images."""
+
+
+def _check_metric_fits(loaded: LoadedModel, cfg: SearchConfig) -> None:
+    """The classifier feature space only fits 1×32×32 images: other models need the pixel proxy and no FID."""
+    if tuple(loaded.sample_shape) == FEATURE_SHAPE:
+        return
+    uses_features = cfg.fitness.kind == "fid" or cfg.fitness.proxy_space == "features" or cfg.final_samples > 0
+    if uses_features:
+        raise TmpqError(
+            f"this model makes {tuple(loaded.sample_shape)} images, but the built-in FID classifier scores "
+            f"{FEATURE_SHAPE} ones; search it with --fitness proxy --proxy-space pixels --final-samples 0 "
+            "(distance to the FP model's own samples from the same noise)"
+        )
+
+
 def _seed_bits(space: SearchSpace, cfg: SearchConfig):
     """The uniform precision a search starts from: the budget's own (a 'like' budget), else the widest
     uniform setting among --fixed-precision and the calibrated widths that the space offers."""
@@ -216,6 +233,7 @@ def run_search(
     `execution` says where candidates are evaluated (this process, local worker processes, a Ray cluster);
     it never changes the result, so it is not part of the config a resumed search must match."""
     run_dir = Path(run_dir)
+    _check_metric_fits(loaded, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     sn, calib, prep = prepare_supernet(loaded, run_dir, cfg.calib, cfg.quant, progress=progress)
@@ -386,9 +404,7 @@ def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overh
         },
         "config": cfg.to_json(),
         "model": loaded.spec,
-        "noise_schedule": {
-            k: getattr(loaded.schedule, k) for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-        },
+        "noise_schedule": loaded.schedule.to_dict(),
         "provenance": provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
     }
     write_json_atomic(run_dir / "search.json", out)
