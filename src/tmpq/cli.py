@@ -46,6 +46,9 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+MODEL_HELP = (
+    "builtin:fashion, a .safetensors from `tmpq train`, a diffusers pipeline/model (dir or hub id), module:factory"
+)
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")]
 
 
@@ -104,7 +107,10 @@ def train_classifier_cmd(
 @app.command("eval")
 @_friendly
 def eval_cmd(
-    model: Annotated[str, typer.Option(help="builtin:fashion or a .safetensors from `tmpq train`")] = "builtin:fashion",
+    model: Annotated[
+        str,
+        typer.Option(help=MODEL_HELP),
+    ] = "builtin:fashion",
     steps: int = 10,
     schedule: Annotated[str, typer.Option(help="uniform|quad")] = "quad",
     timesteps: Annotated[str | None, typer.Option(help="explicit decreasing list, e.g. 999,600,300,0")] = None,
@@ -210,7 +216,10 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @app.command()
 @_friendly
 def calibrate(
-    model: Annotated[str, typer.Option(help="builtin:fashion or a .safetensors UNet")] = "builtin:fashion",
+    model: Annotated[
+        str,
+        typer.Option(help=MODEL_HELP),
+    ] = "builtin:fashion",
     run_dir: Annotated[Path, typer.Option(help="writes calib.safetensors and supernet/ here")] = Path("runs/run"),
     calib_samples: Annotated[int, typer.Option(help="FP DDIM trajectories")] = 128,
     calib_steps: Annotated[int, typer.Option(help="steps per trajectory; every step's input is kept")] = 20,
@@ -238,7 +247,10 @@ def _search_command(full: bool) -> Callable[..., None]:
     share one set of options, defined once here."""
 
     def command(
-        model: Annotated[str, typer.Option(help="builtin:fashion or a .safetensors UNet")] = "builtin:fashion",
+        model: Annotated[
+            str,
+            typer.Option(help=MODEL_HELP),
+        ] = "builtin:fashion",
         run_dir: Annotated[Path, typer.Option(help="all artefacts; re-run the same command to resume")] = Path(
             "runs/run" if full else "runs/search"
         ),
