@@ -316,6 +316,8 @@ def _search_command(full: bool) -> Callable[..., None]:
             final_top=final_top,
         )
         loaded = load_model(model)
+        for note in loaded.notes:
+            typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         execution = Execution(workers, ray, worker_threads, candidate_timeout)
         res = run_search(loaded, cfg, run_dir, resume=not fresh, execution=execution)
         _print_search(run_dir, res, budget, fitness)
