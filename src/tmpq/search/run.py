@@ -120,6 +120,13 @@ FEATURE_SHAPE = (1, 32, 32)
 """What the shipped FID classifier scores: Fashion-MNIST-like single-channel 32×32 images."""
 
 
+def _metric(cfg: SearchConfig):
+    """The Fashion-MNIST classifier metric, only when the search scores with it (a pixel-proxy search of a user's
+    model needs neither the classifier nor the dataset)."""
+    uses = cfg.fitness.kind == "fid" or cfg.fitness.proxy_space == "features" or cfg.final_samples > 0
+    return reference_metric("fashion-mnist") if uses else None
+
+
 def _check_metric_fits(loaded: LoadedModel, cfg: SearchConfig) -> None:
     """The classifier feature space only fits 1×32×32 images: other models need the pixel proxy and no FID."""
     if tuple(loaded.sample_shape) == FEATURE_SHAPE:
@@ -204,7 +211,7 @@ def worker_fitness(model: str, run_dir: str, config: SearchConfig) -> SampleFitn
     if not prep["reused"]:
         raise TmpqError(f"worker found no calibrated super-network in {run_dir}; the main process prepares it first")
     space, _ = _build_space(sn, loaded, config, run_dir)
-    fitness, _ = _build_fitness(sn, space, loaded, config, run_dir, reference_metric("fashion-mnist"))
+    fitness, _ = _build_fitness(sn, space, loaded, config, run_dir, _metric(config))
     return fitness
 
 
@@ -262,7 +269,7 @@ def run_search(
         if fresh:
             overhead_forwards += sum(cfg.sensitivity_inputs * (len(e["w"]) + len(e["a"]) + 1) for e in sens.values())
 
-    metric = reference_metric("fashion-mnist")
+    metric = _metric(cfg)
     fitness, overhead = _build_fitness(sn, space, loaded, cfg, run_dir, metric)
     overhead_forwards += overhead
     evaluator = None
