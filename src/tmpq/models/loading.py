@@ -55,6 +55,8 @@ def load_model(spec: str = BUILTIN_SPEC) -> LoadedModel:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         schedule = NoiseSchedule(**json.loads(meta["noise_schedule"])) if "noise_schedule" in meta else BUILTIN_SCHEDULE
+    elif Path(spec).is_file():
+        raise TmpqError(f"{spec!r} is not a supported model file; pass {SUPPORTED}")
     else:
         return _from_diffusers(spec)
     den = UNetDenoiser(unet, schedule).eval()
