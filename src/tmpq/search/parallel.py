@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from queue import Empty
 
 from tmpq.errors import TmpqError
 from tmpq.search.evolution import FitnessValue
@@ -91,9 +93,10 @@ _worker_fitness: Callable[[Candidate], FitnessValue] | None = None
 state in a process pool; it lives only in worker processes, never in the caller's)."""
 
 
-def _init_worker(spec: WorkerSpec) -> None:
+def _init_worker(spec: WorkerSpec, ready) -> None:
     global _worker_fitness
     _worker_fitness = spec.build()
+    ready.put(os.getpid())  # start-up (imports, loading the super-network) does not count against a timeout
 
 
 def _evaluate_in_worker(candidate: dict) -> tuple[float, int, dict, float]:
@@ -110,14 +113,31 @@ class ProcessEvaluator:
             raise TmpqError(f"workers must be >= 1, got {workers}")
         self.spec, self.workers, self.timeout_s, self.max_attempts = spec, workers, timeout_s, max_attempts
         self._pool: ProcessPoolExecutor | None = None
+        self._ready_q = None
+        self._ready = 0
+        self._ready_at: float | None = None
         self.restarts = 0
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            ctx = mp.get_context("spawn")
+            self._ready_q, self._ready, self._ready_at = ctx.Queue(), 0, None
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(self.spec,)
+                self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.spec, self._ready_q)
             )
         return self._pool
+
+    def _ready_since(self) -> float | None:
+        """When every worker of the current pool had finished starting (None: still starting)."""
+        while self._ready_q is not None and self._ready_at is None:
+            try:
+                self._ready_q.get_nowait()
+            except Empty:
+                break
+            self._ready += 1
+            if self._ready >= self.workers:
+                self._ready_at = time.monotonic()
+        return self._ready_at
 
     def _kill_pool(self) -> None:
         pool, self._pool = self._pool, None
@@ -163,9 +183,10 @@ class ProcessEvaluator:
                 if broken:
                     self._requeue(inflight, queue)
                     continue
-                if self.timeout_s is not None:
+                ready_at = self._ready_since()
+                if self.timeout_s is not None and ready_at is not None:
                     now = time.monotonic()
-                    if any(now - t0 > self.timeout_s for _, t0 in inflight.values()):
+                    if any(now - max(t0, ready_at) > self.timeout_s for _, t0 in inflight.values()):
                         self._requeue(inflight, queue)
         finally:
             if inflight:  # interrupted: nothing is left running behind the caller's back
