@@ -42,7 +42,9 @@ def main(
             path = rows_dir / f"{sch}_{n}_{num_samples}_{seed}.json"
             if path.is_file():
                 old = json.loads(path.read_text())
-                same_cfg = old["config"] == json.loads(json.dumps(asdict(cfg)))
+                want = json.loads(json.dumps(asdict(cfg)))
+                defaults = json.loads(json.dumps(asdict(EvalConfig())))
+                same_cfg = {**defaults, **old["config"]} == want  # fields added since the row was made: defaults
                 same_weights = old["provenance"].get("inputs_sha256", {}).get("model") == weights_sha
                 if same_cfg and same_weights:  # a row of other weights (a retrained model) is recomputed
                     rows.append(old)
