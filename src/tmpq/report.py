@@ -56,6 +56,13 @@ class RunData:
         return self.final["best"] if self.final else None
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --- figures ------------------------------------------------------------------------------------------------
 def _pareto_plot(run: RunData, peers: Mapping[str, RunData], path: Path) -> Path:
     s = run.search
@@ -95,10 +102,7 @@ def _pareto_plot(run: RunData, peers: Mapping[str, RunData], path: Path) -> Path
         ax.set_xlabel("GBitOPs per image" + (" (log)" if span > 10 else ""))
         ax.set_ylabel(f"FID @ {run.final['samples']} samples, lower is better")
         ax.set_title("final re-scoring: peers and the search's best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _bits_plot(run: RunData, path: Path) -> Path:
@@ -127,10 +131,7 @@ def _bits_plot(run: RunData, path: Path) -> Path:
     ax.set_yticks(range(len(names)), [n.removeprefix("unet.") for n in names], fontsize=6)
     ax.set_title("bits per layer\n(grey FP; – matmul: no weight)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05, label="bits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _timesteps_plot(run: RunData, path: Path) -> Path:
@@ -152,10 +153,7 @@ def _timesteps_plot(run: RunData, path: Path) -> Path:
     ax.set_yticks([0, 0.5, 1.0])
     ax.legend(fontsize=8, loc="center right")
     ax.set_title("kept timesteps on the noise schedule")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _progress_plot(run: RunData, path: Path) -> Path:
@@ -175,10 +173,7 @@ def _progress_plot(run: RunData, path: Path) -> Path:
     top.set_xticklabels([f"{h['forwards'] / 1e3:.0f}k" for h in hist][:: max(1, len(hist) // 5)], fontsize=7)
     top.set_xlabel("image-forwards spent", fontsize=8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --- tables -------------------------------------------------------------------------------------------------

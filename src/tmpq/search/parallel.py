@@ -69,6 +69,18 @@ class WorkerSpec:
         return fn(**self.kwargs)
 
 
+def _next_attempt(queue: list[Candidate], attempts: dict[str, int], max_attempts: int, hint: str) -> Candidate:
+    """Pop the next candidate and count its attempt; one that already failed `max_attempts` times stops the search."""
+    c = queue.pop(0)
+    attempts[c.key] = attempts.get(c.key, 0) + 1
+    if attempts[c.key] > max_attempts:
+        raise TmpqError(
+            f"candidate {c.key[:60]}... failed {max_attempts} times (worker died or timed out); the search state "
+            f"is saved: {hint}, or raise --candidate-timeout"
+        )
+    return c
+
+
 class SerialEvaluator:
     """In this process, one candidate after another (the default)."""
 
@@ -156,13 +168,7 @@ class ProcessEvaluator:
         try:
             while queue or inflight:
                 while queue and len(inflight) < self.workers:
-                    c = queue.pop(0)
-                    attempts[c.key] = attempts.get(c.key, 0) + 1
-                    if attempts[c.key] > self.max_attempts:
-                        raise TmpqError(
-                            f"candidate {c.key[:60]}... failed {self.max_attempts} times (worker died or timed out); "
-                            "the search state is saved: check the worker error, or raise --candidate-timeout"
-                        )
+                    c = _next_attempt(queue, attempts, self.max_attempts, "check the worker error")
                     try:
                         inflight[self._get_pool().submit(_evaluate_in_worker, c.to_json())] = (c, time.monotonic())
                     except BrokenProcessPool:
@@ -246,13 +252,7 @@ class RayEvaluator:
         inflight: dict = {}  # ObjectRef -> (candidate, actor index, start)
         while queue or inflight:
             while queue and idle:
-                c = queue.pop(0)
-                attempts[c.key] = attempts.get(c.key, 0) + 1
-                if attempts[c.key] > self.max_attempts:
-                    raise TmpqError(
-                        f"candidate {c.key[:60]}... failed {self.max_attempts} times on Ray workers; "
-                        "the search state is saved: check the worker logs"
-                    )
+                c = _next_attempt(queue, attempts, self.max_attempts, "check the Ray worker logs")
                 i = idle.pop(0)
                 inflight[self.actors[i].evaluate.remote(c.to_json())] = (c, i, time.monotonic())
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
