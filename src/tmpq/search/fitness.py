@@ -67,20 +67,18 @@ class SampleFitness:
         if self.reference is None:
             cfg = self.config
             ts = make_timesteps("uniform", cfg.reference_steps, self.schedule.num_train_timesteps)
-            self.sn.set_fp()
-            self.reference = generate(
-                self.sn,
-                DDIMSampler(self.schedule, ts),
-                cfg.num_samples,
-                self.shape,
-                cfg.seed,
-                cfg.batch_size,
-                progress=False,
-            )
+            self.reference = self.fp_samples(ts)
             self.reference_forwards = cfg.num_samples * len(ts)
         if self.reference.shape[0] != self.config.num_samples:
             raise TmpqError("the proxy reference has a different sample count than the fitness config")
         return self.reference
+
+    def fp_samples(self, timesteps) -> torch.Tensor:
+        """The full-precision model's samples on `timesteps`, from the fitness seeds."""
+        cfg = self.config
+        self.sn.set_fp()
+        sampler = DDIMSampler(self.schedule, timesteps)
+        return generate(self.sn, sampler, cfg.num_samples, self.shape, cfg.seed, cfg.batch_size, progress=False)
 
     def samples(self, c: Candidate) -> torch.Tensor:
         model = PhasedDenoiser(self.sn, self.space.step_configs(c))

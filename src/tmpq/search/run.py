@@ -24,7 +24,6 @@ from tmpq.provenance import provenance
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantSpec
 from tmpq.quant.prepare import prepare_supernet
-from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
@@ -348,16 +347,7 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
             continue
         t0 = time.perf_counter()
         if cand is None:
-            sn.set_fp()
-            images = generate(
-                sn,
-                DDIMSampler(loaded.schedule, timesteps),
-                fcfg.num_samples,
-                loaded.sample_shape,
-                fcfg.seed,
-                fcfg.batch_size,
-                progress=False,
-            )
+            images = fit.fp_samples(timesteps)
             bitops = cost.fp_bitops(len(timesteps))
         else:
             images = fit.samples(cand)
