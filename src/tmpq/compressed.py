@@ -16,12 +16,7 @@ from tmpq.errors import TmpqError
 from tmpq.quant.config import QuantConfig
 from tmpq.quant.supernet import SuperNet
 from tmpq.sampling.ddim import DDIMSampler, generate
-from tmpq.sampling.schedules import NoiseSchedule, validate_timesteps
-
-
-def phase_of(t: int, phase_bounds: Sequence[int]) -> int:
-    """Bit phase of timestep t: phase 0 holds the noisiest steps (t >= every bound), the last the final ones."""
-    return sum(1 for b in phase_bounds if t < b)
+from tmpq.sampling.schedules import NoiseSchedule, phase_of, validate_timesteps
 
 
 class PhasedDenoiser(nn.Module):
@@ -102,7 +97,8 @@ class CompressedSampler:
         return sum(self.supernet.cost.bitops(cfg, 1) for _, cfg in self.step_configs())
 
     def size_bits(self) -> int:
-        """Stored size of the weights: every weight width any phase uses is shipped."""
+        """Weight storage of the largest phase allocation (exact for one phase; phases that use other widths
+        for the same layer ship those codes too, which this does not add)."""
         return max(self.supernet.cost.size_bits(c) for c in self.phase_configs) if self.phase_configs else 0
 
     @torch.no_grad()

@@ -33,7 +33,7 @@ from tmpq.provenance import file_sha256, provenance
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
 from tmpq.quant.layers import MatmulQuant
-from tmpq.quant.primitives import pack_codes, unpack_codes
+from tmpq.quant.primitives import channel_view, dequantize, pack_codes, unpack_codes
 from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.sampling.schedules import NoiseSchedule
 
@@ -218,8 +218,7 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser
         if info["kind"] != "matmul" and key not in state:
             b = min(w_used[name])
             codes, scale, zp = (qt[f"{name}.w{b}_{s}"] for s in ("codes", "scale", "zp"))
-            shape = (-1, *([1] * (codes.ndim - 1)))
-            state[key] = (codes.to(scale.dtype) - zp.reshape(shape)) * scale.reshape(shape)
+            state[key] = dequantize(codes, channel_view(scale, codes.ndim), channel_view(zp, codes.ndim))
     missing, unexpected = den.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"tensors do not match the UNet config (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -230,12 +229,7 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser
     sn._swap(only=set(units))
     if set(sn.units) != set(units):
         raise ValueError("the model's quantizable layers differ from the manifest's units")
-    for name, info in units.items():
-        u = sn.units[name]
-        if info["split"] is not None:
-            u.act.split = int(info["split"])
-        prefix = name + "."
-        u.load_qparams({k[len(prefix) :]: v for k, v in qt.items() if k.startswith(prefix)})
+    sn.restore_units(units, qt)
     sn.cost = CostModel.from_dict(m["cost"])
     sn.calibrated = True
     sn.set_fp()

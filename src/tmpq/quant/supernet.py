@@ -175,6 +175,15 @@ class SuperNet(nn.Module):
         self.calibrated = False
         return self.model
 
+    def restore_units(self, units: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+        """Put saved split points and quantization parameters (`<unit>.<key>` tensors) back on the twins."""
+        for name, info in units.items():
+            u = self.units[name]
+            if info["split"] is not None:
+                u.act.split = int(info["split"])
+            prefix = name + "."
+            u.load_qparams({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
     def quantizers(self) -> list[ActQuantizer]:
         return [m for u in self.units.values() for m in u.modules() if isinstance(m, ActQuantizer)]
 
@@ -333,12 +342,7 @@ class SuperNet(nn.Module):
         try:
             if set(sn.units) != set(meta["units"]):
                 raise TmpqError("the model's layers do not match the saved super-network")
-            for name, info in meta["units"].items():
-                u = sn.units[name]
-                if info["split"] is not None:
-                    u.act.split = int(info["split"])
-                prefix = name + "."
-                u.load_qparams({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            sn.restore_units(meta["units"], tensors)
             sn.pinned = {n: (p[0], p[1]) for n, p in meta["pinned"].items()}
             sn.cost = CostModel.from_dict(meta["cost"])
             sn.calibrated = True

@@ -129,6 +129,11 @@ def _check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
         raise TmpqError(f"number of steps must be in [1, {num_train_timesteps}], got {num_steps}")
 
 
+def phase_of(t: int, phase_bounds: Sequence[int]) -> int:
+    """Bit phase of timestep t: phase 0 holds the noisiest steps (t >= every bound), the last the final ones."""
+    return sum(1 for b in phase_bounds if t < b)
+
+
 def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
     """Check a sampling schedule: non-empty, integers in [0, T), strictly decreasing (hence no duplicates)."""
     ts = list(timesteps)

@@ -64,6 +64,17 @@ class CandidateCost:
             per = sum(self._gene_cost(j, w, a) for j, (w, a) in enumerate(sp.fixed_bits))
         return steps * per
 
+    def require_within(self, budget: int, described: str = "") -> None:
+        """Refuse a budget below the cheapest candidate of the space, naming that minimum."""
+        cheapest = self.min_bitops()
+        if cheapest > budget:
+            what = f"{described} = " if described else ""
+            raise TmpqError(
+                f"the budget ({what}{budget / 1e9:.3f} GBitOPs) is below the cheapest candidate of this space "
+                f"({cheapest / 1e9:.3f} GBitOPs: {min(self.space.steps)} steps at the lowest bits); "
+                "raise the budget or allow fewer steps / lower bit-widths"
+            )
+
 
 class Repairer:
     """Lower the least-sensitive bit genes until a candidate fits the budget."""

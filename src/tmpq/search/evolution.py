@@ -112,8 +112,6 @@ class SearchResult:
     wall_s: float
     budget: int
     supernet: object = field(default=None, repr=False)  # set by run_search: what a sampler is built from
-    space: object = field(default=None, repr=False)
-    final: dict | None = None  # run_search's final re-scoring (None when skipped)
 
     def top(self, n: int) -> list[Record]:
         return sorted(self.records, key=lambda r: (r.value, r.bitops))[:n]
@@ -167,13 +165,7 @@ class EvolutionarySearch:
         self.initial = list(initial)
         self.progress = progress
         self.run_info = run_info or {}
-        cheapest = cost.min_bitops()
-        if cheapest > self.budget:
-            raise TmpqError(
-                f"the budget ({self.budget / 1e9:.3f} GBitOPs) is below the cheapest candidate of this space "
-                f"({cheapest / 1e9:.3f} GBitOPs: {min(space.steps)} steps at the lowest bits); "
-                "raise the budget or allow fewer steps / lower bit-widths"
-            )
+        cost.require_within(self.budget)
 
     # --- state ----------------------------------------------------------------------------------------
     def _fresh_state(self) -> dict:

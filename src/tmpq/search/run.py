@@ -119,19 +119,21 @@ FEATURE_SHAPE = (1, 32, 32)
 """What the shipped FID classifier scores: Fashion-MNIST-like single-channel 32×32 images."""
 
 
+def _uses_classifier(cfg: SearchConfig) -> bool:
+    return cfg.fitness.kind == "fid" or cfg.fitness.proxy_space == "features" or cfg.final_samples > 0
+
+
 def _metric(cfg: SearchConfig):
     """The Fashion-MNIST classifier metric, only when the search scores with it (a pixel-proxy search of a user's
     model needs neither the classifier nor the dataset)."""
-    uses = cfg.fitness.kind == "fid" or cfg.fitness.proxy_space == "features" or cfg.final_samples > 0
-    return reference_metric("fashion-mnist") if uses else None
+    return reference_metric("fashion-mnist") if _uses_classifier(cfg) else None
 
 
 def _check_metric_fits(loaded: LoadedModel, cfg: SearchConfig) -> None:
     """The classifier feature space only fits 1×32×32 images: other models need the pixel proxy and no FID."""
     if tuple(loaded.sample_shape) == FEATURE_SHAPE:
         return
-    uses_features = cfg.fitness.kind == "fid" or cfg.fitness.proxy_space == "features" or cfg.final_samples > 0
-    if uses_features:
+    if _uses_classifier(cfg):
         raise TmpqError(
             f"this model makes {tuple(loaded.sample_shape)} images, but the built-in FID classifier scores "
             f"{FEATURE_SHAPE} ones; search it with --fitness proxy --proxy-space pixels --final-samples 0 "
@@ -250,12 +252,7 @@ def run_search(
     overhead_forwards += overhead
     cost = CandidateCost(space, sn.cost)
     budget = cfg.budget.resolve(cost)
-    if cost.min_bitops() > budget:  # before sensitivity and reference samples are paid for
-        raise TmpqError(
-            f"the budget ({cfg.budget.describe()} = {budget / 1e9:.3f} GBitOPs) is below the cheapest candidate of "
-            f"this space ({cost.min_bitops() / 1e9:.3f} GBitOPs: {min(space.steps)} steps at the lowest bits); "
-            "raise the budget or allow fewer steps / lower bit-widths"
-        )
+    cost.require_within(budget, cfg.budget.describe())  # before sensitivity and reference samples are paid for
 
     repairer = None
     if cfg.evolution.repair and space.search_bits:
@@ -305,7 +302,7 @@ def run_search(
         baseline = initial[0] if initial else None
         final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
     _write_result(run_dir, loaded, cfg, space, cost, result, overhead_forwards, time.perf_counter() - t_start, final)
-    result.supernet, result.space, result.final = sn, space, final
+    result.supernet = sn
     return result
 
 

@@ -14,7 +14,7 @@ from functools import cached_property
 
 from tmpq.errors import TmpqError
 from tmpq.quant.config import QuantConfig
-from tmpq.sampling.schedules import quad_timesteps, uniform_timesteps
+from tmpq.sampling.schedules import phase_of, quad_timesteps, uniform_timesteps
 
 Bits = tuple[int | None, int | None]
 GROUPINGS = ("quad", "uniform", "change")
@@ -118,8 +118,7 @@ class SearchSpace:
         return len(self.phase_bounds) + 1
 
     def phase_of(self, t: int) -> int:
-        """Phase 0 holds the noisiest steps (t >= the first bound), the last phase the final ones."""
-        return sum(1 for b in self.phase_bounds if t < b)
+        return phase_of(t, self.phase_bounds)
 
     def groups(self, k: int) -> tuple[tuple[int, int], ...]:
         return self._groups[k] if k in self._groups else self._make_groups(k)
