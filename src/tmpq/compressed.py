@@ -15,6 +15,7 @@ from torch import nn
 from tmpq.errors import TmpqError
 from tmpq.quant.config import QuantConfig
 from tmpq.quant.supernet import SuperNet
+from tmpq.sampling.conditioning import Conditioning
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, phase_of, validate_timesteps
 
@@ -27,14 +28,14 @@ class PhasedDenoiser(nn.Module):
         self.supernet = supernet
         self.by_t = dict(step_configs)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         t0 = int(t[0])
         if t0 not in self.by_t:
             raise TmpqError(f"timestep {t0} is not one of this compressed sampler's steps {sorted(self.by_t)}")
         cfg = self.by_t[t0]
         if self.supernet.config is not cfg:
             self.supernet.set_config(cfg)
-        return self.supernet(x, t)
+        return self.supernet(x, t, cond)
 
 
 class CompressedSampler:

@@ -79,20 +79,25 @@ def test_bare_model_dir_assumes_a_default_schedule_and_says_so(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("component", "message"),
-    [("vqvae", "latent-diffusion"), ("text_encoder", "text-to-image")],
+    ("edit", "message"),
+    [
+        ({"transformer": ["diffusers", "DiTTransformer2DModel"], "unet": None}, "non-UNet denoiser"),
+        ({"unet": ["diffusers", "UNet2DConditionModel"]}, "no text_encoder"),
+        ({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "not supported"),
+        ({"text_encoder": ["transformers", "CLIPTextModel"]}, "unconditional UNet2DModel"),
+    ],
 )
-def test_unsupported_pipelines_name_what_is_supported(v_pipeline, tmp_path, component, message):
+def test_unsupported_pipelines_name_what_is_supported(v_pipeline, tmp_path, edit, message):
     import shutil
 
     d = tmp_path / "p"
     shutil.copytree(v_pipeline, d)
     index = json.loads((d / "model_index.json").read_text())
-    index[component] = ["diffusers", "VQModel" if component == "vqvae" else "CLIPTextModel"]
-    (d / "model_index.json").write_text(json.dumps(index))
+    index.update(edit)
+    (d / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if v is not None}))
     with pytest.raises(TmpqError, match=message) as e:
         load_model(str(d))
-    assert "Supported:" in str(e.value)
+    assert "Supported:" in str(e.value) and "UNet2DConditionModel" in str(e.value)
 
 
 def test_factory_models_and_bad_specs(monkeypatch, tmp_path):

@@ -1,4 +1,5 @@
-"""One denoiser interface, `eps = denoiser(x_t, t)`, over the model kinds tmpq accepts."""
+"""One denoiser interface, `eps = denoiser(x_t, t)` (or `denoiser(x_t, t, cond)` when conditional), over the
+model kinds tmpq accepts."""
 
 from __future__ import annotations
 
@@ -6,45 +7,98 @@ import torch
 from torch import nn
 
 from tmpq.errors import TmpqError
+from tmpq.sampling.conditioning import Conditioning
 
 
-class UNetDenoiser(nn.Module):
-    """Adapts a diffusers UNet2DModel (returns an output object) to a plain epsilon callable.
+def _sample_shape(config) -> tuple[int, int, int]:
+    size = config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, h, w)
+
+
+class _DiffusersDenoiser(nn.Module):
+    """What every diffusers UNet adapter shares: the sample shape, learned variance, and ε conversion.
 
     A model trained to predict x0 (`sample`) or v is converted to ε with its noise schedule, so the sampler,
     calibration and search see the same quantity whatever the model predicts. A model with learned variance
     (2× output channels) gives its first half (the mean prediction).
     """
 
-    def __init__(self, unet: nn.Module, schedule=None) -> None:
+    def __init__(self, unet: nn.Module, schedule) -> None:
         super().__init__()
-        from diffusers import UNet2DModel
-
-        if not isinstance(unet, UNet2DModel):
-            raise TmpqError(
-                f"expected a diffusers UNet2DModel, got {type(unet).__name__}; tmpq supports pixel-space "
-                "UNet2DModel pipelines, tmpq-trained UNets and `module:factory` denoisers"
-            )
         self.unet = unet
         self.schedule = schedule
         if schedule is not None and schedule.prediction_type != "epsilon":
             self.prediction_type = schedule.prediction_type
         else:
             self.prediction_type = "epsilon"
-        size = unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (unet.config.in_channels, h, w)
+        self.sample_shape = _sample_shape(unet.config)
         self.learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != self.sample_shape:
             raise TmpqError(
                 f"input of shape {tuple(x.shape[1:])} does not match the model's {self.sample_shape}; "
                 "resize or pad the images to the model's size"
             )
-        out = self.unet(x, t).sample
+
+    def _to_epsilon(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.learned_variance:
             out = out[:, : x.shape[1]]
         if self.prediction_type != "epsilon":
             out = self.schedule.to_epsilon(out, x, t)
         return out
+
+
+class UNetDenoiser(_DiffusersDenoiser):
+    """Adapts a diffusers UNet2DModel (returns an output object) to a plain epsilon callable."""
+
+    def __init__(self, unet: nn.Module, schedule=None) -> None:
+        from diffusers import UNet2DModel
+
+        if not isinstance(unet, UNet2DModel):
+            raise TmpqError(
+                f"expected a diffusers UNet2DModel, got {type(unet).__name__}; tmpq supports UNet2DModel and "
+                "UNet2DConditionModel pipelines, tmpq-trained UNets and `module:factory` denoisers"
+            )
+        super().__init__(unet, schedule)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return self._to_epsilon(self.unet(x, t).sample, x, t)
+
+
+class GuidedDenoiser(_DiffusersDenoiser):
+    """A text-conditioned diffusers UNet2DConditionModel with classifier-free guidance.
+
+    ε = ε(x, ∅) + g · (ε(x, c) − ε(x, ∅)), as diffusers' StableDiffusionPipeline computes it: one UNet pass on
+    the doubled batch [unconditional; conditional]. The unconditional embedding (the empty prompt) and g are
+    buffers, so they belong to the model's fingerprint and travel with an export; the prompt embeddings arrive
+    per batch in `cond`. Calibration therefore sees both halves of the batch, as deployment will.
+    """
+
+    def __init__(self, unet: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float = 7.5) -> None:
+        from diffusers import UNet2DConditionModel
+
+        if not isinstance(unet, UNet2DConditionModel):
+            raise TmpqError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
+        if guidance_scale < 1.0:
+            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
+        super().__init__(unet, schedule)
+        self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
+        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        if cond is None:
+            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
+        self._check(x)
+        emb = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        g = float(self.guidance_scale)
+        if g == 1.0:
+            out = self.unet(x, t, encoder_hidden_states=emb).sample
+        else:
+            un = self.uncond.to(emb.dtype).expand(len(x), -1, -1)
+            both = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([un, emb])).sample
+            out_u, out_c = both.chunk(2)
+            out = out_u + g * (out_c - out_u)
+        return self._to_epsilon(out, x, t)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tmpq.errors import TmpqError
@@ -49,7 +49,11 @@ def prepare_supernet(
 ) -> tuple[SuperNet, CalibrationSet, dict]:
     """Load RUN/calib.safetensors and RUN/supernet when they were made with these settings for these
     weights; otherwise (re)build them. Returns the super-network (wrapping `loaded.denoiser`), the
-    calibration set and what it cost: image-forwards and seconds, zero when reused."""
+    calibration set and what it cost: image-forwards and seconds, zero when reused. A text-to-image model is
+    calibrated on its prompts; their embeddings' digest is part of the calibration config, so other prompts
+    recalibrate."""
+    cond = loaded.conditioning(calib_config.num_samples)
+    calib_config = replace(calib_config, conditioning=cond.digest() if cond is not None else "")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     claim_run_dir(loaded, run_dir)
@@ -63,7 +67,7 @@ def prepare_supernet(
     if calib is None:
         t0 = time.perf_counter()
         calib = collect_calibration(
-            loaded.denoiser, loaded.schedule, loaded.sample_shape, calib_config, progress=progress
+            loaded.denoiser, loaded.schedule, loaded.sample_shape, calib_config, progress=progress, cond=cond
         )
         calib.save(cpath)
         info |= {"calib_forwards": len(calib), "calib_collect_s": round(time.perf_counter() - t0, 2), "reused": False}
@@ -74,7 +78,8 @@ def prepare_supernet(
         except TmpqError:
             sn = None
         if sn is not None:
-            if sn.spec == spec and sn.calibration_info.get("calib_config") == asdict(calib_config):
+            done = {"conditioning": "", **sn.calibration_info.get("calib_config", {})}  # "": saved before prompts
+            if sn.spec == spec and done == asdict(calib_config):
                 return sn, calib, info
             sn.unwrap()  # stale: calibrate afresh on the same, untouched weights
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel, UnitCost
 from tmpq.quant.layers import QUANT_LAYERS, ActQuantizer, MatmulQuant, QuantAttnProcessor, QuantUnit, _check_bits
+from tmpq.sampling.conditioning import Conditioning, call_denoiser
 
 SUPERNET_VERSION = 1
 JSON_NAME = "supernet.json"
@@ -49,7 +50,7 @@ def _attention_type() -> type | None:
 
 
 class SuperNet(nn.Module):
-    """Wraps a denoiser `model(x, t)`; its quantizable layers become switchable quantized twins."""
+    """Wraps a denoiser `model(x, t)` (or `model(x, t, cond)`); its quantizable layers become switchable twins."""
 
     def __init__(self, model: nn.Module, spec: QuantSpec, fingerprint: str) -> None:
         super().__init__()
@@ -66,8 +67,9 @@ class SuperNet(nn.Module):
 
     # --- construction -----------------------------------------------------------------------------------
     @classmethod
-    def wrap(cls, model: nn.Module, spec: QuantSpec, example: tuple[torch.Tensor, torch.Tensor]) -> SuperNet:
-        """Swap in quantized twins and trace one forward (MACs per layer, skip-concat split points)."""
+    def wrap(cls, model: nn.Module, spec: QuantSpec, example: tuple) -> SuperNet:
+        """Swap in quantized twins and trace one forward on `example` = (x, t) or (x, t, cond) (MACs per layer,
+        skip-concat split points)."""
         sn = cls(model, spec, model_fingerprint(model))
         sn._swap()
         if not sn.units:
@@ -120,8 +122,9 @@ class SuperNet(nn.Module):
         setattr(parent, child, new)
 
     @torch.no_grad()
-    def _trace(self, example: tuple[torch.Tensor, torch.Tensor]) -> None:
-        x, t = example
+    def _trace(self, example: tuple) -> None:
+        x, t, *rest = example
+        cond = rest[0].select(0, 1) if rest and rest[0] is not None else None
         hidden: dict[str, int] = {}
         hooks = []
         for name, m in self.model.named_modules():
@@ -136,7 +139,7 @@ class SuperNet(nn.Module):
             u.counting = True
         try:
             self.set_fp()
-            self.model(x[:1], t[:1])
+            call_denoiser(self.model, x[:1], t[:1], cond)
         finally:
             for u in self.units.values():
                 u.counting = False
@@ -207,8 +210,8 @@ class SuperNet(nn.Module):
             q.start_observing(self.spec.act_max_values)
         try:
             bar = tqdm(total=len(calib), desc="calibrate activations", disable=not progress, leave=False)
-            for x, t in calib.batches(batch_size):
-                self.model(x, t)
+            for x, t, cond in calib.batches(batch_size):
+                call_denoiser(self.model, x, t, cond)
                 bar.update(len(x))
             bar.close()
             for q in tqdm(quantizers, desc="activation ranges", disable=not progress, leave=False):
@@ -284,8 +287,8 @@ class SuperNet(nn.Module):
         self.validate(config)
         return config
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        return call_denoiser(self.model, x, t, cond)
 
     # --- persistence ------------------------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
@@ -369,7 +372,7 @@ def build_supernet(
     progress: bool = True,
 ) -> SuperNet:
     """Wrap `model` and calibrate every candidate bit-width once on `calib`."""
-    sn = SuperNet.wrap(model, spec, (calib.x[:1], calib.t[:1]))
+    sn = SuperNet.wrap(model, spec, calib.rows(slice(0, 1)))
     sn.calibrate(calib, batch_size=batch_size, progress=progress)
     return sn
 

@@ -15,10 +15,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tmpq.errors import TmpqError
+from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.schedules import NoiseSchedule, validate_timesteps
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""Anything called as `eps = model(x_t, t)` with t a (B,) integer tensor."""
+Denoiser = Callable[..., torch.Tensor]
+"""Anything called as `eps = model(x_t, t)` with t a (B,) integer tensor, or `model(x_t, t, cond)` when conditional
+(`cond` a `Conditioning`: prompt ids and their embeddings)."""
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class DDIMSampler:
         schedule: NoiseSchedule,
         timesteps: Sequence[int],
         eta: float = 0.0,
-        clip_sample: bool = True,
-        clip_sample_range: float = 1.0,
+        clip_sample: bool | None = None,
+        clip_sample_range: float | None = None,
         use_clipped_model_output: bool = False,
     ) -> None:
         if eta < 0:
@@ -44,8 +46,9 @@ class DDIMSampler:
         self.schedule = schedule
         self.timesteps = validate_timesteps(timesteps, schedule.num_train_timesteps)
         self.eta = float(eta)
-        self.clip_sample = clip_sample
-        self.clip_sample_range = clip_sample_range
+        # None: what the model's scheduler config declares (latent models do not clip)
+        self.clip_sample = schedule.clip_sample if clip_sample is None else clip_sample
+        self.clip_sample_range = schedule.clip_sample_range if clip_sample_range is None else clip_sample_range
         self.use_clipped_model_output = use_clipped_model_output
 
     def __len__(self) -> int:
@@ -87,12 +90,14 @@ class DDIMSampler:
         x_T: torch.Tensor,
         generators: Sequence[torch.Generator] | None = None,
         progress: bool = False,
+        cond: Conditioning | None = None,
     ) -> torch.Tensor:
-        """Run the reverse process from x_T; `generators` (one per sample) draw eta > 0 noise."""
+        """Run the reverse process from x_T; `generators` (one per sample) draw eta > 0 noise; `cond` (one entry
+        per sample) conditions a conditional denoiser."""
         x = x_T
         for i, t in enumerate(tqdm(self.timesteps, desc="ddim", disable=not progress, leave=False)):
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            eps = model(x, tt)
+            eps = call_denoiser(model, x, tt, cond)
             if not torch.isfinite(eps).all():
                 raise TmpqError(
                     f"the denoiser returned NaN/inf at timestep {t}; the model or its quantization is broken "
@@ -128,17 +133,22 @@ def generate(
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
+    cond: Conditioning | None = None,
 ) -> torch.Tensor:
-    """Sample `num_samples` images; sample i uses seed `seed + i`, so the batch size changes only float rounding."""
+    """Sample `num_samples` images; sample i uses seed `seed + i` (and `cond` entry i), so the batch size changes
+    only float rounding."""
     if num_samples < 1:
         raise TmpqError(f"num_samples must be >= 1, got {num_samples}")
+    if cond is not None and len(cond) != num_samples:
+        raise TmpqError(f"{len(cond)} conditioning entries for {num_samples} samples; give one per sample")
     out = []
     bar = tqdm(total=num_samples, desc=f"sample ({len(sampler)} steps)", disable=not progress, dynamic_ncols=True)
     for start in range(0, num_samples, batch_size):
         seeds = range(seed + start, seed + min(start + batch_size, num_samples))
         gens = seed_generators(seeds)
         x_T = per_sample_noise(gens, shape, device)
-        out.append(sampler.sample(model, x_T, gens).cpu())
+        c = None if cond is None else cond.select(start, start + len(seeds))
+        out.append(sampler.sample(model, x_T, gens, cond=c).cpu())
         bar.update(len(seeds))
     bar.close()
     return torch.cat(out)

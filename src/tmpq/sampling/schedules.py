@@ -33,6 +33,9 @@ class NoiseSchedule:
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"  # what the model predicts: epsilon | sample (x0) | v_prediction
+    # DDIM clips its x0 estimate to [-range, range] (pixel models); latent models declare clip_sample = False
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
     alphas_cumprod: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +73,8 @@ class NoiseSchedule:
             "beta_end": self.beta_end,
             "beta_schedule": self.beta_schedule,
             "prediction_type": self.prediction_type,
+            "clip_sample": self.clip_sample,
+            "clip_sample_range": self.clip_sample_range,
         }
 
     @classmethod
@@ -83,6 +88,8 @@ class NoiseSchedule:
             beta_end=float(config.get("beta_end", 0.02)),
             beta_schedule=str(config.get("beta_schedule", "linear")),
             prediction_type=str(config.get("prediction_type", "epsilon")),
+            clip_sample=bool(config.get("clip_sample", True)),
+            clip_sample_range=float(config.get("clip_sample_range", 1.0)),
         )
 
     def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

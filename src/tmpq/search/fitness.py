@@ -4,11 +4,16 @@ Every candidate sees the same seeds, so differences between candidates are not s
 initial latents. 'fid' is FID against the real data (the paper's fitness); 'proxy' is the mean distance,
 sample by sample, to the FP model's samples from the same noise at many steps: the same target, reached
 with far fewer samples because paired distances do not need a distribution estimate.
+
+Latent models are scored on decoded images, not latents: the decoder is nonlinear and weighs latent channels
+unequally, so a latent distance can rank candidates differently from what the user sees; one full-precision
+decode per sample is cheap next to the K denoiser steps that made it. Text-to-image candidates sample the same
+prompts (sample i: prompt i mod P) from the same noise as the FP reference, so the proxy stays paired.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +22,7 @@ from tmpq.compressed import PhasedDenoiser
 from tmpq.errors import TmpqError
 from tmpq.metrics.fid import QualityMetric
 from tmpq.quant.supernet import SuperNet
+from tmpq.sampling.conditioning import Conditioning
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps
 from tmpq.search.evolution import FitnessValue
@@ -55,9 +61,15 @@ class SampleFitness:
         metric: QualityMetric,
         config: FitnessConfig = FitnessConfig(),
         reference: torch.Tensor | None = None,
+        cond: Conditioning | None = None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """`cond`: one conditioning entry per fitness sample (text-to-image); `decode`: latents → images."""
         self.sn, self.space, self.schedule, self.shape = supernet, space, schedule, tuple(sample_shape)
         self.metric, self.config = metric, config
+        if cond is not None and len(cond) != config.num_samples:
+            raise TmpqError(f"{len(cond)} conditioning entries for {config.num_samples} fitness samples")
+        self.cond, self.decode = cond, decode
         self.reference = reference
         self.reference_forwards = 0
         self._ref_feats: torch.Tensor | None = None
@@ -74,17 +86,20 @@ class SampleFitness:
         return self.reference
 
     def fp_samples(self, timesteps) -> torch.Tensor:
-        """The full-precision model's samples on `timesteps`, from the fitness seeds."""
-        cfg = self.config
+        """The full-precision model's (decoded) samples on `timesteps`, from the fitness seeds."""
         self.sn.set_fp()
-        sampler = DDIMSampler(self.schedule, timesteps)
-        return generate(self.sn, sampler, cfg.num_samples, self.shape, cfg.seed, cfg.batch_size, progress=False)
+        return self._generate(self.sn, timesteps)
 
     def samples(self, c: Candidate) -> torch.Tensor:
-        model = PhasedDenoiser(self.sn, self.space.step_configs(c))
-        sampler = DDIMSampler(self.schedule, c.timesteps)
+        return self._generate(PhasedDenoiser(self.sn, self.space.step_configs(c)), c.timesteps)
+
+    def _generate(self, model, timesteps) -> torch.Tensor:
         cfg = self.config
-        return generate(model, sampler, cfg.num_samples, self.shape, cfg.seed, cfg.batch_size, progress=False)
+        sampler = DDIMSampler(self.schedule, timesteps)
+        out = generate(
+            model, sampler, cfg.num_samples, self.shape, cfg.seed, cfg.batch_size, progress=False, cond=self.cond
+        )
+        return out if self.decode is None else self.decode(out)
 
     def distance(self, images: torch.Tensor) -> float:
         ref = self.fp_reference()

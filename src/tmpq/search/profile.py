@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.ddim import DDIMSampler, per_sample_noise, seed_generators
 from tmpq.sampling.schedules import NoiseSchedule, uniform_timesteps
 
@@ -19,6 +20,7 @@ def change_profile(
     num_samples: int = 32,
     num_steps: int = 100,
     seed: int = 2_000_000,
+    cond: Conditioning | None = None,
 ) -> tuple[float, ...]:
     """Per training timestep, the density of DDIM's local error along FP trajectories: where steps pay off.
 
@@ -38,7 +40,7 @@ def change_profile(
     eps_prev, t_prev = None, None
     rate = [0.0] * T
     for i, t in enumerate(ts):
-        eps = model(x, torch.full((num_samples,), t, dtype=torch.long))
+        eps = call_denoiser(model, x, torch.full((num_samples,), t, dtype=torch.long), cond)
         if eps_prev is not None:
             d_eps = float((eps - eps_prev).pow(2).mean().sqrt()) / (t_prev - t)
             d_sigma = float(sigma[t_prev] - sigma[t]) / (t_prev - t)

@@ -100,6 +100,7 @@ class SearchConfig:
     seed_candidates: bool = True  # start from the default schedule at the budget's uniform precision
     final_samples: int = 0  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
     final_top: int = 3
+    fid_reference: str = "fashion-mnist"  # FID (search and final) against this: 'fashion-mnist' or an image folder
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,18 +125,19 @@ def _uses_classifier(cfg: SearchConfig) -> bool:
 
 
 def _metric(cfg: SearchConfig):
-    """The Fashion-MNIST classifier metric, only when the search scores with it (a pixel-proxy search of a user's
-    model needs neither the classifier nor the dataset)."""
-    return reference_metric("fashion-mnist") if _uses_classifier(cfg) else None
+    """The classifier metric against Fashion-MNIST or the user's folder (`fid_reference`), only when the search
+    scores with it (a pixel-proxy search of a user's model needs neither the classifier nor the dataset)."""
+    return reference_metric(cfg.fid_reference) if _uses_classifier(cfg) else None
 
 
 def _check_metric_fits(loaded: LoadedModel, cfg: SearchConfig) -> None:
-    """The classifier feature space only fits 1×32×32 images: other models need the pixel proxy and no FID."""
-    if tuple(loaded.sample_shape) == FEATURE_SHAPE:
+    """The classifier feature space only fits 1×32×32 images: other models need the pixel proxy and no FID.
+    (Latent models are judged on decoded images, so it is their decoded shape that must fit.)"""
+    if tuple(loaded.image_shape) == FEATURE_SHAPE:
         return
     if _uses_classifier(cfg):
         raise TmpqError(
-            f"this model makes {tuple(loaded.sample_shape)} images, but the built-in FID classifier scores "
+            f"this model makes {tuple(loaded.image_shape)} images, but the built-in FID classifier scores "
             f"{FEATURE_SHAPE} ones; search it with --fitness proxy --proxy-space pixels --final-samples 0 "
             "(distance to the FP model's own samples from the same noise)"
         )
@@ -161,8 +163,12 @@ def _build_space(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path) -> t
     change, forwards = None, 0
     if cfg.grouping == "change":
         key = {"fingerprint": sn.fingerprint, "what": "change_profile", "samples": 32, "steps": 100}
+        cond = loaded.conditioning(32)
+        key |= {"conditioning": cond.digest()} if cond is not None else {}
         prof, fresh = _cached_json(
-            run_dir / "change_profile.json", key, lambda: change_profile(sn, loaded.schedule, loaded.sample_shape)
+            run_dir / "change_profile.json",
+            key,
+            lambda: change_profile(sn, loaded.schedule, loaded.sample_shape, cond=cond),
         )
         change = tuple(prof)
         forwards = 32 * 100 if fresh else 0
@@ -184,11 +190,13 @@ def _build_space(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path) -> t
 
 def _build_fitness(sn, space, loaded, cfg: SearchConfig, run_dir: Path, metric) -> tuple[SampleFitness, int]:
     """The fitness, with the proxy's FP reference samples loaded from RUN (or made and saved there)."""
-    fitness = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, cfg.fitness)
+    fitness = _fitness(sn, space, loaded, metric, cfg.fitness)
     forwards = 0
     if cfg.fitness.kind == "proxy":
         ref_path = run_dir / "proxy_reference.safetensors"
         meta = {"fitness": json.dumps(asdict(cfg.fitness)), "fingerprint": sn.fingerprint}
+        if fitness.cond is not None:
+            meta["conditioning"] = fitness.cond.digest()
         if ref_path.is_file():
             from safetensors import safe_open
 
@@ -201,12 +209,19 @@ def _build_fitness(sn, space, loaded, cfg: SearchConfig, run_dir: Path, metric) 
     return fitness, forwards
 
 
-def worker_fitness(model: str, run_dir: str, config: SearchConfig) -> SampleFitness:
+def _fitness(sn, space, loaded: LoadedModel, metric, fcfg: FitnessConfig) -> SampleFitness:
+    """The fitness of `loaded`: its prompts (one per sample, cycled) and its decoder go with it."""
+    cond = loaded.conditioning(fcfg.num_samples)
+    decode = loaded.decode if loaded.decoder is not None else None
+    return SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, fcfg, cond=cond, decode=decode)
+
+
+def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options: dict | None = None) -> SampleFitness:
     """A search worker's fitness, rebuilt from the run directory the main process has prepared (calibrated
     super-network, change profile, proxy reference): nothing is recomputed, so every worker scores alike."""
     from tmpq.models.loading import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, **(model_options or {}))
     run_dir = Path(run_dir)
     sn, _, prep = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
     if not prep["reused"]:
@@ -272,7 +287,7 @@ def run_search(
     if execution.workers or execution.ray_address is not None:
         spec = WorkerSpec(
             "tmpq.search.run:worker_fitness",
-            {"model": loaded.spec, "run_dir": str(run_dir), "config": cfg},
+            {"model": loaded.spec, "run_dir": str(run_dir), "config": cfg, "model_options": loaded.options},
             threads=execution.threads,
         )
         evaluator = make_evaluator(None, spec, execution.workers, execution.ray_address, execution.timeout_s)
@@ -316,7 +331,10 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
     top candidates. The search fitness used few samples; the final ranking should not. A 64-image grid of
     every row is kept in RUN/final/ (same noise in every grid)."""
     path = run_dir / "final.json"
-    key = json.loads(json.dumps({"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness)}))
+    key = {"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness)}
+    if cfg.fid_reference != "fashion-mnist":  # older runs' keys stay valid
+        key["fid_reference"] = cfg.fid_reference
+    key = json.loads(json.dumps(key))
     done = {}
     if path.is_file():
         d = json.loads(path.read_text())
@@ -325,7 +343,7 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
     fcfg = FitnessConfig(
         kind="fid", num_samples=cfg.final_samples, seed=cfg.fitness.seed, batch_size=cfg.fitness.batch_size
     )
-    fit = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, fcfg)
+    fit = _fitness(sn, space, loaded, metric, fcfg)
     k = min(space.steps)
     T = loaded.schedule.num_train_timesteps
     todo: list[tuple[str, str, Candidate | None, tuple[int, ...]]] = [
@@ -398,6 +416,7 @@ def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overh
         },
         "config": cfg.to_json(),
         "model": loaded.spec,
+        "model_options": loaded.options,
         "noise_schedule": loaded.schedule.to_dict(),
         "provenance": provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
     }

@@ -21,19 +21,19 @@ def layer_sensitivity(
     """
     idx = torch.linspace(0, len(calib) - 1, min(num_inputs, len(calib))).round().long()
     # calibration rows are ordered trajectory by trajectory; a strided pick covers every timestep
-    x, t = calib.x[idx], calib.t[idx]
+    x, t, c = calib.rows(idx)
     supernet.set_fp()
-    ref = supernet(x, t)
+    ref = supernet(x, t, c)
     out: dict[str, dict[str, dict[int, float]]] = {}
     for name, unit in tqdm(supernet.units.items(), desc="layer sensitivity", disable=not progress, leave=False):
         entry: dict[str, dict[int, float]] = {"w": {}, "a": {}}
         if not isinstance(unit, MatmulQuant):
             for w in unit.w_candidates:
                 unit.set_bits(w, None)
-                entry["w"][w] = float((supernet(x, t) - ref).pow(2).mean())
+                entry["w"][w] = float((supernet(x, t, c) - ref).pow(2).mean())
         for a in unit.a_candidates:
             unit.set_bits(None, a)
-            entry["a"][a] = float((supernet(x, t) - ref).pow(2).mean())
+            entry["a"][a] = float((supernet(x, t, c) - ref).pow(2).mean())
         unit.set_bits(None, None)
         out[name] = entry
     return out

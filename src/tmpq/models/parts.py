@@ -1,0 +1,77 @@
+"""The full-precision parts of a pipeline around its denoiser: the latent autoencoder and the text encoder.
+
+They are never quantized, searched or fingerprinted with the denoiser: they are not submodules of it, so the
+super-network cannot reach them. Each does one job: turn latents into images, or prompts into embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tmpq.errors import TmpqError
+from tmpq.models.builtin import ASSETS
+
+DEFAULT_PROMPTS = "prompts.txt"
+"""A small default prompt list shipped in tmpq/assets (calibration and fitness of text-to-image models)."""
+
+
+class LatentDecoder:
+    """A diffusers VAE / VQ-VAE decoding latents to images in [-1, 1], as the pipeline does: divide by the
+    scaling factor (add the shift factor where the VAE has one), then `decode(...).sample`."""
+
+    def __init__(self, vae: nn.Module, batch_size: int = 16) -> None:
+        self.vae = vae.eval()
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 1.0)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(latents), self.batch_size):  # a large VAE decodes a few images at a time
+            z = latents[i : i + self.batch_size] / self.scaling_factor + self.shift_factor
+            out.append(self.vae.decode(z).sample.clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+
+class TextEncoder:
+    """A tokenizer + text encoder (CLIP in Stable Diffusion) giving the (P, tokens, width) prompt embeddings the
+    UNet cross-attends to: the encoder's last hidden state, padded to the tokenizer's max length, as diffusers'
+    StableDiffusionPipeline encodes prompts."""
+
+    def __init__(self, tokenizer, text_encoder: nn.Module) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        if isinstance(prompts, str) or not prompts:
+            raise TmpqError("give a non-empty list of prompts (a single prompt as a one-item list)")
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids)[0].float()
+
+
+def read_prompts(path: str | Path | None = None) -> tuple[str, ...]:
+    """Prompts, one per line (blank lines and lines starting with # skipped); None: the shipped default list."""
+    if path is None:
+        text = (ASSETS / DEFAULT_PROMPTS).read_text()
+        where = "the shipped default prompts"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise TmpqError(f"prompt file {p} not found; give a text file with one prompt per line")
+        text, where = p.read_text(), str(p)
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    if not prompts:
+        raise TmpqError(f"{where} holds no prompts; write one prompt per line")
+    return prompts

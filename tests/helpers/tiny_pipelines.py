@@ -1,0 +1,112 @@
+"""Tiny random-initialised diffusers pipelines, saved with `save_pretrained` (no hub needed): a latent
+UNet2DModel + AutoencoderKL (LDMPipeline) and a Stable-Diffusion-style UNet2DConditionModel + CLIP."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    ).eval()
+
+
+def save_latent_pipeline(directory: Path) -> Path:
+    """LDMPipeline: an 8×8×4 latent UNet2DModel, a 16×16 RGB AutoencoderKL, a DDIM scheduler that does not clip."""
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    LDMPipeline(vqvae=tiny_vae(), unet=unet, scheduler=sched).save_pretrained(directory)
+    return directory
+
+
+def tiny_tokenizer(directory: Path):
+    """A CLIP BPE tokenizer over single characters (no merges): built from files, nothing downloaded."""
+    from transformers import CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + ".,!?'-"
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+
+
+def save_text2image_pipeline(directory: Path) -> Path:
+    """StableDiffusionPipeline: a tiny UNet2DConditionModel (8×8×4 latents, cross-attention width 16), a tiny CLIP
+    text encoder and character tokenizer, the tiny VAE, a DDIM scheduler configured as Stable Diffusion's."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = tiny_tokenizer(directory.parent / (directory.name + "_tok"))
+    torch.manual_seed(0)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok.get_vocab()),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+    return directory
