@@ -79,7 +79,13 @@ def _sampler(sn, loaded: LoadedModel, cfg_json: dict, choice: Choice) -> Compres
     names = list(sn.units)
     configs = [QuantConfig(tuple((n, w, a) for n, (w, a) in zip(names, phase))) for phase in choice.candidate.bits]
     s = CompressedSampler(
-        sn, loaded.schedule, choice.candidate.timesteps, configs, cfg_json["phase_bounds"], loaded.sample_shape
+        sn,
+        loaded.schedule,
+        choice.candidate.timesteps,
+        configs,
+        cfg_json["phase_bounds"],
+        loaded.sample_shape,
+        parts=loaded.parts,
     )
     s.info = {"label": choice.label, "fid": choice.fid, "search_fitness": choice.fitness, "bitops": choice.bitops}
     return s
@@ -93,7 +99,7 @@ def sampler_from_run(run_dir: str | Path, which: str = "best", model: str | None
         raise TmpqError(f"{run_dir} holds no finished search (no search.json); run `tmpq search` or `tmpq run` first")
     summary = json.loads(path.read_text())
     choice = _choice(summary, which)
-    loaded = load_model(model or summary["model"])
+    loaded = load_model(model or summary["model"], **summary.get("model_options", {}))
     cfg = summary["config"]
     calib = CalibConfig(**cfg["calib"])
     spec = QuantSpec.from_dict(cfg["quant"])
@@ -150,6 +156,8 @@ def compress(
     model: str | LoadedModel = "builtin:fashion",
     budget: Budget | str | float = "W6A6",
     *,
+    prompts: list[str] | None = None,
+    guidance_scale: float | None = None,
     steps: int | tuple[int, ...] = 10,
     run_dir: str | Path | None = None,
     fitness: str = "proxy",
@@ -168,10 +176,16 @@ def compress(
     """Search timesteps and per-layer bits jointly under `budget`; calibration, search and the final
     re-scoring all live in `run_dir` (a temporary directory when None) and resume after an interruption.
 
+    `prompts` and `guidance_scale` (text-to-image pipelines) condition calibration, search and the sampler.
     `config` overrides everything but `model`, `run_dir`, `resume`, `progress` and `execution` (where candidates
     are evaluated: `Execution(workers=4)` for local processes, `Execution(ray_address="auto")` for Ray).
     """
-    loaded = load_model(model) if isinstance(model, str) else model
+    if isinstance(model, str):
+        loaded = load_model(model, prompts=prompts, guidance_scale=guidance_scale)
+    elif prompts is not None or guidance_scale is not None:
+        raise TmpqError("pass prompts / guidance_scale to load_model when giving a loaded model")
+    else:
+        loaded = model
     if config is None:
         ks = (steps,) if isinstance(steps, int) else tuple(steps)
         evo = EvolutionConfig.tmpq(seed=seed)

@@ -1,4 +1,5 @@
-"""The compressed sampler a search hands over: a quantized denoiser switched per step, on its own timesteps.
+"""The compressed sampler a search hands over: a quantized denoiser switched per step, on its own timesteps,
+with the full-precision parts of its pipeline (latent decoder, text encoder) beside it.
 
 `CompressedSampler` is the same object whether it comes from a search in memory
 (`CompressedSampler.from_candidate`) or from an exported directory (`tmpq.load`), so the two sample
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from tmpq.errors import TmpqError
+from tmpq.models.parts import PipelineParts
 from tmpq.quant.config import QuantConfig
 from tmpq.quant.supernet import SuperNet
 from tmpq.sampling.conditioning import Conditioning
@@ -50,6 +52,7 @@ class CompressedSampler:
         phase_bounds: Sequence[int] = (),
         sample_shape: Sequence[int] = (1, 32, 32),
         eta: float = 0.0,
+        parts: PipelineParts = PipelineParts(),
     ) -> None:
         self.supernet = supernet
         self.schedule = schedule
@@ -63,13 +66,14 @@ class CompressedSampler:
         for cfg in phase_configs:
             supernet.validate(cfg)
         self.phase_configs = tuple(phase_configs)
-        self.sample_shape = tuple(sample_shape)
+        self.sample_shape = tuple(sample_shape)  # the denoiser's (latent, for a latent model) sample shape
         self.eta = eta
+        self.parts = parts
         self.info: dict = {}  # what produced it (search summary, measured FID), carried into an export
 
     @classmethod
     def from_candidate(
-        cls, supernet: SuperNet, space, candidate, schedule: NoiseSchedule, sample_shape
+        cls, supernet: SuperNet, space, candidate, schedule: NoiseSchedule, sample_shape, parts=PipelineParts()
     ) -> CompressedSampler:
         """The sampler of a search candidate (a `tmpq.search.Candidate` in a `SearchSpace`)."""
         space.validate(candidate)
@@ -80,7 +84,14 @@ class CompressedSampler:
             space.quant_configs(candidate),
             space.phase_bounds,
             sample_shape,
+            parts=parts,
         )
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance the search used (text-to-image), None otherwise."""
+        g = getattr(self.supernet.model, "guidance_scale", None)
+        return None if g is None else float(g)
 
     def step_configs(self) -> list[tuple[int, QuantConfig]]:
         """(timestep, config) for each sampling step, in sampling order."""
@@ -102,17 +113,53 @@ class CompressedSampler:
         for the same layer ship those codes too, which this does not add)."""
         return max(self.supernet.cost.size_bits(c) for c in self.phase_configs) if self.phase_configs else 0
 
+    def conditioning(self, num_samples: int, prompts: str | Sequence[str] | None = None) -> Conditioning | None:
+        """Sample i gets prompt i mod len(prompts) (default: the prompts the search used); None when unconditional."""
+        text = self.parts.text_encoder
+        if text is None:
+            if prompts is not None:
+                raise TmpqError("this sampler is unconditional; it takes no prompts")
+            return None
+        prompts = (
+            [prompts] if isinstance(prompts, str) else list(prompts if prompts is not None else self.parts.prompts)
+        )
+        return Conditioning.cycle(text(prompts), num_samples)
+
     @torch.no_grad()
     def sample(
-        self, num_samples: int = 64, seed: int = 0, batch_size: int = 64, progress: bool = False
+        self,
+        num_samples: int = 64,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool = False,
+        prompts: str | Sequence[str] | None = None,
+        decode: bool = True,
     ) -> torch.Tensor:
-        """Images in [-1, 1], shape (N, *sample_shape); sample i comes from seed `seed + i`."""
+        """Images in [-1, 1], shape (N, C, H, W); sample i comes from seed `seed + i` (and, text-to-image, from
+        prompt i mod len(prompts)). A latent model's samples are decoded by its FP autoencoder unless `decode`
+        is False (then: latents of `sample_shape`)."""
+        cond = self.conditioning(num_samples, prompts)
         try:
-            return generate(
-                self.denoiser, self.ddim(), num_samples, self.sample_shape, seed, batch_size, progress=progress
+            out = generate(
+                self.denoiser,
+                self.ddim(),
+                num_samples,
+                self.sample_shape,
+                seed,
+                batch_size,
+                progress=progress,
+                cond=cond,
             )
         finally:
             self.supernet.set_fp()
+        decoder = self.parts.decoder
+        return decoder(out) if decode and decoder is not None else out
+
+    def to_pipeline(self):
+        """A diffusers pipeline (`pipe()` / `pipe(prompt)`) running this sampler's quantized UNet on its timesteps."""
+        from tmpq.pipeline import to_diffusers
+
+        return to_diffusers(self)
 
     def export(self, directory, **kwargs):
         """Write a self-contained directory that `tmpq.load` turns back into this sampler (see tmpq.export)."""

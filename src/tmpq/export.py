@@ -9,7 +9,12 @@ The directory holds:
   8-bit one), with per-channel scale and zero point,
   only at the widths the allocation uses; activation scales and zero points at the widths used; every other
   parameter (biases, norms, embeddings, layers left in full precision) as float;
-- `README.md` — a model card.
+- `README.md` — a model card;
+- for a latent or text-to-image model, its full-precision parts, each written by its own library's
+  `save_pretrained` (safetensors + config) into `vae/` (or `vqvae/`), `text_encoder/` and `tokenizer/`, every file's
+  sha256 in the manifest. Copies rather than a reference to the source pipeline directory: an export is meant to
+  be shipped and loaded elsewhere, where the source directory (or hub cache) is not; these parts are small next to
+  a UNet, and keeping them in their libraries' own format means no tmpq code is needed to read them.
 
 `load(directory)` checks the tensor file's checksum before reading it, so a truncated or edited file is
 rejected with a clear error, and reads tensors with safetensors only.
@@ -29,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.fileio import write_json_atomic
+from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder
 from tmpq.provenance import file_sha256, provenance
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
@@ -38,12 +44,37 @@ from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.sampling.schedules import NoiseSchedule
 
 FORMAT = "tmpq-compressed"
-FORMAT_VERSION = 2  # 2: weight codes bit-packed
+FORMAT_VERSION = 3  # 2: weight codes bit-packed; 3: model kind, UNet class, FP pipeline parts (v2 still loads)
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "tmpq_compressed.json"
 TENSORS = "weights.safetensors"
 CARD = "README.md"
 
 _QPARAM = re.compile(r"(?:^|\.)(?:w|a)(\d+)_(?:codes|scale|zp)$")
+
+
+def _save_parts(sampler: CompressedSampler, directory: Path) -> dict:
+    """save_pretrained the FP parts into subdirectories; returns {name: {library, class, dir}} for the manifest."""
+    parts = sampler.parts
+    saved = {}
+    modules = {}
+    if parts.decoder is not None:
+        modules[parts.decoder.key] = parts.decoder.vae
+    if parts.text_encoder is not None:
+        modules |= {"text_encoder": parts.text_encoder.text_encoder, "tokenizer": parts.text_encoder.tokenizer}
+    for name, obj in modules.items():
+        obj.save_pretrained(str(directory / name))
+        saved[name] = {"library": type(obj).__module__.split(".")[0], "class": type(obj).__name__, "dir": name}
+    return saved
+
+
+def _part_files(directory: Path, parts: dict) -> dict[str, str]:
+    return {
+        str(f.relative_to(directory)): file_sha256(f)
+        for p in parts.values()
+        for f in sorted((directory / p["dir"]).rglob("*"))
+        if f.is_file()
+    }
 
 
 def _unet_config(supernet: SuperNet) -> dict:
@@ -137,6 +168,12 @@ def export_sampler(
         "info": info or {},
         "provenance": provenance(),
     }
+    manifest["kind"] = sampler.parts.kind
+    manifest["unet_class"] = type(sn.model.unet).__name__
+    manifest["pipeline_class"] = sampler.parts.pipeline_class
+    manifest["prompts"] = list(sampler.parts.prompts)
+    manifest["parts"] = _save_parts(sampler, directory)
+    manifest["files"] |= _part_files(directory, manifest["parts"])
     write_json_atomic(directory / MANIFEST, manifest)
     (directory / CARD).write_text(_model_card(manifest))
     return directory
@@ -162,6 +199,11 @@ def _model_card(m: dict) -> str:
         "(codes bit-packed; biases, scales and other parameters in fp32)",
         f"- source model fingerprint: `{m['source_fingerprint']}`",
     ]
+    if m.get("kind", "pixel") != "pixel":
+        lines.append(
+            f"- model kind: {m['kind']} (`{m.get('unet_class')}`); full-precision parts: {sorted(m.get('parts', {}))}; "
+            "`sampler.sample(4, prompts=[...])` for text-to-image, `sampler.to_pipeline()` for a diffusers pipeline"
+        )
     if info.get("command"):
         lines.append(f"- produced by: `{info['command']}`")
     if info.get("fid") is not None:
@@ -170,10 +212,7 @@ def _model_card(m: dict) -> str:
 
 
 def load(directory: str | Path) -> CompressedSampler:
-    """A `CompressedSampler` from an exported directory (safetensors + JSON only; checksum verified)."""
-    from tmpq.models.builtin import build_unet
-    from tmpq.models.denoiser import UNetDenoiser
-
+    """A `CompressedSampler` from an exported directory (safetensors + JSON only; checksums verified)."""
     directory = Path(directory)
     mpath, tpath = directory / MANIFEST, directory / TENSORS
     if not mpath.is_file():
@@ -182,8 +221,10 @@ def load(directory: str | Path) -> CompressedSampler:
         m = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise TmpqError(f"{mpath} is not valid JSON ({e}); the export is damaged, re-export it") from None
-    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
-        raise TmpqError(f"{mpath} is not a {FORMAT} v{FORMAT_VERSION} manifest; re-export with this tmpq version")
+    if m.get("format") != FORMAT or m.get("version") not in READABLE_VERSIONS:
+        raise TmpqError(
+            f"{mpath} is not a {FORMAT} manifest of version {READABLE_VERSIONS}; re-export with this tmpq version"
+        )
     if not tpath.is_file():
         raise TmpqError(f"{tpath} is missing; the export is incomplete, re-export it")
     expected = m.get("files", {}).get(TENSORS)
@@ -191,19 +232,55 @@ def load(directory: str | Path) -> CompressedSampler:
         raise TmpqError(
             f"{tpath} does not match the checksum in {MANIFEST}: it was truncated or modified; re-export it"
         )
+    for rel, digest in m.get("files", {}).items():
+        if rel != TENSORS and (not (directory / rel).is_file() or file_sha256(directory / rel) != digest):
+            raise TmpqError(f"{directory / rel} is missing or does not match its checksum; re-export it")
     try:
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError) as e:
         raise TmpqError(f"{tpath} is unreadable ({e}); re-export it") from None
     try:
-        return _rebuild(m, tensors, build_unet, UNetDenoiser)
+        return _rebuild(m, tensors, directory)
     except (KeyError, TypeError, ValueError, RuntimeError, TmpqError) as e:
         raise TmpqError(f"the export in {directory} is inconsistent or incomplete ({e}); re-export it") from None
 
 
-def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser) -> CompressedSampler:
+def _load_parts(m: dict, directory: Path) -> PipelineParts:
+    """The FP parts, each through its own library's `from_pretrained` on the exported subdirectory."""
+    import importlib
+
+    loaded = {}
+    for name, p in m.get("parts", {}).items():
+        try:
+            cls = getattr(importlib.import_module(p["library"]), p["class"])
+        except ImportError:
+            raise TmpqError(f"this export needs {p['library']!r} for its {name}: pip install 'tmpq[t2i]'") from None
+        loaded[name] = cls.from_pretrained(str(directory / p["dir"]))
+    vae_key = next((k for k in ("vae", "vqvae") if k in loaded), None)
+    decoder = LatentDecoder(loaded[vae_key], key=vae_key) if vae_key else None
+    text = TextEncoder(loaded["tokenizer"], loaded["text_encoder"]) if "text_encoder" in loaded else None
+    return PipelineParts(m.get("kind", "pixel"), decoder, text, tuple(m.get("prompts", ())), m.get("pipeline_class"))
+
+
+def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule):
+    """The FP denoiser skeleton of the exported UNet class (weights are loaded after)."""
+    import diffusers
+
+    from tmpq.models.builtin import build_unet
+    from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
+
+    unet_class = m.get("unet_class", "UNet2DModel")
+    if unet_class == "UNet2DModel":
+        return UNetDenoiser(build_unet(m["unet_config"]), schedule).eval()
+    if unet_class != "UNet2DConditionModel":
+        raise ValueError(f"unknown UNet class {unet_class!r}")
+    unet = diffusers.UNet2DConditionModel.from_config(m["unet_config"])
+    return GuidedDenoiser(unet, schedule, tensors["fp.uncond"], float(tensors["fp.guidance_scale"])).eval()
+
+
+def _rebuild(m: dict, tensors: dict[str, torch.Tensor], directory: Path) -> CompressedSampler:
     schedule = NoiseSchedule(**m["noise_schedule"])
-    den = UNetDenoiser(build_unet(m["unet_config"]), schedule).eval()
+    den = _denoiser(m, tensors, schedule)
     phases = [QuantConfig.from_mapping({n: tuple(v) for n, v in ph.items()}) for ph in m["phases"]]
     units = m["units"]
     qt = {k[2:]: v for k, v in tensors.items() if k.startswith("q.")}
@@ -234,7 +311,14 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], build_unet, UNetDenoiser
     sn.calibrated = True
     sn.set_fp()
     sampler = CompressedSampler(
-        sn, schedule, m["timesteps"], phases, m["phase_bounds"], tuple(m["sample_shape"]), float(m["eta"])
+        sn,
+        schedule,
+        m["timesteps"],
+        phases,
+        m["phase_bounds"],
+        tuple(m["sample_shape"]),
+        float(m["eta"]),
+        parts=_load_parts(m, directory),
     )
     for _, cfg in sampler.step_configs():  # every used width must be present: fail now, not mid-sampling
         sn.set_config(cfg)

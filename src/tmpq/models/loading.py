@@ -25,7 +25,7 @@ from torch import nn
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import BUILTIN_SCHEDULE, BUILTIN_UNET, load_builtin_unet, load_unet_safetensors
 from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
-from tmpq.models.parts import LatentDecoder, TextEncoder, read_prompts
+from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder, read_prompts
 from tmpq.sampling.conditioning import Conditioning
 from tmpq.sampling.schedules import NoiseSchedule
 
@@ -65,6 +65,10 @@ class LoadedModel:
     @property
     def conditional(self) -> bool:
         return self.text_encoder is not None
+
+    @property
+    def parts(self) -> PipelineParts:
+        return PipelineParts(self.kind, self.decoder, self.text_encoder, self.prompts, self.pipeline_class)
 
     def prompt_table(self) -> torch.Tensor | None:
         """Embeddings of `prompts` (P, tokens, width), encoded once."""
@@ -199,7 +203,7 @@ def _from_pipeline(spec: str, index: dict, prompts: Sequence[str] | None, guidan
         )
     schedule, notes = _schedule(spec, "scheduler")
     unet = _component(spec, "unet", *parts["unet"]).eval()
-    decoder = LatentDecoder(_component(spec, vae_key, *parts[vae_key])) if vae_key else None
+    decoder = LatentDecoder(_component(spec, vae_key, *parts[vae_key]), key=vae_key) if vae_key else None
     kind = "text2image" if text2image else "latent" if decoder is not None else "pixel"
     common = dict(
         spec=spec,

@@ -7,6 +7,7 @@ super-network cannot reach them. Each does one job: turn latents into images, or
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +24,9 @@ class LatentDecoder:
     """A diffusers VAE / VQ-VAE decoding latents to images in [-1, 1], as the pipeline does: divide by the
     scaling factor (add the shift factor where the VAE has one), then `decode(...).sample`."""
 
-    def __init__(self, vae: nn.Module, batch_size: int = 16) -> None:
+    def __init__(self, vae: nn.Module, key: str = "vae", batch_size: int = 16) -> None:
         self.vae = vae.eval()
+        self.key = key  # the pipeline's name for it: 'vae' (Stable Diffusion) or 'vqvae' (LDMPipeline)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 1.0)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.batch_size = batch_size
@@ -59,6 +61,17 @@ class TextEncoder:
             return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids)[0].float()
+
+
+@dataclass(frozen=True)
+class PipelineParts:
+    """What a compressed sampler needs besides its denoiser to make images and to become a pipeline again."""
+
+    kind: str = "pixel"  # pixel | latent | text2image
+    decoder: LatentDecoder | None = None
+    text_encoder: TextEncoder | None = None
+    prompts: tuple[str, ...] = ()  # the default prompts (calibration and search used these)
+    pipeline_class: str | None = None  # the diffusers pipeline class the model came in, if any
 
 
 def read_prompts(path: str | Path | None = None) -> tuple[str, ...]:
