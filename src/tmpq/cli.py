@@ -50,6 +50,19 @@ MODEL_HELP = (
     "builtin:fashion, a .safetensors from `tmpq train`, a diffusers pipeline/model (dir or hub id), module:factory"
 )
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")]
+PromptsOpt = Annotated[
+    Path | None, typer.Option(help="text-to-image: prompt file, one per line (default: the shipped list)")
+]
+GuidanceOpt = Annotated[float | None, typer.Option(help="text-to-image: classifier-free guidance scale (7.5)")]
+
+
+def _load(model: str, prompts: Path | None, guidance_scale: float | None):
+    """load_model with the text-to-image options, only when given (other models refuse them)."""
+    from tmpq.models.loading import load_model
+    from tmpq.models.parts import read_prompts
+
+    kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+    return load_model(model, **kw, **({"prompts": read_prompts(prompts)} if prompts is not None else {}))
 
 
 @app.command()
@@ -163,6 +176,10 @@ def sample(
     seed: int = 0,
     eta: float = 0.0,
     save_tensor: Annotated[Path | None, typer.Option(help="also save the raw samples (safetensors)")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="text-to-image: a prompt (repeatable; sample i gets prompt i mod n)")
+    ] = None,
+    guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Write a grid of samples from the FP model, or from an exported compressed sampler."""
@@ -173,18 +190,25 @@ def sample(
         from tmpq.export import load
 
         s = load(compressed)
-        images = s.sample(num_samples, seed=seed)
+        images = s.sample(num_samples, seed=seed, prompts=prompt or None)
         what = f"compressed sampler ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs)"
     else:
         from tmpq.models.loading import load_model
         from tmpq.sampling.ddim import DDIMSampler, generate
         from tmpq.sampling.schedules import make_timesteps
 
-        loaded = load_model(model)
+        kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+        loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {}))
         ts = _parse_timesteps(timesteps) or make_timesteps(schedule, steps, loaded.schedule.num_train_timesteps)
         images = generate(
-            loaded.denoiser, DDIMSampler(loaded.schedule, ts, eta=eta), num_samples, loaded.sample_shape, seed
+            loaded.denoiser,
+            DDIMSampler(loaded.schedule, ts, eta=eta),
+            num_samples,
+            loaded.sample_shape,
+            seed,
+            cond=loaded.conditioning(num_samples),
         )
+        images = loaded.decode(images)  # latent models: through their FP autoencoder
         what = f"FP model ({len(ts)} steps)"
     if save_tensor is not None:
         from safetensors.torch import save_file
@@ -225,16 +249,17 @@ def calibrate(
     calib_steps: Annotated[int, typer.Option(help="steps per trajectory; every step's input is kept")] = 20,
     w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = "2,3,4,5,6,8",
     a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
+    prompts: PromptsOpt = None,
+    guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Calibrate the quantization super-network once for every candidate bit-width (reused by search)."""
-    from tmpq.models.loading import load_model
     from tmpq.quant import CalibConfig, QuantSpec
     from tmpq.quant.prepare import prepare_supernet
 
     _threads(threads)
     spec = QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits"))
-    loaded = load_model(model)
+    loaded = _load(model, prompts, guidance_scale)
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
     typer.echo(f"super-network: {len(sn.units)} quantizable units, {len(calib)} calibration inputs, {what}")
@@ -284,9 +309,13 @@ def _search_command(full: bool) -> Callable[..., None]:
         ray: Annotated[str | None, typer.Option(help="evaluate on a Ray cluster: ADDRESS, auto, or local")] = None,
         worker_threads: Annotated[int, typer.Option(help="torch threads per worker")] = 1,
         candidate_timeout: Annotated[float | None, typer.Option(help="re-queue a candidate after S seconds")] = None,
+        prompts: PromptsOpt = None,
+        guidance_scale: GuidanceOpt = None,
+        fid_reference: Annotated[
+            str, typer.Option(help="FID against: fashion-mnist or a folder of your images (1x32x32 features)")
+        ] = "fashion-mnist",
         threads: ThreadsOpt = None,
     ) -> None:
-        from tmpq.models.loading import load_model
         from tmpq.quant import CalibConfig, QuantSpec
         from tmpq.search import Budget, FitnessConfig, SearchConfig, run_search
         from tmpq.search.parallel import Execution
@@ -314,8 +343,9 @@ def _search_command(full: bool) -> Callable[..., None]:
             quant=QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits")),
             final_samples=final_samples,
             final_top=final_top,
+            fid_reference=fid_reference,
         )
-        loaded = load_model(model)
+        loaded = _load(model, prompts, guidance_scale)
         for note in loaded.notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         execution = Execution(workers, ray, worker_threads, candidate_timeout)
