@@ -12,7 +12,6 @@ from tmpq.api import CompressionResult, compress, parse_budget, sampler_from_run
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, EvalResult, evaluate
-from tmpq.export import load
 from tmpq.models.loading import load_model
 from tmpq.quant import (
     CalibConfig,
@@ -24,6 +23,7 @@ from tmpq.quant import (
     collect_calibration,
     quantize_,
 )
+from tmpq.runtime import Backend, RuntimeSampler, load, lower
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps, quad_timesteps, uniform_timesteps
 from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, SearchSpace, run_search
@@ -36,6 +36,9 @@ __all__ = [
     "sampler_from_run",
     "CompressedSampler",
     "load",
+    "Backend",
+    "RuntimeSampler",
+    "lower",
     "Budget",
     "EvolutionConfig",
     "FitnessConfig",

@@ -1,0 +1,219 @@
+"""Integer matmul/conv kernels that compute a quantized layer *exactly* as the fake-quantized model does.
+
+A layer quantized by tmpq computes y = s_x · s_w[o] · Σ (q_x − z_x)(q_w − z_w[o]) + b, with uint8 activation
+codes q_x (any width ≤ 8, zero point z_x) and per-channel asymmetric weight codes q_w (any width ≤ 8, zero
+point z_w). Two kernels run that sum in integers with an fp32 (or bf16) output, so no output requantization is
+added:
+
+- `onednn`: PyTorch's x86 oneDNN int8 conv/linear (`torch.ops.onednn.qconv2d_pointwise`, the ops Inductor's
+  x86 int8 path uses). It takes uint8 activations with a zero point but only *symmetric* int8 weights, so the
+  weight operand is q_w − z_w (fits int8 for widths ≤ 7) or, for 8-bit layers whose q_w − z_w leaves int8,
+  q_w − 128 plus an exact rank-one correction (128 − z_w[o]) · Σ_window(q_x − z_x).
+- `int_mm`: `torch._int_mm` (int8 × int8 → int32; CPU and CUDA), with activations shifted to q_x − 128 and both
+  corrections added in int32; convolutions go through unfold (im2col), which is slow on CPU and fine on GPUs.
+
+Both are tested against the fake-quantized reference. Every function here is pure: modules live in layers.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("onednn", "int_mm")
+
+
+@functools.cache
+def kernel_available(kernel: str, device: str = "cpu") -> bool:
+    """Whether `kernel` runs on `device` type in this PyTorch build (probed once on a tiny problem)."""
+    try:
+        if kernel == "onednn":
+            if device != "cpu" or not torch.backends.mkldnn.is_available():
+                return False
+            w = torch.ones(8, 8, 1, 1, dtype=torch.int8)
+            pw = torch.ops.onednn.qconv_prepack(w, torch.ones(8), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+            x = torch.ones(1, 8, 2, 2, dtype=torch.uint8)
+            y = torch.ops.onednn.qconv2d_pointwise(
+                x, 1.0, 0, pw, torch.ones(8), torch.zeros(8, dtype=torch.long), None,
+                [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+            return bool(y.flatten()[0] == 8)
+        if kernel == "int_mm":
+            a = torch.ones(32, 32, dtype=torch.int8, device=device)
+            return bool(torch._int_mm(a, a)[0, 0].item() == 32)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return False
+
+
+def quantize_act(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+    """uint8 codes of x, rounded exactly as `quant.primitives.quantize` (x · (1/s), half to even)."""
+    q = x.float().mul(1.0 / scale).round_().add_(zero_point).clamp_(0, 2**bits - 1)
+    return q.to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """A layer's weight as the int8 operand an integer kernel multiplies, plus what makes the product exact.
+
+    `values` = q_w − z_w when that fits int8 (then `shift` is None); otherwise q_w − 128 with
+    `shift` = 128 − z_w (float, per output channel), whose product with the input's window sum is added back.
+    """
+
+    values: torch.Tensor  # int8, the weight's shape
+    scale: torch.Tensor  # (O,) float32
+    shift: torch.Tensor | None  # (O,) float32 or None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> IntWeight:
+        zp = zero_point.reshape(-1, *([1] * (codes.ndim - 1))).to(torch.int32)
+        centred = codes.to(torch.int32) - zp
+        if int(centred.min()) >= -128 and int(centred.max()) <= 127:
+            return cls(centred.to(torch.int8), scale.float().contiguous(), None)
+        shifted = (codes.to(torch.int32) - 128).to(torch.int8)
+        return cls(shifted, scale.float().contiguous(), (128 - zero_point.float()).contiguous())
+
+
+def _with_sum_row(w: IntWeight, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For a shifted weight: one extra output channel of ones, so the kernel itself returns s_x · Σ_window(q_x − z_x)
+    (exact integer accumulation) as output channel O, from which the shift correction is one fused multiply-add."""
+    if w.shift is None:
+        return w.values, w.scale, bias
+    ones = torch.ones(1, *w.values.shape[1:], dtype=torch.int8)
+    values = torch.cat([w.values, ones])
+    scale = torch.cat([w.scale, torch.ones(1)])
+    if bias is not None:
+        bias = torch.cat([bias.detach().float(), torch.zeros(1)])
+    return values, scale, bias
+
+
+class OneDNNConv:
+    """A prepacked oneDNN int8 convolution for one (weight, activation range) pair."""
+
+    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int, conv: dict) -> None:
+        self.x_scale, self.x_zp, self.conv = float(x_scale), int(x_zp), conv
+        self.out_channels, self.shifted = w.values.shape[0], w.shift is not None
+        values, self.scale, bias = _with_sum_row(w, bias)
+        self.packed = torch.ops.onednn.qconv_prepack(
+            values.contiguous(), self.scale, self.x_scale, self.x_zp,
+            list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], None,
+        )  # fmt: skip
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self._zeros = torch.zeros(values.shape[0], dtype=torch.long)
+        self.corr = None if w.shift is None else (w.scale * w.shift).reshape(1, -1, 1, 1)
+
+    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        c = self.conv
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        y = torch.ops.onednn.qconv2d_pointwise(
+            q, self.x_scale, self.x_zp, self.packed, self.scale, self._zeros, bias,
+            list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"], 1.0, 0, out_dtype, "none", [], "",
+        )  # fmt: skip
+        if self.corr is None:
+            return y
+        o = self.out_channels
+        return y[:, :o].addcmul_(y[:, o:], self.corr.to(out_dtype))
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + _nbytes(self.bias, self.scale, self.corr)
+
+
+class OneDNNLinear:
+    """A prepacked oneDNN int8 linear layer (input (..., K) → (..., N))."""
+
+    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int) -> None:
+        self.x_scale, self.x_zp = float(x_scale), int(x_zp)
+        self.out_features, self.shifted = w.values.shape[0], w.shift is not None
+        values, self.scale, bias = _with_sum_row(w, bias)
+        self.packed = torch.ops.onednn.qlinear_prepack(values.contiguous(), None)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self._zeros = torch.zeros(values.shape[0], dtype=torch.long)
+        self.corr = None if w.shift is None else w.scale * w.shift
+
+    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, self.x_scale, self.x_zp, self.packed, self.scale, self._zeros, bias, 1.0, 0, out_dtype, "none", [], ""
+        )
+        if self.corr is None:
+            return y
+        n = self.out_features
+        return y[..., :n].addcmul_(y[..., n:], self.corr.to(out_dtype))
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + _nbytes(self.bias, self.scale, self.corr)
+
+
+def int_mm_exact(q: torch.Tensor, x_zp: int, w: IntWeight) -> torch.Tensor:
+    """Σ_k (q_x − z_x)(q_w − z_w) as int32, for q (M, K) uint8 and w.values (N, K) int8, through torch._int_mm.
+
+    _int_mm takes int8 × int8, so activations are shifted to q_x − 128 and the exact product restored with the
+    column sums of the weight (and, for shifted 8-bit weights, the row sums of the activations).
+    """
+    a = (q.to(torch.int16) - 128).to(torch.int8)
+    wt = w.values.t().contiguous()
+    acc = torch._int_mm(a, wt)  # Σ (q_x − 128) w
+    acc += (128 - x_zp) * w.values.sum(1, dtype=torch.int32)  # → Σ (q_x − z_x) w
+    if w.shift is not None:
+        rows = q.sum(1, keepdim=True, dtype=torch.int32) - q.shape[1] * x_zp
+        acc += rows * w.shift.to(torch.int32)  # w = q_w − 128: add (128 − z_w) Σ (q_x − z_x)
+    return acc
+
+
+class IntMMLinear:
+    """Linear layer on torch._int_mm (CPU or CUDA)."""
+
+    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int) -> None:
+        self.w = IntWeight(w.values.reshape(w.values.shape[0], -1), w.scale, w.shift)
+        self.x_scale, self.x_zp = float(x_scale), int(x_zp)
+        self.shifted = w.shift is not None
+        self.bias = None if bias is None else bias.detach().float()
+        self.out_scale = self.x_scale * self.w.scale
+
+    def matmul(self, q2d: torch.Tensor) -> torch.Tensor:
+        pad = (-q2d.shape[0]) % 8  # CUDA's _int_mm wants M > 16 and multiples of 8; padding rows is harmless
+        if pad or q2d.shape[0] <= 16:
+            pad = pad + (24 if q2d.shape[0] + pad <= 16 else 0)
+            q2d = torch.cat([q2d, q2d.new_full((pad, q2d.shape[1]), self.x_zp)])
+        acc = int_mm_exact(q2d, self.x_zp, self.w)
+        return acc[: acc.shape[0] - pad] if pad else acc
+
+    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        lead = q.shape[:-1]
+        y = self.matmul(q.reshape(-1, q.shape[-1])).float() * self.out_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, -1).to(out_dtype)
+
+    def nbytes(self) -> int:
+        return self.w.values.numel() + _nbytes(self.bias, self.w.scale, self.w.shift)
+
+
+class IntMMConv(IntMMLinear):
+    """Convolution as unfold (im2col) + torch._int_mm; groups must be 1."""
+
+    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int, conv: dict) -> None:
+        super().__init__(w, bias, x_scale, x_zp)
+        self.conv = conv
+
+    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        c = self.conv
+        b, _, h, w = q.shape
+        kh, kw = c["kernel_size"]
+        ho = (h + 2 * c["padding"][0] - c["dilation"][0] * (kh - 1) - 1) // c["stride"][0] + 1
+        wo = (w + 2 * c["padding"][1] - c["dilation"][1] * (kw - 1) - 1) // c["stride"][1] + 1
+        # unfold pads with 0, which must mean a real zero: unfold the centred codes (exact in float up to 2^24)
+        centred = q.float() - self.x_zp
+        cols = F.unfold(centred, (kh, kw), c["dilation"], c["padding"], c["stride"])  # (B, K, L)
+        cols = (cols.transpose(1, 2).reshape(-1, cols.shape[1]) + self.x_zp).to(torch.uint8)
+        y = self.matmul(cols).float() * self.out_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo).to(out_dtype)
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

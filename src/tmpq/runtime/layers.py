@@ -1,0 +1,205 @@
+"""Frozen runtime layers: what a quantized twin becomes once its bit-widths are fixed for deployment.
+
+A `RuntimeLayer` replaces one Conv2d/Linear twin of the super-network. It keeps only the widths the sampler
+uses (one variant per (w, a) pair across its timestep phases), executed one of three ways:
+
+- `IntVariant`: an integer kernel (kernels.py) — real int8 arithmetic, output equal to the fake-quantized layer
+  up to float rounding; weights resident as int8 (1 byte each).
+- `DequantVariant(resident="float")`: the fake-quantized computation of the search, with the dequantized weight
+  kept in float (bit-identical to the super-network in fp32).
+- `DequantVariant(resident="packed")`: the same numbers, but the weight stays bit-packed at its width in memory
+  (a 4-bit layer holds half a byte per weight) and is unpacked and dequantized at each call: memory for speed.
+
+Kernel tensors are plain attributes, not buffers, so casting the model to bf16 never touches integer codes or
+scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tmpq.quant.primitives import channel_view, dequantize, fake_quantize_, pack_codes
+from tmpq.runtime.kernels import (
+    IntMMConv,
+    IntMMLinear,
+    IntWeight,
+    OneDNNConv,
+    OneDNNLinear,
+    _nbytes,
+    quantize_act,
+)
+
+
+@dataclass(frozen=True)
+class ActRange:
+    """One activation width's per-part (scale, zero point), parts being the halves of a split concat input."""
+
+    bits: int
+    scales: tuple[float, ...]
+    zero_points: tuple[int, ...]
+
+
+def _parts(x: torch.Tensor, split: int | None) -> list[torch.Tensor]:
+    return [x] if split is None else list(x.split([split, x.shape[1] - split], dim=1))
+
+
+def unpack_codes_torch(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """`quant.primitives.unpack_codes` in torch ops (no numpy round trip): n uint8 codes from an MSB-first stream."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bitstream = (packed.unsqueeze(1) >> shifts).bitwise_and_(1).reshape(-1)[: n * bits].reshape(n, bits)
+    weights = (1 << torch.arange(bits - 1, -1, -1, device=packed.device)).to(torch.int32)
+    return (bitstream.to(torch.int32) * weights).sum(1).to(torch.uint8)
+
+
+class _Weight:
+    """A quantized weight kept resident as float (dequantized once) or as packed codes (dequantized per call)."""
+
+    def __init__(self, codes, scale, zp, bits: int, shape, resident: str, dtype: torch.dtype) -> None:
+        self.shape, self.bits, self.resident, self.dtype = tuple(shape), bits, resident, dtype
+        self.scale, self.zp = scale.float(), zp.float()
+        if resident == "packed":
+            self.packed = pack_codes(codes, bits)
+            self.value = None
+        else:
+            self.packed = None
+            self.value = self._dequant(codes)
+
+    def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
+        nd = len(self.shape)
+        return dequantize(codes.reshape(self.shape), channel_view(self.scale, nd), channel_view(self.zp, nd)).to(
+            self.dtype
+        )
+
+    def get(self) -> torch.Tensor:
+        if self.value is not None:
+            return self.value
+        n = 1
+        for s in self.shape:
+            n *= s
+        return self._dequant(unpack_codes_torch(self.packed, self.bits, n))
+
+    def to(self, device) -> None:
+        for k in ("scale", "zp", "packed", "value"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, v.to(device))
+
+    def nbytes(self) -> int:
+        return _nbytes(self.value, self.packed, self.scale, self.zp)
+
+
+class DequantVariant:
+    """Fake-quantized activations, float matmul/conv with a dequantized (or full-precision) weight."""
+
+    how = "float"
+
+    def __init__(self, layer: RuntimeLayer, weight, act: ActRange | None, dtype: torch.dtype) -> None:
+        self.layer, self.weight, self.act, self.dtype = layer, weight, act, dtype
+        if isinstance(weight, _Weight):
+            self.how = "packed codes, dequantized per call" if weight.resident == "packed" else "float (dequantized)"
+        else:
+            self.how = "float (full-precision weight)"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = x.float().clone()
+            for i, part in enumerate(_parts(x, self.layer.split)):
+                fake_quantize_(part, self.act.scales[i], self.act.zero_points[i], self.act.bits)
+        w = self.weight.get() if isinstance(self.weight, _Weight) else self.weight
+        return self.layer.compute(x.to(self.dtype), w.to(self.dtype))
+
+    def to(self, device) -> None:
+        if isinstance(self.weight, _Weight):
+            self.weight.to(device)
+        else:
+            self.weight = self.weight.to(device)
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes() if isinstance(self.weight, _Weight) else _nbytes(self.weight)
+
+
+class IntVariant:
+    """Integer kernels, one per input part; each part quantized with its own range, outputs summed."""
+
+    def __init__(self, kernels: list, act: ActRange, bits: int, name: str, dtype: torch.dtype) -> None:
+        self.kernels, self.act, self.bits, self.dtype = kernels, act, bits, dtype
+        self.how = f"{name} int8 kernel"
+
+    def __call__(self, x: torch.Tensor, split: int | None) -> torch.Tensor:
+        out = None
+        for i, (part, k) in enumerate(zip(_parts(x, split), self.kernels)):
+            q = quantize_act(part, self.act.scales[i], self.act.zero_points[i], self.act.bits)
+            y = k(q, self.dtype)
+            out = y if out is None else out + y
+        return out
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes() for k in self.kernels)
+
+
+class RuntimeLayer(nn.Module):
+    """A Conv2d or Linear with fixed quantization variants; `active` picks the current step's (w, a)."""
+
+    def __init__(self, name: str, base: nn.Module, split: int | None) -> None:
+        super().__init__()
+        self.name, self.split = name, split
+        self.kind = "conv" if isinstance(base, nn.Conv2d) else "linear"
+        if self.kind == "conv":
+            self.conv = {
+                "kernel_size": tuple(base.kernel_size),
+                "stride": tuple(base.stride),
+                "padding": tuple(base.padding),
+                "dilation": tuple(base.dilation),
+                "groups": int(base.groups),
+            }
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        self.variants: dict[tuple[int | None, int | None], object] = {}
+        self.active: tuple[int | None, int | None] | None = None
+
+    def compute(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kind == "conv":
+            c = self.conv
+            return F.conv2d(x, w, b, c["stride"], c["padding"], c["dilation"], c["groups"])
+        return F.linear(x, w, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.variants[self.active]
+        return v(x, self.split) if isinstance(v, IntVariant) else v(x)
+
+    def nbytes(self) -> int:
+        """Bytes this layer keeps resident for its variants (weights, kernels, biases, scales)."""
+        return sum(v.nbytes() for v in self.variants.values()) + _nbytes(self.bias)
+
+    def add_int_variant(self, key, codes, scale, zp, act: ActRange, kernel: str, dtype: torch.dtype) -> None:
+        bias = self.bias
+        kernels = []
+        offsets = [0] if self.split is None else [0, self.split]
+        ends = [codes.shape[1]] if self.split is None else [self.split, codes.shape[1]]
+        for i, (lo, hi) in enumerate(zip(offsets, ends)):
+            w = IntWeight.from_codes(codes[:, lo:hi], scale, zp)
+            b = bias if i == 0 else None
+            if kernel == "onednn":
+                k = (
+                    OneDNNConv(w, b, act.scales[i], act.zero_points[i], self.conv)
+                    if self.kind == "conv"
+                    else (OneDNNLinear(w, b, act.scales[i], act.zero_points[i]))
+                )
+            else:
+                k = (
+                    IntMMConv(w, b, act.scales[i], act.zero_points[i], self.conv)
+                    if self.kind == "conv"
+                    else (IntMMLinear(w, b, act.scales[i], act.zero_points[i]))
+                )
+            kernels.append(k)
+        self.variants[key] = IntVariant(kernels, act, key[0], kernel, dtype)
+
+    def add_dequant_variant(self, key, weight, act: ActRange | None, dtype: torch.dtype) -> None:
+        self.variants[key] = DequantVariant(self, weight, act, dtype)
+
+    def describe(self) -> dict[str, str]:
+        return {f"W{w or 'fp'}A{a or 'fp'}": v.how for (w, a), v in self.variants.items()}

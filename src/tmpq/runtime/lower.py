@@ -1,0 +1,272 @@
+"""Lower a `CompressedSampler` (a super-network switched per step) to a deployable `RuntimeSampler`.
+
+The super-network keeps every candidate width and fake-quantizes everything: right for searching, slow and
+large for serving. Lowering keeps only the widths the sampler uses and picks, layer by layer, how each runs
+(`Backend.mode`):
+
+- `int8`: every Conv2d/Linear whose weight and input are both quantized (any widths ≤ 8) runs on a real integer
+  kernel (oneDNN on x86 CPUs, `torch._int_mm` elsewhere); sub-8-bit layers use the same int8 kernel, so they gain
+  memory and BitOPs but no speed beyond 8-bit. Layers with a full-precision input or weight run in float.
+- `fake`: the search's own fake-quantized arithmetic with float weights, only the used widths kept.
+- `packed`: like `fake`, but weights stay bit-packed in memory and are dequantized at each call.
+
+`dtype` sets the float arithmetic around the quantized layers (norms, attention, float layers): bf16 or fp16
+where the device is fast at it. What cannot run as asked (no integer kernel on this device, an unsupported
+layer) falls back to float with a warning, and `RuntimeSampler.plan` names how every layer runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from tmpq.compressed import CompressedSampler
+from tmpq.errors import TmpqError
+from tmpq.quant.layers import MatmulQuant, _QuantWeightLayer
+from tmpq.runtime.kernels import KERNELS, kernel_available
+from tmpq.runtime.layers import ActRange, RuntimeLayer, _Weight
+from tmpq.sampling.ddim import DDIMSampler, generate
+
+MODES = ("int8", "fake", "packed")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RuntimeFallbackWarning(UserWarning):
+    """A layer could not run the way the backend asked and runs in float instead."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a compressed sampler executes: `mode` (int8 | fake | packed), the float `dtype` around it, the
+    `device`, and which integer `kernel` (auto: oneDNN on CPU, torch._int_mm elsewhere)."""
+
+    mode: str = "int8"
+    dtype: str = "float32"
+    device: str = "cpu"
+    kernel: str = "auto"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TmpqError(f"backend mode must be one of {MODES}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise TmpqError(f"backend dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.kernel not in ("auto", *KERNELS):
+            raise TmpqError(f"backend kernel must be 'auto' or one of {KERNELS}, got {self.kernel!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TmpqError(f"device {self.device!r} asked for, but this PyTorch sees no CUDA device; use 'cpu'")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def int_kernel(self) -> str | None:
+        """The integer kernel to use on this device, or None when none runs here."""
+        dev = torch.device(self.device).type
+        order = [self.kernel] if self.kernel != "auto" else (["onednn", "int_mm"] if dev == "cpu" else ["int_mm"])
+        return next((k for k in order if kernel_available(k, dev)), None)
+
+
+class RuntimeDenoiser(nn.Module):
+    """The lowered model; before each call it selects every layer's variant for the step's phase."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, RuntimeLayer], matmuls: dict[str, MatmulQuant],
+                 step_bits: dict[int, dict[str, tuple]], dtype: torch.dtype, channels_last: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.model = model
+        self.layers, self.matmuls = layers, matmuls
+        self.step_bits = step_bits
+        self.dtype, self.channels_last = dtype, channels_last
+        self._phase: int | None = None
+
+    def select(self, t: int) -> None:
+        bits = self.step_bits.get(t)
+        if bits is None:
+            raise TmpqError(f"timestep {t} is not one of this sampler's steps {sorted(self.step_bits)}")
+        if self._phase == id(bits):
+            return
+        for name, layer in self.layers.items():
+            layer.active = bits[name]
+        for name, m in self.matmuls.items():
+            m.set_bits(None, bits[name][1])
+        self._phase = id(bits)
+
+    @torch.no_grad()  # inference only: the frozen layers quantize in place and hold no gradients
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.select(int(t[0]))
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x, t).float()
+
+
+class RuntimeSampler:
+    """A deployable sampler: fixed timesteps, frozen quantized layers, one backend. `sample()` makes images."""
+
+    def __init__(self, denoiser: RuntimeDenoiser, source: CompressedSampler, backend: Backend,
+                 plan: list[dict]) -> None:  # fmt: skip
+        self.denoiser = denoiser
+        self.schedule, self.timesteps = source.schedule, source.timesteps
+        self.sample_shape, self.eta = source.sample_shape, source.eta
+        self.backend = backend
+        self.plan = plan
+        self.info = dict(source.info)
+        self._bitops = source.bitops()
+        self._bitops_fp = source.supernet.cost.bitops(None, len(source.timesteps))
+
+    def bitops(self) -> int:
+        return self._bitops
+
+    def ddim(self) -> DDIMSampler:
+        return DDIMSampler(self.schedule, self.timesteps, eta=self.eta)
+
+    @torch.no_grad()
+    def sample(
+        self, num_samples: int = 64, seed: int = 0, batch_size: int = 64, progress: bool = False
+    ) -> torch.Tensor:
+        """Images in [-1, 1] on the CPU, shape (N, *sample_shape); sample i comes from seed `seed + i`."""
+        return generate(
+            self.denoiser, self.ddim(), num_samples, self.sample_shape, seed, batch_size, self.backend.device, progress
+        )
+
+    def memory_bytes(self) -> int:
+        """Bytes the model keeps resident: frozen layers' weights/kernels plus every other parameter and buffer."""
+        own = {id(p) for layer in self.denoiser.layers.values() for p in layer.parameters()}
+        rest = [t for t in [*self.denoiser.parameters(), *self.denoiser.buffers()] if id(t) not in own]
+        return sum(layer.nbytes() for layer in self.denoiser.layers.values()) + sum(
+            t.numel() * t.element_size() for t in rest
+        )
+
+    def summary(self) -> dict:
+        """How the work is executed: share of MACs per execution kind, resident bytes, the backend."""
+        macs: Counter[str] = Counter()
+        for row in self.plan:
+            macs[row["runs"]] += row["macs"]
+        total = sum(macs.values()) or 1
+        return {
+            "backend": asdict(self.backend),
+            "steps": len(self.timesteps),
+            "mac_share": {k: round(v / total, 4) for k, v in macs.most_common()},
+            "memory_bytes": self.memory_bytes(),
+            "bitops_per_image": self._bitops,
+            "bitops_fraction_of_fp_same_steps": self._bitops / self._bitops_fp,
+        }
+
+
+def _act_range(q, bits: int | None) -> ActRange | None:
+    if bits is None:
+        return None
+    scale, zp = getattr(q, f"a{bits}_scale"), getattr(q, f"a{bits}_zp")
+    return ActRange(bits, tuple(float(s) for s in scale), tuple(int(z) for z in zp))
+
+
+def _weight_codes(twin: _QuantWeightLayer, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(getattr(twin, f"w{bits}_{k}") for k in ("codes", "scale", "zp"))
+
+
+def _lower_layer(twin: _QuantWeightLayer, pairs: Sequence[tuple], backend: Backend, kernel: str | None,
+                 device: torch.device) -> tuple[RuntimeLayer, dict]:  # fmt: skip
+    base = twin.base
+    if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
+        raise TmpqError(
+            f"layer {twin.name!r} pads with {base.padding_mode!r}; the runtime supports zero padding only. "
+            "Use the super-network sampler (backend mode 'fake' through CompressedSampler.sample) for this model"
+        )
+    layer = RuntimeLayer(twin.name, base, twin.act.split).to(device)
+    dtype = backend.torch_dtype
+    reasons = {}
+    for w, a in pairs:
+        act = _act_range(twin.act, a)
+        if w is None:
+            layer.add_dequant_variant((w, a), base.weight.detach().to(device, dtype), act, dtype)
+            continue
+        codes, scale, zp = (t.to(device) for t in _weight_codes(twin, w))
+        if backend.mode == "int8" and act is not None:
+            groups = getattr(base, "groups", 1)
+            if kernel is not None and groups == 1:
+                layer.add_int_variant((w, a), codes, scale, zp, act, kernel, dtype)
+                continue
+            reasons[(w, a)] = (
+                f"no integer kernel for {torch.device(backend.device).type} in this PyTorch build"
+                if kernel is None
+                else f"grouped convolution (groups={groups})"
+            )
+        resident = "packed" if backend.mode == "packed" else "float"
+        layer.add_dequant_variant((w, a), _Weight(codes, scale, zp, w, base.weight.shape, resident, dtype), act, dtype)
+    return layer, reasons
+
+
+def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: bool = False) -> RuntimeSampler:
+    """A `RuntimeSampler` running `sampler`'s timesteps and bits on `backend` (see the module doc).
+
+    The super-network is left untouched unless `inplace`, which saves a copy of the float parts of the model and
+    leaves `sampler` unusable (what `tmpq.load(..., backend=...)` does with the sampler it has just read).
+    """
+    backend = Backend(mode=backend) if isinstance(backend, str) else backend
+    sn = sampler.supernet
+    device = torch.device(backend.device)
+    kernel = backend.int_kernel() if backend.mode == "int8" else None
+    steps = sampler.step_configs()
+    used: dict[str, list[tuple]] = {n: [] for n in sn.units}
+    for _, cfg in steps:
+        for name, w, a in cfg.bits:
+            if (w, a) not in used[name]:
+                used[name].append((w, a))
+
+    layers, memo, plan, fallbacks = {}, {}, [], {}
+    sn.set_fp()
+    for name, unit in sn.units.items():
+        macs = sn.cost.units[name].macs if sn.cost else 0
+        if isinstance(unit, MatmulQuant):
+            for w, a in used[name]:
+                plan.append(
+                    {"layer": name, "w": w, "a": a, "macs": macs, "runs": "float matmul, fake-quantized operands"}
+                )
+            continue
+        layer, reasons = _lower_layer(unit, used[name], backend, kernel, device)
+        layers[name] = layer
+        memo[id(unit)] = layer
+        for (w, a), v in layer.variants.items():
+            plan.append({"layer": name, "w": w, "a": a, "macs": macs, "runs": v.how})
+        fallbacks.update({(name, *k): r for k, r in reasons.items()})
+    if fallbacks:
+        why = Counter(fallbacks.values())
+        warnings.warn(
+            f"{len(fallbacks)} quantized layer variant(s) run in float instead of on an integer kernel: "
+            + "; ".join(f"{n}× {r}" for r, n in why.items())
+            + ". Their output is the same fake-quantized arithmetic, without the int8 speed-up.",
+            RuntimeFallbackWarning,
+            stacklevel=2,
+        )
+    if inplace:
+        for name, layer in layers.items():
+            sn._set_child(name, layer)
+        model = sn.model
+    else:
+        model = copy.deepcopy(sn.model, memo)  # the twins map to their frozen layers: candidate codes are not copied
+    model = model.to(device=device, dtype=backend.torch_dtype)
+    if backend.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    matmuls = {n: model.get_submodule(n) for n, u in sn.units.items() if isinstance(u, MatmulQuant)}
+    step_bits = {t: cfg.as_dict() for t, cfg in steps}
+    by_phase = {}
+    for t, bits in step_bits.items():  # steps of one phase share one dict: the denoiser switches once per phase
+        key = tuple(sorted(bits.items(), key=lambda kv: kv[0]))
+        step_bits[t] = by_phase.setdefault(key, bits)
+    den = RuntimeDenoiser(model.eval(), layers, matmuls, step_bits, backend.torch_dtype, backend.channels_last)
+    return RuntimeSampler(den, sampler, backend, plan)
+
+
+def load(directory, backend: Backend | str | None = None) -> CompressedSampler | RuntimeSampler:
+    """`tmpq.load`: an exported sampler; with a `backend` ('int8', 'packed', 'fake' or a `Backend`), lowered to it
+    (in place: only the widths in use stay resident)."""
+    from tmpq.export import load as load_export
+
+    sampler = load_export(directory)
+    return sampler if backend is None else lower(sampler, backend, inplace=True)
