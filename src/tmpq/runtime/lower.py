@@ -31,6 +31,7 @@ from tmpq.errors import TmpqError
 from tmpq.quant.layers import MatmulQuant, _QuantWeightLayer
 from tmpq.runtime.kernels import KERNELS, kernel_available
 from tmpq.runtime.layers import ActRange, RuntimeLayer, _Weight
+from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.ddim import DDIMSampler, generate
 
 MODES = ("int8", "fake", "packed")
@@ -98,12 +99,14 @@ class RuntimeDenoiser(nn.Module):
         self._phase = id(bits)
 
     @torch.no_grad()  # inference only: the frozen layers quantize in place and hold no gradients
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         self.select(int(t[0]))
         x = x.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x, t).float()
+        if cond is not None and cond.table.dtype != self.dtype:
+            cond = Conditioning(cond.table.to(self.dtype), cond.ids)
+        return call_denoiser(self.model, x, t, cond).float()
 
 
 class RuntimeSampler:
@@ -114,6 +117,7 @@ class RuntimeSampler:
         self.denoiser = denoiser
         self.schedule, self.timesteps = source.schedule, source.timesteps
         self.sample_shape, self.eta = source.sample_shape, source.eta
+        self.parts, self.conditioning = source.parts, source.conditioning  # FP decoder / text encoder, prompts
         self.backend = backend
         self.plan = plan
         self.info = dict(source.info)
@@ -128,12 +132,29 @@ class RuntimeSampler:
 
     @torch.no_grad()
     def sample(
-        self, num_samples: int = 64, seed: int = 0, batch_size: int = 64, progress: bool = False
+        self,
+        num_samples: int = 64,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool = False,
+        prompts: str | Sequence[str] | None = None,
+        decode: bool = True,
     ) -> torch.Tensor:
-        """Images in [-1, 1] on the CPU, shape (N, *sample_shape); sample i comes from seed `seed + i`."""
-        return generate(
-            self.denoiser, self.ddim(), num_samples, self.sample_shape, seed, batch_size, self.backend.device, progress
+        """Images on the CPU exactly as `CompressedSampler.sample` makes them (same seeds, prompts, decoding)."""
+        cond = self.conditioning(num_samples, prompts)
+        out = generate(
+            self.denoiser,
+            self.ddim(),
+            num_samples,
+            self.sample_shape,
+            seed,
+            batch_size,
+            self.backend.device,
+            progress,
+            cond=cond,
         )
+        decoder = self.parts.decoder
+        return decoder(out) if decode and decoder is not None else out
 
     def memory_bytes(self) -> int:
         """Bytes the model keeps resident: frozen layers' weights/kernels plus every other parameter and buffer."""
