@@ -6,6 +6,7 @@ import functools
 import json
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,11 @@ PromptsOpt = Annotated[
     Path | None, typer.Option(help="text-to-image: prompt file, one per line (default: the shipped list)")
 ]
 GuidanceOpt = Annotated[float | None, typer.Option(help="text-to-image: classifier-free guidance scale (7.5)")]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option(help="with --compressed: run on int8 kernels (int8), bit-packed weights (packed) or lean fake-quant"),
+]
+DtypeOpt = Annotated[str, typer.Option(help="with --backend: float arithmetic float32|bfloat16|float16")]
 
 
 def _load(model: str, prompts: Path | None, guidance_scale: float | None):
@@ -133,6 +139,8 @@ def eval_cmd(
     batch_size: int = 100,
     reference: Annotated[str, typer.Option(help="fashion-mnist or a folder of real images")] = "fashion-mnist",
     compressed: Annotated[Path | None, typer.Option(help="score an exported sampler instead of --model")] = None,
+    backend: BackendOpt = None,
+    dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="directory for eval.json and samples.png")] = Path("runs/eval"),
     threads: ThreadsOpt = None,
 ) -> None:
@@ -152,6 +160,8 @@ def eval_cmd(
         batch_size=batch_size,
         reference=reference,
         compressed=None if compressed is None else str(compressed),
+        backend=backend,
+        dtype=dtype,
     )
     res = evaluate(cfg, out)
     typer.echo(
@@ -180,6 +190,8 @@ def sample(
         list[str] | None, typer.Option(help="text-to-image: a prompt (repeatable; sample i gets prompt i mod n)")
     ] = None,
     guidance_scale: GuidanceOpt = None,
+    backend: BackendOpt = None,
+    dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
 ) -> None:
     """Write a grid of samples from the FP model, or from an exported compressed sampler."""
@@ -187,11 +199,18 @@ def sample(
     from tmpq.images import save_grid
 
     if compressed is not None:
-        from tmpq.export import load
+        from tmpq.runtime import Backend, load
 
-        s = load(compressed)
+        s = load(compressed, backend=None if backend is None else Backend(mode=backend, dtype=dtype))
+        t0 = time.perf_counter()
         images = s.sample(num_samples, seed=seed, prompts=prompt or None)
-        what = f"compressed sampler ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs)"
+        wall = time.perf_counter() - t0
+        what = f"compressed sampler ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs"
+        if backend is not None:
+            runs = s.summary()["mac_share"]
+            what += f"; {backend}/{dtype}: " + ", ".join(f"{v:.0%} of MACs on {k}" for k, v in runs.items())
+            what += f"; {s.memory_bytes() / 1024:.0f} KB resident"
+        what += f"; {wall * 1000 / num_samples:.1f} ms/image)"
     else:
         from tmpq.models.loading import load_model
         from tmpq.sampling.ddim import DDIMSampler, generate

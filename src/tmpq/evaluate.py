@@ -30,6 +30,8 @@ class EvalConfig:
     batch_size: int = 100
     reference: str = "fashion-mnist"
     compressed: str | None = None  # an exported sampler (`tmpq export`): its own timesteps and bits are used
+    backend: str | None = None  # run `compressed` on a tmpq.runtime backend: int8 | packed | fake (None: super-network)
+    dtype: str = "float32"  # float arithmetic around the quantized layers with `backend` (float32 | bfloat16 | float16)
 
     def resolved_timesteps(self, num_train_timesteps: int) -> list[int]:
         if self.timesteps is not None:
@@ -74,9 +76,11 @@ def evaluate(
     """Generate cfg.num_samples images (sample i from seed cfg.seed + i), score FID/IS, write eval.json + grid."""
     metric = metric or reference_metric(cfg.reference)
     if cfg.compressed is not None:
-        from tmpq.export import MANIFEST, TENSORS, load
+        from tmpq.export import MANIFEST, TENSORS
+        from tmpq.runtime import Backend, load
 
-        compressed = load(cfg.compressed)
+        backend = None if cfg.backend is None else Backend(mode=cfg.backend, dtype=cfg.dtype)
+        compressed = load(cfg.compressed, backend=backend)
         timesteps = list(compressed.timesteps)
         inputs = {"compressed": Path(cfg.compressed) / TENSORS, "manifest": Path(cfg.compressed) / MANIFEST}
         t0 = time.time()

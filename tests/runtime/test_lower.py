@@ -151,3 +151,19 @@ def test_cuda_int8_backend_matches_cpu(compressed, calib):
     x, t = calib.x[:32], torch.full((32,), compressed.timesteps[0])
     a, b = cpu(x, t), gpu(x.cuda(), t.cuda()).cpu()
     assert (a - b).abs().mean() < 0.03 * a.abs().mean()
+
+
+def test_cli_sample_on_a_backend(compressed, tmp_path):
+    from typer.testing import CliRunner
+
+    from tmpq.cli import app
+
+    exp = compressed.export(tmp_path / "exp")
+    grid = tmp_path / "grid.png"
+    res = CliRunner().invoke(
+        app, ["sample", "--compressed", str(exp), "--backend", "int8", "--num-samples", "4", "--out", str(grid)]
+    )
+    assert res.exit_code == 0, res.output
+    assert grid.is_file() and "int8 kernel" in res.output and "KB resident" in res.output
+    res = CliRunner().invoke(app, ["sample", "--compressed", str(exp), "--backend", "int4", "--out", str(grid)])
+    assert res.exit_code != 0 and "mode must be one of" in res.output
