@@ -13,6 +13,7 @@ from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, EvalResult, evaluate
 from tmpq.models.loading import load_model
+from tmpq.pipeline import to_diffusers
 from tmpq.quant import (
     CalibConfig,
     CalibrationSet,
@@ -61,6 +62,7 @@ __all__ = [
     "evaluate",
     "generate",
     "load_model",
+    "to_diffusers",
     "make_timesteps",
     "quad_timesteps",
     "uniform_timesteps",

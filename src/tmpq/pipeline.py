@@ -15,7 +15,6 @@ import torch
 
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
-from tmpq.sampling.scheduler import SearchedDDIMScheduler
 
 DEFAULT_PIPELINES = {"pixel": "DDIMPipeline", "latent": "LDMPipeline", "text2image": "StableDiffusionPipeline"}
 """The pipeline class for a model that did not come as a pipeline (a tmpq-trained or bare UNet)."""
@@ -42,6 +41,8 @@ def to_diffusers(sampler: CompressedSampler):
     The pipeline shares the sampler's modules: sampling from one switches the bits of the other, and
     `sampler.sample()` returns the model to full precision when it finishes."""
     import diffusers
+
+    from tmpq.sampling.scheduler import SearchedDDIMScheduler  # imports diffusers' schedulers: only when used
 
     parts = sampler.parts
     name = parts.pipeline_class or DEFAULT_PIPELINES[parts.kind]
