@@ -184,7 +184,7 @@ def test_other_prompts_recalibrate(t2i_dir, tmp_path):
     _, first, info = prepare_supernet(load_model(str(t2i_dir), prompts=["a"]), tmp_path, **kw)
     assert not info["reused"]
     _, again, info = prepare_supernet(load_model(str(t2i_dir), prompts=["a"]), tmp_path, **kw)
-    assert info["reused"] and torch.equal(again.x, first.x)
+    assert info["reused"] and torch.equal(again.x[:], first.x[:])  # read from the file on demand
     _, other, info = prepare_supernet(load_model(str(t2i_dir), prompts=["b"]), tmp_path, **kw)
     assert not info["reused"] and other.config.conditioning != first.config.conditioning
 

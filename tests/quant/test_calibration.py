@@ -39,3 +39,19 @@ def test_load_errors(calib, tmp_path):
         CalibrationSet.load(path)
     with pytest.raises(TmpqError):
         CalibConfig(num_samples=0)
+
+
+def test_open_reads_rows_from_the_file_on_demand(calib, tmp_path):
+    """A reopened set streams x_t from disk: the same rows by slice, index or mask, and the same batches."""
+    from tmpq.quant.calibration import FileRows
+
+    calib.save(tmp_path / "c.safetensors")
+    lazy = CalibrationSet.open(tmp_path / "c.safetensors")
+    assert isinstance(lazy.x, FileRows) and len(lazy) == len(calib) and lazy.x.shape == tuple(calib.x.shape)
+    idx = torch.tensor([5, 0, 17])
+    assert torch.equal(lazy.x[idx], calib.x[idx]) and torch.equal(lazy.x[2:9], calib.x[2:9])
+    assert torch.equal(lazy.x[calib.t == calib.t[3]], calib.x[calib.t == calib.t[3]])
+    for (a, ta, _), (b, tb, _) in zip(lazy.batches(5), calib.batches(5), strict=True):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    with pytest.raises(TmpqError, match="saved already"):
+        lazy.save(tmp_path / "again.safetensors")

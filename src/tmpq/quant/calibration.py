@@ -6,6 +6,10 @@ whole schedule. The calibration noise uses its own seed range, disjoint from eva
 
 A text-to-image model is calibrated on its prompts: every row also records the id of its prompt, and the
 prompt embeddings are stored once (not once per row), so a row costs the latent plus 8 bytes.
+
+Memory: collection writes rows into one preallocated tensor (no second copy when it ends), and a saved set is
+reopened with `CalibrationSet.open`, which reads the x_t rows from the file batch by batch when they are used:
+calibrating a large model then holds one batch of calibration inputs, not all of them, next to the model.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,11 +46,32 @@ class CalibConfig:
             raise TmpqError("calibration needs num_samples >= 1 and num_steps >= 1")
 
 
+class FileRows:
+    """Rows of one tensor of a safetensors file, read on demand: `rows[a:b]`, `rows[index_tensor]`, `.shape`."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = Path(path), name
+        with safe_open(str(self.path), framework="pt") as fh:
+            self.shape = tuple(fh.get_slice(name).get_shape())
+
+    def __getitem__(self, idx: slice | torch.Tensor) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt") as fh:
+            rows = fh.get_slice(self.name)
+            if isinstance(idx, slice):
+                return rows[idx]
+            idx = torch.as_tensor(idx)
+            idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.flatten()
+            if not len(idx):
+                return rows[0:0]
+            return torch.cat([rows[int(i) : int(i) + 1] for i in idx])
+
+
 @dataclass
 class CalibrationSet:
-    """Denoiser inputs (x_t, t[, prompt id]) for calibration; N = num_samples × num_steps rows."""
+    """Denoiser inputs (x_t, t[, prompt id]) for calibration; N = num_samples × num_steps rows. `x` is a tensor,
+    or `FileRows` read batch by batch from the saved file (`CalibrationSet.open`)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | FileRows
     t: torch.Tensor
     config: CalibConfig
     cond_ids: torch.Tensor | None = None  # (N,) prompt id of each row (conditional models)
@@ -69,6 +94,8 @@ class CalibrationSet:
             yield self.rows(slice(i, i + batch_size))
 
     def save(self, path: str | Path) -> None:
+        if isinstance(self.x, FileRows):
+            raise TmpqError(f"this calibration set is read from {self.x.path}; it is saved already")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -80,36 +107,52 @@ class CalibrationSet:
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
-        path = Path(path)
+        """The whole set in memory."""
+        return cls._read(Path(path), lazy=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> CalibrationSet:
+        """The set with its x_t rows left in the file and read when used (t, prompt ids and embeddings are small)."""
+        return cls._read(Path(path), lazy=True)
+
+    @classmethod
+    def _read(cls, path: Path, lazy: bool) -> CalibrationSet:
         if not path.is_file():
             raise TmpqError(f"calibration file {path} not found; create it with tmpq calibrate / collect_calibration")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-            tensors = load_file(str(path))
+                names = set(fh.keys())
+                if names not in ({"x", "t"}, {"x", "t", "cond_ids", "cond_table"}) or "calib_config" not in meta:
+                    raise TmpqError(
+                        f"{path} is not a tmpq calibration set (expected tensors x, t and calib_config metadata)"
+                    )
+                small = {k: fh.get_tensor(k) for k in names - {"x"}}
+            x = FileRows(path, "x") if lazy else load_file(str(path))["x"]
         except (SafetensorError, OSError) as e:
             raise TmpqError(f"calibration file {path} is unreadable ({e}); re-create it") from None
-        if set(tensors) not in ({"x", "t"}, {"x", "t", "cond_ids", "cond_table"}) or "calib_config" not in meta:
-            raise TmpqError(f"{path} is not a tmpq calibration set (expected tensors x, t and calib_config metadata)")
         config = CalibConfig(**json.loads(meta["calib_config"]))
-        return cls(tensors["x"], tensors["t"], config, tensors.get("cond_ids"), tensors.get("cond_table"))
+        return cls(x, small["t"], config, small.get("cond_ids"), small.get("cond_table"))
 
 
 class _Recorder(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """Writes every denoiser input into preallocated rows: one copy of the data, never a list to concatenate."""
+
+    def __init__(self, model: nn.Module, rows: int, shape: Sequence[int]) -> None:
         super().__init__()
         self.model = model
-        self.xs: list[torch.Tensor] = []
-        self.ts: list[torch.Tensor] = []
-        self.cs: list[torch.Tensor] = []
+        self.x = torch.empty((rows, *shape))
+        self.t = torch.empty(rows, dtype=torch.long)
+        self.c = torch.zeros(rows, dtype=torch.long)
+        self.n = 0
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        self.xs.append(x.detach().cpu())
-        self.ts.append(t.detach().cpu())
+        n, b = self.n, x.shape[0]
+        self.x[n : n + b] = x.detach().cpu()
+        self.t[n : n + b] = t.detach().cpu()
         if cond is not None:
-            self.cs.append(cond.ids.cpu())
+            self.c[n : n + b] = cond.ids.cpu()
+        self.n += b
         return call_denoiser(self.model, x, t, cond)
 
 
@@ -129,9 +172,9 @@ def collect_calibration(
         raise TmpqError("a conditional calibration needs both `cond` and config.conditioning (its digest)")
     if cond is not None and config.conditioning != cond.digest():
         raise TmpqError("config.conditioning is not the digest of the given prompt embeddings")
-    rec = _Recorder(model)
     sampler = DDIMSampler(schedule, make_timesteps(config.schedule, config.num_steps, schedule.num_train_timesteps))
+    rec = _Recorder(model, config.num_samples * len(sampler), sample_shape)
     generate(rec, sampler, config.num_samples, sample_shape, config.seed, batch_size, progress=progress, cond=cond)
     if cond is None:
-        return CalibrationSet(torch.cat(rec.xs), torch.cat(rec.ts), config)
-    return CalibrationSet(torch.cat(rec.xs), torch.cat(rec.ts), config, torch.cat(rec.cs), cond.table.detach().cpu())
+        return CalibrationSet(rec.x, rec.t, config)
+    return CalibrationSet(rec.x, rec.t, config, rec.c, cond.table.detach().cpu())

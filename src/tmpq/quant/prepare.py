@@ -61,7 +61,7 @@ def prepare_supernet(
     cpath = run_dir / CALIB_FILE
     calib = None
     if cpath.is_file():
-        calib = CalibrationSet.load(cpath)
+        calib = CalibrationSet.open(cpath)  # rows read from the file as calibration uses them
         if calib.config != calib_config:
             calib = None
     if calib is None:
@@ -70,6 +70,7 @@ def prepare_supernet(
             loaded.denoiser, loaded.schedule, loaded.sample_shape, calib_config, progress=progress, cond=cond
         )
         calib.save(cpath)
+        calib = CalibrationSet.open(cpath)  # release the collected rows: calibration streams them from the file
         info |= {"calib_forwards": len(calib), "calib_collect_s": round(time.perf_counter() - t0, 2), "reused": False}
     sdir = run_dir / SUPERNET_DIR
     if (sdir / "supernet.json").is_file():
