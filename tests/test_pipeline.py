@@ -67,6 +67,8 @@ def test_run_writes_search_export_and_report(finished_run):
     for fig in ("pareto.png", "bits.png", "timesteps.png", "progress.png"):
         assert (finished_run / "report" / fig).stat().st_size > 1000 and fig in html and fig in md
     assert "uniform PTQ" in md and "FP, 100 steps" in html
+    speed = json.loads((finished_run / "speed.json").read_text())  # measured on this machine by `tmpq run`
+    assert speed["ms_per_image"] and "Measured speed" in md and "Measured speed" in html and "real speed" in md
     manifest = json.loads((finished_run / "export" / "tmpq_compressed.json").read_text())
     assert manifest["info"]["label"] == summary["final"]["best"]["label"]
 

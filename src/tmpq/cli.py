@@ -376,6 +376,9 @@ def _search_command(full: bool) -> Callable[..., None]:
 
             out = CompressionResult(run_dir, loaded, cfg, res).export(run_dir / "export", overwrite=True)
             typer.echo(f"  exported the best sampler to {out}  (load with tmpq.load('{out}'))")
+            from tmpq.runtime.measure import SPEED_FILE, measure_speed, speed_lines
+
+            typer.echo("\n".join(["measured speed:", *speed_lines(measure_speed(out, run_dir / SPEED_FILE))]))
             html_path, md_path = write_report(run_dir)
             typer.echo(f"report: {html_path}  (Markdown: {md_path})")
 
@@ -459,6 +462,22 @@ def export(
     s = sampler_from_run(run_dir, which)
     path = s.export(out, info=s.info, overwrite=overwrite)
     typer.echo(f"exported {s.info['label']} ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs) to {path}")
+
+
+@app.command()
+@_friendly
+def speed(
+    compressed: Annotated[Path, typer.Option(help="an exported sampler (`tmpq export`)")],
+    out: Annotated[Path | None, typer.Option(help="also write the measurements to this JSON file")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    full_steps: Annotated[int, typer.Option(help="the FP reference's step count")] = 100,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Measure an exported sampler against FP32 on this device: which part of its BitOPs saving is real speed."""
+    _threads(threads)
+    from tmpq.runtime.measure import measure_speed, speed_lines
+
+    typer.echo("\n".join(speed_lines(measure_speed(compressed, out, full_steps=full_steps, device=device))))
 
 
 @app.command()

@@ -224,7 +224,18 @@ def _table_md(rows: list[dict], samples: int | None) -> str:
 
 
 def _table_html(rows: list[dict], samples: int | None) -> str:
-    md = _table_md(rows, samples).splitlines()
+    return _md_table_html(_table_md(rows, samples).splitlines())
+
+
+def _speed(run_dir: Path) -> list[str]:
+    """The run's measured speed (RUN/speed.json, written by `tmpq run` / `tmpq speed`) as Markdown lines."""
+    from tmpq.runtime.measure import SPEED_FILE, speed_lines
+
+    path = run_dir / SPEED_FILE
+    return speed_lines(_read_json(path, "re-measure with `tmpq speed`")) if path.is_file() else []
+
+
+def _md_table_html(md: list[str]) -> str:
     head = [c.strip() for c in md[0].strip("|").split("|")]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
     for line in md[2:]:
@@ -314,6 +325,9 @@ def write_report(
         "![progress](progress.png)",
         "",
     ]
+    speed = _speed(run.dir)
+    if speed:
+        md += ["## Measured speed", "", *speed, ""]
     if grids:
         md += ["## Samples (same noise)", ""]
         md += [f"**{t}**\n\n![{t}]({f})\n" for t, f in grids]
@@ -341,6 +355,11 @@ def write_report(
         f'<img src="{figs["progress"].name}" alt="progress">',
     ]
     body.append("</div></div>")
+    if speed:
+        table = [ln for ln in speed if ln.startswith("|")]
+        prose = [ln for ln in speed if ln and not ln.startswith("|")]
+        body += ["<h2>Measured speed</h2>", f"<p>{fact_html(prose[0])}</p>", _md_table_html(table)]
+        body += [f"<p>{fact_html(p)}</p>" for p in prose[1:]]
     if grids:
         body.append("<h2>Samples (same noise)</h2><div class='grids'>")
         body += [f"<figure><img src='{f}'><figcaption>{html.escape(t)}</figcaption></figure>" for t, f in grids]
