@@ -110,3 +110,34 @@ def save_text2image_pipeline(directory: Path) -> Path:
     )
     pipe.save_pretrained(directory)
     return directory
+
+
+def save_pixel_pipeline(directory: Path) -> Path:
+    """DDPMPipeline: a 16×16 RGB UNet2DModel, v-prediction, cosine betas (as tests/models/test_loading.py)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(directory)
+    return directory
+
+
+if __name__ == "__main__":  # python tests/helpers/tiny_pipelines.py OUT_DIR: the three tiny pipelines of the README
+    import sys
+
+    out = Path(sys.argv[1])
+    for name, save in (("pixel", save_pixel_pipeline), ("latent", save_latent_pipeline)):
+        save(out / name)
+    save_text2image_pipeline(out / "t2i")
+    print(f"wrote {out}/pixel, {out}/latent, {out}/t2i")
