@@ -66,3 +66,27 @@ def test_bad_budget_and_lever(make_tiny_unet, tmp_path):
         _cfg(lever="both")
     with pytest.raises(TmpqError, match="WxAy"):
         Budget.like("8bit", 10)
+
+
+def test_fid_against_a_folder_of_the_users_images(make_tiny_unet, tmp_path, monkeypatch):
+    """--fid-reference: the search's FID is measured against the user's own images, not Fashion-MNIST."""
+    import torch
+    from PIL import Image
+
+    monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    values = {}
+    for name, scale in (("noise", 255), ("dark", 20)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(6):
+            px = (torch.rand(32, 32, generator=g) * scale).to(torch.uint8).numpy()
+            Image.fromarray(px, mode="L").save(folder / f"{i}.png")
+        cfg = _cfg(fitness=FitnessConfig(kind="fid", num_samples=4), fid_reference=str(folder))
+        res = run_search(_loaded(make_tiny_unet), cfg, tmp_path / f"run_{name}", progress=False)
+        assert all(0 < r.value < float("inf") for r in res.records)
+        values[name] = res.records[0].value  # the same seeded first candidate in both runs
+    assert values["noise"] != values["dark"]  # scored against each folder, not against Fashion-MNIST
+    fit = FitnessConfig(kind="fid", num_samples=4)
+    with pytest.raises(TmpqError, match="neither 'fashion-mnist' nor a folder"):
+        run_search(_loaded(make_tiny_unet), _cfg(fitness=fit, fid_reference=str(tmp_path / "nope")), tmp_path / "s")
