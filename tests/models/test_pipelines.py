@@ -196,3 +196,24 @@ def test_supernet_wraps_only_the_denoiser(t2i_dir):
     )
     assert sn.units and all(n.startswith("unet.") for n in sn.units)
     assert _no_twins(m.decoder.vae) and _no_twins(m.text_encoder.text_encoder)
+
+
+def test_search_workers_rebuild_the_same_prompts(t2i_dir, tmp_path):
+    """A worker process rebuilds the model from (spec, options): same prompts and guidance, same fitness."""
+    from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
+    from tmpq.search.run import worker_fitness
+
+    loaded = load_model(str(t2i_dir), prompts=["a red car", "a blue sky"], guidance_scale=2.0)
+    cfg = SearchConfig(
+        budget=Budget.like("W8A8", 3),
+        steps=(3,),
+        evolution=EvolutionConfig(population=4, parents=2, mutations=2, crossovers=1, randoms=1, generations=1),
+        fitness=FitnessConfig(kind="proxy", proxy_space="pixels", num_samples=4, reference_steps=6),
+        calib=CalibConfig(2, 3),
+        quant=QuantSpec(w_bits=(4, 8), a_bits=(8,)),
+        sensitivity_inputs=4,
+    )
+    res = run_search(loaded, cfg, tmp_path, progress=False)
+    fitness = worker_fitness(str(t2i_dir), str(tmp_path), cfg, loaded.options)
+    assert fitness.cond is not None and fitness.cond.digest() == loaded.conditioning(4).digest()
+    assert fitness(res.best.candidate).value == res.best.value
