@@ -82,12 +82,6 @@ class _Weight:
             n *= s
         return self._dequant(unpack_codes_torch(self.packed, self.bits, n))
 
-    def to(self, device) -> None:
-        for k in ("scale", "zp", "packed", "value"):
-            v = getattr(self, k)
-            if v is not None:
-                setattr(self, k, v.to(device))
-
     def nbytes(self) -> int:
         return _nbytes(self.value, self.packed, self.scale, self.zp)
 
@@ -110,13 +104,10 @@ class DequantVariant:
             for i, part in enumerate(_parts(x, self.layer.split)):
                 fake_quantize_(part, self.act.scales[i], self.act.zero_points[i], self.act.bits)
         w = self.weight.get() if isinstance(self.weight, _Weight) else self.weight
-        return self.layer.compute(x.to(self.dtype), w.to(self.dtype))
-
-    def to(self, device) -> None:
-        if isinstance(self.weight, _Weight):
-            self.weight.to(device)
-        else:
-            self.weight = self.weight.to(device)
+        y = self.layer.compute(x.to(self.dtype), w.to(self.dtype))
+        if self.layer.channels_last and y.dim() == 4:  # e.g. a 1-channel input gives NCHW whatever the weight
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
 
     def nbytes(self) -> int:
         return self.weight.nbytes() if isinstance(self.weight, _Weight) else _nbytes(self.weight)
@@ -125,14 +116,14 @@ class DequantVariant:
 class IntVariant:
     """Integer kernels, one per input part; each part quantized with its own range, outputs summed."""
 
-    def __init__(self, kernels: list, act: ActRange, bits: int, name: str, dtype: torch.dtype) -> None:
-        self.kernels, self.act, self.bits, self.dtype = kernels, act, bits, dtype
+    def __init__(self, kernels: list, act: ActRange, bits: int, name: str, dtype: torch.dtype, exact: bool) -> None:
+        self.kernels, self.act, self.bits, self.dtype, self.exact = kernels, act, bits, dtype, exact
         self.how = f"{name} int8 kernel"
 
     def __call__(self, x: torch.Tensor, split: int | None) -> torch.Tensor:
         out = None
         for i, (part, k) in enumerate(zip(_parts(x, split), self.kernels)):
-            q = quantize_act(part, self.act.scales[i], self.act.zero_points[i], self.act.bits)
+            q = quantize_act(part, self.act.scales[i], self.act.zero_points[i], self.act.bits, self.exact)
             y = k(q, self.dtype)
             out = y if out is None else out + y
         return out
@@ -159,6 +150,7 @@ class RuntimeLayer(nn.Module):
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
         self.variants: dict[tuple[int | None, int | None], object] = {}
         self.active: tuple[int | None, int | None] | None = None
+        self.channels_last = False
 
     def compute(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
@@ -175,7 +167,9 @@ class RuntimeLayer(nn.Module):
         """Bytes this layer keeps resident for its variants (weights, kernels, biases, scales)."""
         return sum(v.nbytes() for v in self.variants.values()) + _nbytes(self.bias)
 
-    def add_int_variant(self, key, codes, scale, zp, act: ActRange, kernel: str, dtype: torch.dtype) -> None:
+    def add_int_variant(
+        self, key, codes, scale, zp, act: ActRange, kernel: str, dtype: torch.dtype, exact: bool = False
+    ) -> None:
         bias = self.bias
         kernels = []
         offsets = [0] if self.split is None else [0, self.split]
@@ -196,10 +190,24 @@ class RuntimeLayer(nn.Module):
                     else (IntMMLinear(w, b, act.scales[i], act.zero_points[i]))
                 )
             kernels.append(k)
-        self.variants[key] = IntVariant(kernels, act, key[0], kernel, dtype)
+        self.variants[key] = IntVariant(kernels, act, key[0], kernel, dtype, exact)
 
     def add_dequant_variant(self, key, weight, act: ActRange | None, dtype: torch.dtype) -> None:
         self.variants[key] = DequantVariant(self, weight, act, dtype)
+
+    def to_channels_last(self) -> None:
+        """Float conv weights in channels-last, so a float layer (e.g. a full-precision conv_in) keeps the layout
+        the int8 kernels want instead of handing NCHW activations to every layer after it."""
+        if self.kind != "conv":
+            return
+        self.channels_last = True
+        for v in self.variants.values():
+            if isinstance(v, DequantVariant):
+                w = v.weight
+                if isinstance(w, _Weight) and w.value is not None:
+                    w.value = w.value.contiguous(memory_format=torch.channels_last)
+                elif isinstance(w, torch.Tensor):
+                    v.weight = w.contiguous(memory_format=torch.channels_last)
 
     def describe(self) -> dict[str, str]:
         return {f"W{w or 'fp'}A{a or 'fp'}": v.how for (w, a), v in self.variants.items()}

@@ -45,13 +45,16 @@ class RuntimeFallbackWarning(UserWarning):
 @dataclass(frozen=True)
 class Backend:
     """How a compressed sampler executes: `mode` (int8 | fake | packed), the float `dtype` around it, the
-    `device`, and which integer `kernel` (auto: oneDNN on CPU, torch._int_mm elsewhere)."""
+    `device`, and which integer `kernel` (auto: oneDNN on CPU, torch._int_mm elsewhere). `exact_rounding` quantizes
+    activations with the search's own rounding instead of PyTorch's faster fused quantizer (see
+    `kernels.quantize_act`): the integer layers then equal the fake-quantized ones to float rounding."""
 
     mode: str = "int8"
     dtype: str = "float32"
     device: str = "cpu"
     kernel: str = "auto"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on for int8 (oneDNN's int8 conv wants it), off otherwise
+    exact_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -62,6 +65,10 @@ class Backend:
             raise TmpqError(f"backend kernel must be 'auto' or one of {KERNELS}, got {self.kernel!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TmpqError(f"device {self.device!r} asked for, but this PyTorch sees no CUDA device; use 'cpu'")
+
+    @property
+    def memory_format_cl(self) -> bool:
+        return self.mode == "int8" if self.channels_last is None else self.channels_last
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -211,7 +218,7 @@ def _lower_layer(twin: _QuantWeightLayer, pairs: Sequence[tuple], backend: Backe
         if backend.mode == "int8" and act is not None:
             groups = getattr(base, "groups", 1)
             if kernel is not None and groups == 1:
-                layer.add_int_variant((w, a), codes, scale, zp, act, kernel, dtype)
+                layer.add_int_variant((w, a), codes, scale, zp, act, kernel, dtype, backend.exact_rounding)
                 continue
             reasons[(w, a)] = (
                 f"no integer kernel for {torch.device(backend.device).type} in this PyTorch build"
@@ -251,6 +258,8 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
                 )
             continue
         layer, reasons = _lower_layer(unit, used[name], backend, kernel, device)
+        if backend.memory_format_cl:
+            layer.to_channels_last()
         layers[name] = layer
         memo[id(unit)] = layer
         for (w, a), v in layer.variants.items():
@@ -272,7 +281,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     else:
         model = copy.deepcopy(sn.model, memo)  # the twins map to their frozen layers: candidate codes are not copied
     model = model.to(device=device, dtype=backend.torch_dtype)
-    if backend.channels_last:
+    if backend.memory_format_cl:
         model = model.to(memory_format=torch.channels_last)
     matmuls = {n: model.get_submodule(n) for n, u in sn.units.items() if isinstance(u, MatmulQuant)}
     step_bits = {t: cfg.as_dict() for t, cfg in steps}
@@ -280,7 +289,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     for t, bits in step_bits.items():  # steps of one phase share one dict: the denoiser switches once per phase
         key = tuple(sorted(bits.items(), key=lambda kv: kv[0]))
         step_bits[t] = by_phase.setdefault(key, bits)
-    den = RuntimeDenoiser(model.eval(), layers, matmuls, step_bits, backend.torch_dtype, backend.channels_last)
+    den = RuntimeDenoiser(model.eval(), layers, matmuls, step_bits, backend.torch_dtype, backend.memory_format_cl)
     return RuntimeSampler(den, sampler, backend, plan)
 
 
