@@ -53,7 +53,7 @@ class Backend:
     dtype: str = "float32"
     device: str = "cpu"
     kernel: str = "auto"
-    channels_last: bool | None = None  # None: on for int8 (oneDNN's int8 conv wants it), off otherwise
+    channels_last: bool | None = None  # None: on where oneDNN int8 kernels run (they want it), off otherwise
     exact_rounding: bool = False
 
     def __post_init__(self) -> None:
@@ -65,10 +65,6 @@ class Backend:
             raise TmpqError(f"backend kernel must be 'auto' or one of {KERNELS}, got {self.kernel!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TmpqError(f"device {self.device!r} asked for, but this PyTorch sees no CUDA device; use 'cpu'")
-
-    @property
-    def memory_format_cl(self) -> bool:
-        return self.mode == "int8" if self.channels_last is None else self.channels_last
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -240,6 +236,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     sn = sampler.supernet
     device = torch.device(backend.device)
     kernel = backend.int_kernel() if backend.mode == "int8" else None
+    cl = backend.channels_last if backend.channels_last is not None else kernel == "onednn"
     steps = sampler.step_configs()
     used: dict[str, list[tuple]] = {n: [] for n in sn.units}
     for _, cfg in steps:
@@ -258,7 +255,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
                 )
             continue
         layer, reasons = _lower_layer(unit, used[name], backend, kernel, device)
-        if backend.memory_format_cl:
+        if cl:
             layer.to_channels_last()
         layers[name] = layer
         memo[id(unit)] = layer
@@ -281,7 +278,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     else:
         model = copy.deepcopy(sn.model, memo)  # the twins map to their frozen layers: candidate codes are not copied
     model = model.to(device=device, dtype=backend.torch_dtype)
-    if backend.memory_format_cl:
+    if cl:
         model = model.to(memory_format=torch.channels_last)
     matmuls = {n: model.get_submodule(n) for n, u in sn.units.items() if isinstance(u, MatmulQuant)}
     step_bits = {t: cfg.as_dict() for t, cfg in steps}
@@ -289,7 +286,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     for t, bits in step_bits.items():  # steps of one phase share one dict: the denoiser switches once per phase
         key = tuple(sorted(bits.items(), key=lambda kv: kv[0]))
         step_bits[t] = by_phase.setdefault(key, bits)
-    den = RuntimeDenoiser(model.eval(), layers, matmuls, step_bits, backend.torch_dtype, backend.memory_format_cl)
+    den = RuntimeDenoiser(model.eval(), layers, matmuls, step_bits, backend.torch_dtype, cl)
     return RuntimeSampler(den, sampler, backend, plan)
 
 
