@@ -83,13 +83,22 @@ class IntWeight:
     shift: torch.Tensor | None  # (O,) float32 or None
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> IntWeight:
-        zp = zero_point.reshape(-1, *([1] * (codes.ndim - 1))).to(torch.int32)
-        centred = codes.to(torch.int32) - zp
-        if int(centred.min()) >= -128 and int(centred.max()) <= 127:
-            return cls(centred.to(torch.int8), scale.float().contiguous(), None)
+    def from_codes(
+        cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, shift: bool | None = None
+    ) -> IntWeight:
+        """`shift` None: only when q_w − z_w leaves int8; True/False forces it (the parts of a split layer agree)."""
+        if shift is None:
+            shift = cls.needs_shift(codes, zero_point)
+        if not shift:
+            zp = zero_point.reshape(-1, *([1] * (codes.ndim - 1))).to(torch.int32)
+            return cls((codes.to(torch.int32) - zp).to(torch.int8), scale.float().contiguous(), None)
         shifted = (codes.to(torch.int32) - 128).to(torch.int8)
         return cls(shifted, scale.float().contiguous(), (128 - zero_point.float()).contiguous())
+
+    @staticmethod
+    def needs_shift(codes: torch.Tensor, zero_point: torch.Tensor) -> bool:
+        centred = codes.to(torch.int32) - zero_point.reshape(-1, *([1] * (codes.ndim - 1))).to(torch.int32)
+        return int(centred.min()) < -128 or int(centred.max()) > 127
 
 
 def _with_sum_rows(w: IntWeight, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -134,16 +143,22 @@ class OneDNNConv:
         self._zeros = torch.zeros(values.shape[0], dtype=torch.long)
         self.corr = None if w.shift is None else (w.scale * w.shift)
 
-    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         c = self.conv
         if not q.is_contiguous(memory_format=torch.channels_last):
             q = q.contiguous(memory_format=torch.channels_last)  # NCHW input costs oneDNN a ~7x slower reorder
         bias = None if self.bias is None else self.bias.to(out_dtype)
-        y = torch.ops.onednn.qconv2d_pointwise(
+        return torch.ops.onednn.qconv2d_pointwise(
             q, self.x_scale, self.x_zp, self.packed, self.scale, self._zeros, bias,
             list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"], 1.0, 0, out_dtype, "none", [], "",
         )  # fmt: skip
-        return y if self.corr is None else _apply_shift(y, self.out_channels, self.corr.to(out_dtype))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output from the raw kernel output (or the sum of a split layer's parts' raw outputs)."""
+        return y if self.corr is None else _apply_shift(y, self.out_channels, self.corr.to(y.dtype))
+
+    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.finish(self.raw(q, out_dtype))
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + _nbytes(self.bias, self.scale, self.corr)
@@ -161,12 +176,17 @@ class OneDNNLinear:
         self._zeros = torch.zeros(values.shape[0], dtype=torch.long)
         self.corr = None if w.shift is None else w.scale * w.shift
 
-    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(out_dtype)
-        y = torch.ops.onednn.qlinear_pointwise(
+        return torch.ops.onednn.qlinear_pointwise(
             q, self.x_scale, self.x_zp, self.packed, self.scale, self._zeros, bias, 1.0, 0, out_dtype, "none", [], ""
         )
-        return y if self.corr is None else _apply_shift(y, self.out_features, self.corr.to(out_dtype))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.corr is None else _apply_shift(y, self.out_features, self.corr.to(y.dtype))
+
+    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.finish(self.raw(q, out_dtype))
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + _nbytes(self.bias, self.scale, self.corr)
@@ -206,7 +226,13 @@ class IntMMLinear:
         acc = int_mm_exact(q2d, self.x_zp, self.w)
         return acc[: acc.shape[0] - pad] if pad else acc
 
+    def finish(self, y: torch.Tensor) -> torch.Tensor:  # the corrections are already in the int32 accumulator
+        return y
+
     def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.raw(q, out_dtype)
+
+    def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         lead = q.shape[:-1]
         y = self.matmul(q.reshape(-1, q.shape[-1])).float() * self.out_scale
         if self.bias is not None:
@@ -224,7 +250,7 @@ class IntMMConv(IntMMLinear):
         super().__init__(w, bias, x_scale, x_zp)
         self.conv = conv
 
-    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         c = self.conv
         b, _, h, w = q.shape
         kh, kw = c["kernel_size"]

@@ -124,9 +124,9 @@ class IntVariant:
         out = None
         for i, (part, k) in enumerate(zip(_parts(x, split), self.kernels)):
             q = quantize_act(part, self.act.scales[i], self.act.zero_points[i], self.act.bits, self.exact)
-            y = k(q, self.dtype)
-            out = y if out is None else out + y
-        return out
+            y = k.raw(q, self.dtype)
+            out = y if out is None else out.add_(y)
+        return self.kernels[0].finish(out)  # the parts share one shift correction: applied once, to the sum
 
     def nbytes(self) -> int:
         return sum(k.nbytes() for k in self.kernels)
@@ -174,8 +174,9 @@ class RuntimeLayer(nn.Module):
         kernels = []
         offsets = [0] if self.split is None else [0, self.split]
         ends = [codes.shape[1]] if self.split is None else [self.split, codes.shape[1]]
+        shift = any(IntWeight.needs_shift(codes[:, lo:hi], zp) for lo, hi in zip(offsets, ends))
         for i, (lo, hi) in enumerate(zip(offsets, ends)):
-            w = IntWeight.from_codes(codes[:, lo:hi], scale, zp)
+            w = IntWeight.from_codes(codes[:, lo:hi], scale, zp, shift)
             b = bias if i == 0 else None
             if kernel == "onednn":
                 k = (
