@@ -1,5 +1,6 @@
-"""Measured speed, memory and size of the built-in model's samplers: FP32, bf16, W8A8 (fake-quantized as the search
-sees it, and on real int8 kernels), and a searched configuration (an export), each at full and reduced steps.
+"""Measured speed, memory and size of a model's samplers (the built-in one by default): FP32, bf16, W8A8
+(fake-quantized as the search sees it, and on real int8 kernels), and a searched configuration (an export), each at
+full and reduced steps.
 
 Each row runs in its own process, so its peak RSS is its own. Latency is the wall time of a whole sampling run
 (every denoiser step plus the DDIM updates) divided by the images it made, at batch 1 and batch 64.
@@ -46,6 +47,17 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM): unlike ru_maxrss it is not inherited from the parent across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _FPSampler:
     """The plain (unquantized) model in a float dtype, sampled like the others."""
 
@@ -84,7 +96,7 @@ def _sampler(row: str, steps: str, run_dir: Path, compressed: Path | None, devic
 
     weights, mode, dtype = ROWS[row]
     full = json.loads(os.environ["TMPQ_SPEED_FULL"])
-    loaded = load_model("builtin:fashion")
+    loaded = load_model(full["model"])
     timesteps = full["searched_timesteps"] if steps == "searched" else make_timesteps("uniform", full["steps"], 1000)
     if weights == "fp":
         return _FPSampler(loaded, getattr(torch, dtype), timesteps, device)
@@ -120,12 +132,13 @@ def _measure(row: str, run_dir: Path, compressed: Path | None, device: str, batc
         if hasattr(s, "summary"):
             out["mac_share"] = s.summary()["mac_share"]
             out["bitops_fraction"] = s.summary()["bitops_fraction_of_fp_same_steps"]
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 
 def main(
     compressed: Annotated[Path | None, typer.Option(help="an export of a searched sampler (tmpq export)")] = None,
+    model: Annotated[str, typer.Option(help="model spec for the FP and W8A8 rows")] = "builtin:fashion",
     run_dir: Path = Path("runs/speed"),
     out: Path = Path("runs/speed"),
     full_steps: int = 100,
@@ -141,13 +154,12 @@ def main(
         print("ROW " + json.dumps(res))
         return
     from tmpq.export import MANIFEST, TENSORS, load
-    from tmpq.models.builtin import BUILTIN_UNET
     from tmpq.models.loading import load_model
     from tmpq.quant.prepare import prepare_supernet
 
     out.mkdir(parents=True, exist_ok=True)
     searched_ts = json.loads((compressed / MANIFEST).read_text())["timesteps"] if compressed else None
-    loaded = load_model("builtin:fashion")
+    loaded = load_model(model)
     sn, _, _ = prepare_supernet(loaded, run_dir)  # calibrated once here; every row process reuses it from disk
     from tmpq.compressed import CompressedSampler
     from tmpq.sampling.schedules import make_timesteps
@@ -156,13 +168,16 @@ def main(
     w8 = CompressedSampler(sn, loaded.schedule, ts, [sn.uniform_config(8, 8)])
     w8_dir = w8.export(out / "w8a8_export", overwrite=True)
     sizes = {
-        "fp": BUILTIN_UNET.stat().st_size,
+        "fp": loaded.weights_path.stat().st_size
+        if loaded.weights_path
+        else 4 * sum(p.numel() for p in loaded.denoiser.parameters()),
         "w8a8": (w8_dir / TENSORS).stat().st_size,
         "searched": (compressed / TENSORS).stat().st_size if compressed else None,
     }
     if compressed:
         load(compressed)  # fail now, with tmpq's message, if the export is damaged
-    env = {**os.environ, "TMPQ_SPEED_FULL": json.dumps({"steps": full_steps, "searched_timesteps": list(ts)})}
+    full = {"model": model, "steps": full_steps, "searched_timesteps": list(ts)}
+    env = {**os.environ, "TMPQ_SPEED_FULL": json.dumps(full)}
     results = {}
     for name, (weights, _, _) in ROWS.items():
         if weights == "searched" and not compressed:
@@ -203,8 +218,8 @@ def main(
     )
     table = head + "\n\n" + "\n".join(lines) + "\n"
     (out / "speed.md").write_text(table)
-    config = {"compressed": str(compressed) if compressed else None, "full_steps": full_steps, "batch": batch,
-              "device": device, "threads": threads, "cpu": _cpu_name()}  # fmt: skip
+    config = {"model": model, "compressed": str(compressed) if compressed else None, "full_steps": full_steps,
+              "batch": batch, "device": device, "threads": threads, "cpu": _cpu_name()}  # fmt: skip
     (out / "speed.json").write_text(json.dumps({"config": config, "sizes": sizes, "rows": results}, indent=2))
     typer.echo(table)
 
