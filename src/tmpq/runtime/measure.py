@@ -124,8 +124,9 @@ def speed_lines(res: dict) -> list[str]:
         "",
         f"Of the {g['bitops']:.0f}× fewer BitOPs, {g['real']:.1f}× is real speed here: {g['from_steps']:.1f}× from "
         f"fewer steps and {g['from_kernels']:.2f}× from running {res['int8_mac_share']:.0%} of the MACs on int8 "
-        f"kernels. The remaining {g['bitops_only']:.0f}× exists only in BitOPs (sub-8-bit widths run on the same "
-        "int8 kernels; no faster kernel exists for them on this device) — and in memory: the int8 backend keeps "
+        f"kernels. The remaining {g['bitops_only']:.0f}× exists only in BitOPs: an int8 kernel is not the 16× of "
+        "32×32 → 8×8 bit products (activations must be quantized, outputs stay float), and sub-8-bit widths run on "
+        "the same int8 kernels, none faster existing for them here. Memory does shrink: the int8 backend keeps "
         f"{res['resident_bytes']['int8'] / 1024:.0f} KB resident against "
         f"{res['resident_bytes']['fp32'] / 1024:.0f} KB of FP32 weights.",
     ]
