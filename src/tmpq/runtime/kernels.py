@@ -212,19 +212,26 @@ class IntMMLinear:
     """Linear layer on torch._int_mm (CPU or CUDA)."""
 
     def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int) -> None:
-        self.w = IntWeight(w.values.reshape(w.values.shape[0], -1), w.scale, w.shift)
+        # CUDA's _int_mm wants M > 16 and K, N multiples of 8: the weight gets zero rows (extra outputs, sliced
+        # off) and zero columns (matched by activation columns at the zero point, so they add exactly nothing)
+        values = w.values.reshape(w.values.shape[0], -1)
+        self.n, self.k = values.shape
+        values = F.pad(values, (0, (-self.k) % 8, 0, (-self.n) % 8))
+        shift = None if w.shift is None else F.pad(w.shift, (0, (-self.n) % 8))
+        self.w = IntWeight(values, w.scale, shift)
         self.x_scale, self.x_zp = float(x_scale), int(x_zp)
         self.shifted = w.shift is not None
         self.bias = None if bias is None else bias.detach().float()
-        self.out_scale = self.x_scale * self.w.scale
+        self.out_scale = self.x_scale * w.scale
 
     def matmul(self, q2d: torch.Tensor) -> torch.Tensor:
-        pad = (-q2d.shape[0]) % 8  # CUDA's _int_mm wants M > 16 and multiples of 8; padding rows is harmless
-        if pad or q2d.shape[0] <= 16:
-            pad = pad + (24 if q2d.shape[0] + pad <= 16 else 0)
-            q2d = torch.cat([q2d, q2d.new_full((pad, q2d.shape[1]), self.x_zp)])
-        acc = int_mm_exact(q2d, self.x_zp, self.w)
-        return acc[: acc.shape[0] - pad] if pad else acc
+        """Σ_k (q_x − z_x)(q_w − z_w) for q2d (M, K) uint8 → (M, N) int32."""
+        m = q2d.shape[0]
+        rows = max((-m) % 8, 24 - m if m <= 16 else 0)
+        cols = self.w.values.shape[1] - self.k
+        if rows or cols:
+            q2d = F.pad(q2d, (0, cols, 0, rows), value=self.x_zp)
+        return int_mm_exact(q2d, self.x_zp, self.w)[:m, : self.n]
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:  # the corrections are already in the int32 accumulator
         return y
