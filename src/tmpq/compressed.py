@@ -138,22 +138,10 @@ class CompressedSampler:
         """Images in [-1, 1], shape (N, C, H, W); sample i comes from seed `seed + i` (and, text-to-image, from
         prompt i mod len(prompts)). A latent model's samples are decoded by its FP autoencoder unless `decode`
         is False (then: latents of `sample_shape`)."""
-        cond = self.conditioning(num_samples, prompts)
         try:
-            out = generate(
-                self.denoiser,
-                self.ddim(),
-                num_samples,
-                self.sample_shape,
-                seed,
-                batch_size,
-                progress=progress,
-                cond=cond,
-            )
+            return sample_images(self, self.denoiser, num_samples, seed, batch_size, progress, prompts, decode)
         finally:
             self.supernet.set_fp()
-        decoder = self.parts.decoder
-        return decoder(out) if decode and decoder is not None else out
 
     def to_pipeline(self):
         """A diffusers pipeline (`pipe()` / `pipe(prompt)`) running this sampler's quantized UNet on its timesteps."""
@@ -166,3 +154,24 @@ class CompressedSampler:
         from tmpq.export import export_sampler
 
         return export_sampler(self, directory, **kwargs)
+
+
+def sample_images(
+    sampler,
+    denoiser,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    prompts: str | Sequence[str] | None,
+    decode: bool,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """What every compressed sampler's `sample` does around its denoiser (the super-network's, or a runtime
+    backend's): prompts to conditioning, DDIM from the per-sample seeds, decoding by the FP autoencoder."""
+    cond = sampler.conditioning(num_samples, prompts)
+    out = generate(
+        denoiser, sampler.ddim(), num_samples, sampler.sample_shape, seed, batch_size, device, progress, cond=cond
+    )
+    decoder = sampler.parts.decoder
+    return decoder(out) if decode and decoder is not None else out

@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tmpq.compressed import CompressedSampler
+from tmpq.compressed import CompressedSampler, sample_images
 from tmpq.errors import TmpqError
 from tmpq.quant.layers import MatmulQuant, _QuantWeightLayer
 from tmpq.runtime.kernels import KERNELS, kernel_available
 from tmpq.runtime.layers import ActRange, RuntimeLayer, _Weight
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
-from tmpq.sampling.ddim import DDIMSampler, generate
+from tmpq.sampling.ddim import DDIMSampler
 
 MODES = ("int8", "fake", "packed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,20 +144,9 @@ class RuntimeSampler:
         decode: bool = True,
     ) -> torch.Tensor:
         """Images on the CPU exactly as `CompressedSampler.sample` makes them (same seeds, prompts, decoding)."""
-        cond = self.conditioning(num_samples, prompts)
-        out = generate(
-            self.denoiser,
-            self.ddim(),
-            num_samples,
-            self.sample_shape,
-            seed,
-            batch_size,
-            self.backend.device,
-            progress,
-            cond=cond,
+        return sample_images(
+            self, self.denoiser, num_samples, seed, batch_size, progress, prompts, decode, self.backend.device
         )
-        decoder = self.parts.decoder
-        return decoder(out) if decode and decoder is not None else out
 
     def memory_bytes(self) -> int:
         """Bytes the model keeps resident: frozen layers' weights/kernels plus every other parameter and buffer."""
