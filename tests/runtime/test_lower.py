@@ -178,6 +178,27 @@ def test_load_with_backend(compressed, tmp_path):
     assert isinstance(tmpq.load(out), CompressedSampler)  # no backend: the super-network sampler, as before
 
 
+def test_loaded_runtime_keeps_no_super_network(compressed, tmp_path, monkeypatch):
+    """What `memory_bytes` reports is what stays: the super-network and its twins are released after lowering."""
+    import gc
+    import weakref
+
+    from tmpq.runtime import lowering as lower_module
+
+    seen = []
+    real = lower_module.lower
+
+    def spy(sampler, backend, inplace=False):
+        seen.append(weakref.ref(sampler.supernet))
+        return real(sampler, backend, inplace)
+
+    monkeypatch.setattr(lower_module, "lower", spy)
+    rs = lower_module.load(compressed.export(tmp_path / "exp"), backend="int8")
+    gc.collect()
+    assert seen and seen[0]() is None
+    assert rs.sample(1, seed=0).shape == (1, 1, 32, 32)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 def test_cuda_int8_backend_matches_cpu(compressed, calib):
     cpu = lower(compressed, "fake").denoiser

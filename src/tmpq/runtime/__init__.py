@@ -6,6 +6,6 @@ has; `plan` and `summary()` say which layer runs which way.
 """
 
 from tmpq.runtime.kernels import kernel_available
-from tmpq.runtime.lower import MODES, Backend, RuntimeFallbackWarning, RuntimeSampler, load, lower
+from tmpq.runtime.lowering import MODES, Backend, RuntimeFallbackWarning, RuntimeSampler, load, lower
 
 __all__ = ["MODES", "Backend", "RuntimeFallbackWarning", "RuntimeSampler", "kernel_available", "load", "lower"]

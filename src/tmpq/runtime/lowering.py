@@ -120,12 +120,14 @@ class RuntimeSampler:
         self.denoiser = denoiser
         self.schedule, self.timesteps = source.schedule, source.timesteps
         self.sample_shape, self.eta = source.sample_shape, source.eta
-        self.parts, self.conditioning = source.parts, source.conditioning  # FP decoder / text encoder, prompts
+        self.parts = source.parts  # FP decoder / text encoder, prompts (no reference to the super-network is kept)
         self.backend = backend
         self.plan = plan
         self.info = dict(source.info)
         self._bitops = source.bitops()
         self._bitops_fp = source.supernet.cost.bitops(None, len(source.timesteps))
+
+    conditioning = CompressedSampler.conditioning  # reads only self.parts
 
     def bitops(self) -> int:
         return self._bitops
