@@ -62,7 +62,10 @@ def quantize_act(x: torch.Tensor, scale: float, zero_point: int, bits: int, exac
         try:
             with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; we only borrow codes
                 warnings.simplefilter("ignore")
-                q = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8).int_repr()
+                qt = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)
+            # its codes as a plain uint8 tensor on the same storage (int_repr() would copy them)
+            q = torch.empty(0, dtype=torch.uint8, device=qt.device)
+            q.set_(qt.untyped_storage(), qt.storage_offset(), qt.shape, qt.stride())
             return q if bits == 8 else q.clamp_(0, 2**bits - 1)
         except (RuntimeError, NotImplementedError):  # a device or build without it: the exact path below
             pass
