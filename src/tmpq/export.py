@@ -46,6 +46,7 @@ from tmpq.sampling.schedules import NoiseSchedule
 FORMAT = "tmpq-compressed"
 FORMAT_VERSION = 3  # 2: weight codes bit-packed; 3: model kind, UNet class, FP pipeline parts (v2 still loads)
 READABLE_VERSIONS = (2, 3)
+PART_LIBRARIES = ("diffusers", "transformers")  # where the FP parts of a pipeline (VAE, text encoder) come from
 MANIFEST = "tmpq_compressed.json"
 TENSORS = "weights.safetensors"
 CARD = "README.md"
@@ -251,10 +252,19 @@ def _load_parts(m: dict, directory: Path) -> PipelineParts:
 
     loaded = {}
     for name, p in m.get("parts", {}).items():
+        if p.get("library") not in PART_LIBRARIES:  # the manifest names what gets imported: only these, ever
+            raise TmpqError(
+                f"the export's {name} part names library {p.get('library')!r}; only {PART_LIBRARIES} parts are "
+                "loaded. The manifest was edited or is not a tmpq export: re-export it"
+            )
         try:
             cls = getattr(importlib.import_module(p["library"]), p["class"])
         except ImportError:
             raise TmpqError(f"this export needs {p['library']!r} for its {name}: pip install 'tmpq[t2i]'") from None
+        except AttributeError:
+            raise TmpqError(f"{p['library']} has no class {p['class']!r} (the export's {name}); re-export it") from None
+        if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+            raise TmpqError(f"{p['library']}.{p['class']} is not a model or tokenizer class; re-export it")
         loaded[name] = cls.from_pretrained(str(directory / p["dir"]))
     vae_key = next((k for k in ("vae", "vqvae") if k in loaded), None)
     decoder = LatentDecoder(loaded[vae_key], key=vae_key) if vae_key else None

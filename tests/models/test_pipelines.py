@@ -87,6 +87,15 @@ def test_damaged_fp_part_is_refused(latent_dir, tmp_path):
     cfg.write_text(cfg.read_text().replace('"latent_channels": 4', '"latent_channels": 3'))
     with pytest.raises(TmpqError, match="checksum"):
         tmpq.load(out)
+    cfg.write_text(cfg.read_text().replace('"latent_channels": 3', '"latent_channels": 4'))
+    manifest = out / "tmpq_compressed.json"
+    original = manifest.read_text()
+    for library, klass, match in (("os", "system", "only"), ("diffusers", "NoSuchModel", "no class")):
+        m = json.loads(original)
+        m["parts"]["vqvae"] |= {"library": library, "class": klass}
+        manifest.write_text(json.dumps(m))
+        with pytest.raises(TmpqError, match=match):  # a manifest never makes tmpq import or call something else
+            tmpq.load(out)
 
 
 def test_text2image_loads_prompts_and_guidance(t2i_dir, tmp_path):
