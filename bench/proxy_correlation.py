@@ -4,7 +4,12 @@ Draws candidates of the joint space at a budget (random schedules inside the qua
 repaired into the budget), scores each with the proxy (few samples) and with FID (many samples), same
 seeds for all, and prints the rank correlation. Resumable: scores are kept in OUT/scores.json.
 
+Random candidates span a wide range of quality, where any sensible proxy ranks well. What matters for a search is
+the ranking among the candidates it actually visits: `--from-run RUN` takes them from a finished search instead
+(the `--candidates` best by the run's own fitness, spread over its range by taking every k-th).
+
     .venv/bin/python bench/proxy_correlation.py --candidates 24 --proxy-samples 64 --fid-samples 1000
+    .venv/bin/python bench/proxy_correlation.py --from-run runs/demo --candidates 16 --out runs/proxy_corr_demo
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from scipy.stats import spearmanr
 from tmpq.evaluate import reference_metric
 from tmpq.models.loading import load_model
 from tmpq.quant.prepare import prepare_supernet
-from tmpq.search import Budget, CandidateCost, FitnessConfig, Repairer, SampleFitness, SearchSpace
+from tmpq.search import Budget, Candidate, CandidateCost, FitnessConfig, Repairer, SampleFitness, SearchSpace
 
 
 def main(
@@ -31,6 +36,7 @@ def main(
     steps: int = 10,
     seed: int = 0,
     out: Path = Path("runs/proxy_corr"),
+    from_run: Path | None = None,
 ) -> None:
     start = time.time()
     loaded = load_model("builtin:fashion")
@@ -41,6 +47,11 @@ def main(
     rng = random.Random(seed)
     b = Budget.like(like, steps)
     cands = [space.candidate(space.default_timesteps(steps), space.uniform_bits(b.w, b.a))]  # the uniform baseline
+    if from_run is not None:
+        records = json.loads((from_run / "search_state.json").read_text())["records"].values()
+        ranked = sorted(records, key=lambda r: r["value"])
+        step = max(1, len(ranked) // candidates)
+        cands = [Candidate.from_json(r["candidate"]) for r in ranked[::step][:candidates]]
     rep = Repairer(cost)
     while len(cands) < candidates:
         c = rep.repair(space.random(rng), budget)
