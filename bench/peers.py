@@ -171,65 +171,83 @@ def keep_shared(shared: Path, run_dir: Path) -> None:
             shutil.copy2(run_dir / name, shared / name)
 
 
+def fp_sampler(row: Row, ctx: dict, seed: int):
+    """sample(k, progress) of the FP model on the row's schedule (a fresh, unwrapped copy of the model)."""
+    loaded = ctx["loaded"]
+    fp = load_model(loaded.spec)
+    ddim = DDIMSampler(loaded.schedule, make_timesteps(row.schedule, row.steps, loaded.schedule.num_train_timesteps))
+
+    def sample(k: int, progress: bool = False) -> torch.Tensor:
+        return generate(fp.denoiser, ddim, k, loaded.sample_shape, seed, 100, progress=progress)
+
+    return sample
+
+
+def quantized_sampler(row: Row, ctx: dict) -> CompressedSampler:
+    """The row's compressed sampler: a uniform setting on the shared super-network, or a finished search's best."""
+    loaded, sn = ctx["loaded"], ctx["sn"]
+    if row.kind == "ptq":
+        ts = make_timesteps(row.schedule, row.steps, loaded.schedule.num_train_timesteps)
+        return CompressedSampler(sn, loaded.schedule, ts, [sn.uniform_config(*row.precision)], (), loaded.sample_shape)
+    return sampler_from_run(ctx["out"] / "runs" / row.name, "search")
+
+
+def timing(row: Row, ctx: dict, seed: int, time_n: int, sampler: CompressedSampler | None = None) -> dict:
+    """Measured sampling time per image: FP rows in PyTorch fp32, quantized rows on tmpq.runtime's int8 backend."""
+    info = {"time_threads": torch.get_num_threads(), "time_images": time_n}
+    if row.kind == "fp":
+        return info | {"ms_per_image": time_per_image(fp_sampler(row, ctx, seed), time_n), "time_backend": "fp32"}
+    from tmpq.runtime import Backend, lower
+
+    sampler = sampler or quantized_sampler(row, ctx)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rt = lower(sampler, Backend("int8"))
+    ms = time_per_image(lambda k: rt.sample(k, seed, batch_size=64), time_n)
+    sampler.supernet.set_fp()
+    return info | {
+        "ms_per_image": ms,
+        "time_backend": "int8",
+        "runtime_mac_share": rt.summary()["mac_share"],
+        "runtime_warnings": sorted({str(w.message)[:200] for w in caught}),
+    }
+
+
 def compute_row(row: Row, ctx: dict, n: int, seed: int, time_n: int) -> dict:
     """Sample the row's n images, score them, measure cost and speed; returns the row's result fields."""
-    metric, loaded, sn = ctx["metric"], ctx["loaded"], ctx["sn"]
+    metric, sn = ctx["metric"], ctx["sn"]
     res: dict = {"search": None}
     if row.kind == "fp":
-        fp = load_model(loaded.spec)
-        ts = make_timesteps(row.schedule, row.steps, loaded.schedule.num_train_timesteps)
-        ddim = DDIMSampler(loaded.schedule, ts)
-
-        def fp_sample(k: int, progress: bool = False) -> torch.Tensor:
-            return generate(fp.denoiser, ddim, k, loaded.sample_shape, seed, 100, progress=progress)
-
+        ts = make_timesteps(row.schedule, row.steps, ctx["loaded"].schedule.num_train_timesteps)
         res |= {"timesteps": ts, "bitops": sn.cost.bitops(None, row.steps), "size_bits": sn.cost.size_bits(None)}
-        res |= {"ms_per_image": time_per_image(fp_sample, time_n), "time_backend": "fp32 (PyTorch)"}
+        res |= timing(row, ctx, seed, time_n)
         reused = reused_fp_row(ctx["fp_rows"], row, n, seed, ctx["weights_sha"])
         if reused is None and row.name == "fp100" and ctx["quote_fp100"] and (n, seed) == (5000, 0):
             reused = FP100_QUOTED | {"source": "README baseline table (bench/baseline.py, runs/baseline5k)"}
         if reused is not None:
             return res | reused | {"fid_halves": None, "fid_half_spread": None, "sample_wall_s": None}
         t0 = time.perf_counter()
-        images = fp_sample(n, progress=True)
-        return (
-            res
-            | {"sample_wall_s": round(time.perf_counter() - t0, 1), "source": "computed"}
-            | score(images, metric, seed)
-        )
-    if row.kind == "ptq":
-        ts = make_timesteps(row.schedule, row.steps, loaded.schedule.num_train_timesteps)
-        sampler = CompressedSampler(
-            sn, loaded.schedule, ts, [sn.uniform_config(*row.precision)], (), loaded.sample_shape
-        )
-    else:
+        images = fp_sampler(row, ctx, seed)(n, progress=True)
+        wall = {"sample_wall_s": round(time.perf_counter() - t0, 1), "source": "computed"}
+        return res | wall | score(images, metric, seed)
+    if row.kind == "search":
         run_dir = ctx["out"] / "runs" / row.name
         seed_run_dir(ctx["shared"], run_dir)
-        run_search(load_model(loaded.spec), row.search, run_dir, execution=ctx["execution"])
+        run_search(load_model(ctx["loaded"].spec), row.search, run_dir, execution=ctx["execution"])
         keep_shared(ctx["shared"], run_dir)
         summary = json.loads((run_dir / "search.json").read_text())
         res["search"] = summary["search_cost"] | {"best_fitness": summary["best"]["value"], "run_dir": str(run_dir)}
-        sampler = sampler_from_run(run_dir, "search")
+    sampler = quantized_sampler(row, ctx)
     t0 = time.perf_counter()
     images = sampler.sample(n, seed, batch_size=100, progress=True)
     res |= {"sample_wall_s": round(time.perf_counter() - t0, 1), "source": "computed"} | score(images, metric, seed)
-    from tmpq.runtime import Backend, lower
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rt = lower(sampler, Backend("int8"))
     res |= {
         "timesteps": list(sampler.timesteps),
         "bitops": sampler.bitops(),
         "size_bits": sampler.size_bits(),
         "bits": [list(map(list, c.bits)) for c in sampler.phase_configs],
-        "ms_per_image": time_per_image(lambda k: rt.sample(k, seed, batch_size=64), time_n),
-        "time_backend": "int8 (tmpq.runtime)",
-        "runtime_mac_share": rt.summary()["mac_share"],
-        "runtime_warnings": sorted({str(w.message)[:200] for w in caught}),
     }
-    sampler.supernet.set_fp()
-    return res
+    return res | timing(row, ctx, seed, time_n, sampler)
 
 
 def row_config(row: Row, n: int, seed: int, model: str, weights_sha: str | None) -> dict:
@@ -302,6 +320,7 @@ def main(
         "runs/baseline5k/rows"
     ),
     quote_fp100: Annotated[bool, typer.Option(help="quote FP-100 from the README instead of recomputing")] = True,
+    retime: Annotated[bool, typer.Option(help="re-measure every row's sampling time in one pass at the end")] = False,
     only: Annotated[str, typer.Option(help="comma-separated row names (default: all)")] = "",
     model: str = "builtin:fashion",
 ) -> None:
@@ -347,6 +366,12 @@ def main(
         write_json_atomic(path, res)
         results.append(res)
         typer.echo(f"    FID {res['fid']:.2f}  IS {res['inception_score']:.3f}  ({res['row_wall_s']:.0f} s)", err=True)
+    if retime:  # one pass, one process, one thread setting: the time column compares like with like
+        by_name = {r.name: r for r in spec}
+        for res in results:
+            res |= timing(by_name[res["name"]], ctx, seed, time_samples)
+            write_json_atomic(out / "rows" / f"{res['name']}.json", res)
+            typer.echo(f"    {res['name']}: {res['ms_per_image']:.1f} ms / image ({res['time_backend']})", err=True)
     fp100 = sn.cost.bitops(None, 100)
     results.sort(key=lambda r: -r["bitops"])
     md = table(results, fp100, num_samples)
@@ -364,7 +389,10 @@ def main(
         f"\n\n{num_samples:,} samples per row, seeds {seed}–{seed + num_samples - 1}; FID/IS in the shipped "
         "classifier's feature space against the 60,000 training images. FID halves: the FID of samples "
         f"{seed}–{seed + num_samples // 2 - 1} and of the rest (each biased upward against the full-sample FID). "
-        "\\* not sampled by this run: reused from bench/baseline.py (same seeds, same weights).\n"
+        "\\* not sampled by this run: reused from bench/baseline.py (same seeds, same weights). Sampling time: "
+        f"{time_samples} images in batches of 64 after a warm-up, torch threads "
+        f"{sorted({r.get('time_threads') for r in results}, key=str)}; FP rows in PyTorch fp32, quantized rows on "
+        "tmpq.runtime's int8 backend.\n"
     )
     (out / "peers.md").write_text(md + note)
     plot(results, out / "peers.png")
