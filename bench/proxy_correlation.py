@@ -6,7 +6,8 @@ seeds for all, and prints the rank correlation. Resumable: scores are kept in OU
 
 Random candidates span a wide range of quality, where any sensible proxy ranks well. What matters for a search is
 the ranking among the candidates it actually visits: `--from-run RUN` takes them from a finished search instead
-(the `--candidates` best by the run's own fitness, spread over its range by taking every k-th).
+(`--pick spread`: `--candidates` of them spread over the run's fitness range, every k-th; `--pick top`: the best
+`--candidates` by the run's own fitness, where a search has to tell close candidates apart).
 
     .venv/bin/python bench/proxy_correlation.py --candidates 24 --proxy-samples 64 --fid-samples 1000
     .venv/bin/python bench/proxy_correlation.py --from-run runs/demo --candidates 16 --out runs/proxy_corr_demo
@@ -37,6 +38,7 @@ def main(
     seed: int = 0,
     out: Path = Path("runs/proxy_corr"),
     from_run: Path | None = None,
+    pick: str = "spread",
 ) -> None:
     start = time.time()
     loaded = load_model("builtin:fashion")
@@ -50,7 +52,7 @@ def main(
     if from_run is not None:
         records = json.loads((from_run / "search_state.json").read_text())["records"].values()
         ranked = sorted(records, key=lambda r: r["value"])
-        step = max(1, len(ranked) // candidates)
+        step = max(1, len(ranked) // candidates) if pick == "spread" else 1  # 'top': the best ones only
         cands = [Candidate.from_json(r["candidate"]) for r in ranked[::step][:candidates]]
     rep = Repairer(cost)
     while len(cands) < candidates:
