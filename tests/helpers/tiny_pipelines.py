@@ -28,15 +28,13 @@ def tiny_vae():
     ).eval()
 
 
-def save_latent_pipeline(directory: Path) -> Path:
-    """LDMPipeline: an 8×8×4 latent UNet2DModel, a 16×16 RGB AutoencoderKL, a DDIM scheduler that does not clip."""
-    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel
-
+def tiny_unet2d(unet_class, size: int, channels: int):
+    """The seeded two-level UNet2DModel (8, 16 channels, attention at the lower level) the tiny pipelines share."""
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+    return unet_class(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=1,
         block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -44,6 +42,13 @@ def save_latent_pipeline(directory: Path) -> Path:
         norm_num_groups=4,
         attention_head_dim=8,
     )
+
+
+def save_latent_pipeline(directory: Path) -> Path:
+    """LDMPipeline: an 8×8×4 latent UNet2DModel, a 16×16 RGB AutoencoderKL, a DDIM scheduler that does not clip."""
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel
+
+    unet = tiny_unet2d(UNet2DModel, size=8, channels=4)
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
     LDMPipeline(vqvae=tiny_vae(), unet=unet, scheduler=sched).save_pretrained(directory)
     return directory
@@ -116,18 +121,7 @@ def save_pixel_pipeline(directory: Path) -> Path:
     """DDPMPipeline: a 16×16 RGB UNet2DModel, v-prediction, cosine betas (as tests/models/test_loading.py)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    )
+    unet = tiny_unet2d(UNet2DModel, size=16, channels=3)
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(directory)
     return directory
