@@ -80,6 +80,7 @@ def measure_speed(
     bitops_gain = fp_bitops_full / fake.bitops()
     summary = int8.summary()
     res = {
+        "config": {"export": str(export_dir), "batches": list(batches), "full_steps": full_steps, "device": device},
         "device": device_name(device),
         "threads": torch.get_num_threads(),
         "steps": k,
