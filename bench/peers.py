@@ -270,7 +270,8 @@ def table(rows: list[dict], fp100_bitops: int, n: int) -> str:
     ]
     for r in rows:
         halves = "—" if r["fid_halves"] is None else " / ".join(f"{h:.1f}" for h in r["fid_halves"])
-        fid = f"{r['fid']:.2f}" + ("\\*" if r["source"] != "computed" else "")
+        mark = "" if r["source"] == "computed" else "†" if r["source"].startswith("README") else "\\*"
+        fid = f"{r['fid']:.2f}{mark}"
         lines.append(
             f"| {r['label']} | {len(r['timesteps'])} | {fid} | {halves} | {r['inception_score']:.3f} "
             f"| {r['bitops'] / 1e9:.2f} | {fp100_bitops / r['bitops']:.1f} | {r['size_bits'] / 8e6:.3f} "
@@ -389,7 +390,9 @@ def main(
         f"\n\n{num_samples:,} samples per row, seeds {seed}–{seed + num_samples - 1}; FID/IS in the shipped "
         "classifier's feature space against the 60,000 training images. FID halves: the FID of samples "
         f"{seed}–{seed + num_samples // 2 - 1} and of the rest (each biased upward against the full-sample FID). "
-        "\\* not sampled by this run: reused from bench/baseline.py (same seeds, same weights). Sampling time: "
+        "\\* not sampled by this run: reused from bench/baseline.py's rows (same seeds, same weights); † quoted from "
+        "the README's baseline table (bench/baseline.py, same seeds, same weights; its row file is gone). "
+        "Sampling time: "
         f"{time_samples} images in batches of 64 after a warm-up, torch threads "
         f"{sorted({r.get('time_threads') for r in results}, key=str)}; FP rows in PyTorch fp32, quantized rows on "
         "tmpq.runtime's int8 backend.\n"
