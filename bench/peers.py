@@ -250,6 +250,29 @@ def compute_row(row: Row, ctx: dict, n: int, seed: int, time_n: int) -> dict:
     return res | timing(row, ctx, seed, time_n, sampler)
 
 
+def proxy_check(ctx: dict, spec: list[Row], names: list[str], seed: int, fitness_samples: int, fresh: int) -> list:
+    """Why a search's best can lose to its own seed: the proxy (mean squared feature distance to FP-100 samples
+    from the same noise) of each named search's best and of the uniform W6A6 rows, on the search's own fitness
+    seeds and on `fresh` unseen ones (from seed 10,000), as mean and median over samples."""
+    loaded, metric = ctx["loaded"], ctx["metric"]
+    by_name = {r.name: r for r in spec}
+    named = [n for n in names if by_name.get(n) and by_name[n].kind == "search"]
+    named += [r.name for r in spec if r.kind == "ptq" and r.precision == (6, 6)]
+    fp = load_model(loaded.spec)
+    ddim = DDIMSampler(loaded.schedule, make_timesteps("uniform", 100, loaded.schedule.num_train_timesteps))
+    out = []
+    for s0, n in ((seed, fitness_samples), (10_000 + seed, fresh)):
+        ref = metric.features(generate(fp.denoiser, ddim, n, loaded.sample_shape, s0, 128, progress=False))
+        for name in named:
+            sampler = quantized_sampler(by_name[name], ctx)
+            d = (metric.features(sampler.sample(n, s0, batch_size=128)) - ref).pow(2).sum(dim=1)
+            sampler.supernet.set_fp()
+            row = {"row": name, "seeds": [s0, s0 + n - 1], "mean": float(d.mean()), "median": float(d.median())}
+            out.append(row)
+            typer.echo(f"    proxy {name}, seeds {s0}-{s0 + n - 1}: mean {row['mean']:.1f}, median {row['median']:.1f}")
+    return out
+
+
 def row_config(row: Row, n: int, seed: int, model: str, weights_sha: str | None) -> dict:
     d = {"name": row.name, "kind": row.kind, "steps": row.steps, "schedule": row.schedule}
     d |= {"precision": row.precision, "search": None if row.search is None else row.search.to_json()}
@@ -322,6 +345,9 @@ def main(
     ),
     quote_fp100: Annotated[bool, typer.Option(help="quote FP-100 from the README instead of recomputing")] = True,
     retime: Annotated[bool, typer.Option(help="re-measure every row's sampling time in one pass at the end")] = False,
+    proxy_check_rows: Annotated[
+        str, typer.Option("--proxy-check", help="comma-separated search rows: proxy mean/median vs the W6A6 seeds")
+    ] = "",
     only: Annotated[str, typer.Option(help="comma-separated row names (default: all)")] = "",
     model: str = "builtin:fashion",
 ) -> None:
@@ -373,6 +399,9 @@ def main(
             res |= timing(by_name[res["name"]], ctx, seed, time_samples)
             write_json_atomic(out / "rows" / f"{res['name']}.json", res)
             typer.echo(f"    {res['name']}: {res['ms_per_image']:.1f} ms / image ({res['time_backend']})", err=True)
+    if proxy_check_rows:
+        checks = proxy_check(ctx, spec, proxy_check_rows.split(","), seed, fitness_samples, 256)
+        write_json_atomic(out / "proxy_check.json", {"config": args, "rows": checks})
     fp100 = sn.cost.bitops(None, 100)
     results.sort(key=lambda r: -r["bitops"])
     md = table(results, fp100, num_samples)
