@@ -313,6 +313,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         proxy_space: Annotated[str, typer.Option(help="proxy distance in: features (classifier) | pixels")] = (
             "features"
         ),
+        proxy_stat: Annotated[str, typer.Option(help="pool per-sample proxy distances: mean | median")] = "mean",
         final_samples: Annotated[int, typer.Option(help="re-score peers + top candidates (0: skip)")] = 1000,
         final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = 3,
         generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
@@ -357,7 +358,9 @@ def _search_command(full: bool) -> Callable[..., None]:
             lever=lever,
             fixed_precision=fixed_precision,
             evolution=_evolution(preset, seed, population, generations, pareto),
-            fitness=FitnessConfig(kind=fitness, num_samples=fitness_samples, seed=seed, proxy_space=proxy_space),
+            fitness=FitnessConfig(
+                kind=fitness, num_samples=fitness_samples, seed=seed, proxy_space=proxy_space, proxy_stat=proxy_stat
+            ),
             calib=CalibConfig(calib_samples, calib_steps),
             quant=QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits")),
             final_samples=final_samples,

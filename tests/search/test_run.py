@@ -90,3 +90,23 @@ def test_fid_against_a_folder_of_the_users_images(make_tiny_unet, tmp_path, monk
     fit = FitnessConfig(kind="fid", num_samples=4)
     with pytest.raises(TmpqError, match="neither 'fashion-mnist' nor a folder"):
         run_search(_loaded(make_tiny_unet), _cfg(fitness=fit, fid_reference=str(tmp_path / "nope")), tmp_path / "s")
+
+
+def test_median_proxy_is_robust_to_one_diverged_sample():
+    import torch
+
+    from tmpq.errors import TmpqError
+    from tmpq.search.fitness import FitnessConfig, SampleFitness
+
+    ref = torch.zeros(8, 1, 4, 4)
+    images = torch.full_like(ref, 0.1)
+    images[0] = 5.0  # one sample that diverged
+    scores = {}
+    for stat in ("mean", "median"):
+        f = SampleFitness.__new__(SampleFitness)
+        f.config = FitnessConfig("proxy", 8, proxy_space="pixels", proxy_stat=stat)
+        f.reference = ref
+        scores[stat] = f.distance(images)
+    assert scores["median"] == pytest.approx(0.01) and scores["mean"] > 3
+    with pytest.raises(TmpqError, match="proxy_stat"):
+        FitnessConfig("proxy", proxy_stat="max")

@@ -39,12 +39,15 @@ class FitnessConfig:
     batch_size: int = 128
     reference_steps: int = 100  # proxy target: FP DDIM at this many uniform steps
     proxy_space: str = "features"  # 'features' (classifier space) or 'pixels'
+    proxy_stat: str = "mean"  # how per-sample distances are pooled: 'mean' or 'median' (robust to a few outliers)
 
     def __post_init__(self) -> None:
         if self.kind not in FITNESS_KINDS:
             raise TmpqError(f"fitness kind must be one of {FITNESS_KINDS}, got {self.kind!r}")
         if self.proxy_space not in ("features", "pixels"):
             raise TmpqError(f"proxy_space must be 'features' or 'pixels', got {self.proxy_space!r}")
+        if self.proxy_stat not in ("mean", "median"):
+            raise TmpqError(f"proxy_stat must be 'mean' or 'median', got {self.proxy_stat!r}")
         if self.num_samples < 2:
             raise TmpqError("fitness needs at least 2 samples")
 
@@ -104,10 +107,15 @@ class SampleFitness:
     def distance(self, images: torch.Tensor) -> float:
         ref = self.fp_reference()
         if self.config.proxy_space == "pixels":
-            return float((images - ref).pow(2).mean())
-        if self._ref_feats is None:
-            self._ref_feats = self.metric.features(ref)
-        return float((self.metric.features(images) - self._ref_feats).pow(2).sum(dim=1).mean())
+            if self.config.proxy_stat == "mean":
+                return float((images - ref).pow(2).mean())
+            per_sample = (images - ref).pow(2).flatten(1).mean(1)
+        else:
+            if self._ref_feats is None:
+                self._ref_feats = self.metric.features(ref)
+            per_sample = (self.metric.features(images) - self._ref_feats).pow(2).sum(dim=1)
+        # the mean lets a few diverged samples outweigh the rest (bench/peers.py --proxy-check); the median does not
+        return float(per_sample.median() if self.config.proxy_stat == "median" else per_sample.mean())
 
     @torch.no_grad()
     def __call__(self, c: Candidate) -> FitnessValue:
