@@ -209,6 +209,3 @@ class RuntimeLayer(nn.Module):
                     w.value = w.value.contiguous(memory_format=torch.channels_last)
                 elif isinstance(w, torch.Tensor):
                     v.weight = w.contiguous(memory_format=torch.channels_last)
-
-    def describe(self) -> dict[str, str]:
-        return {f"W{w or 'fp'}A{a or 'fp'}": v.how for (w, a), v in self.variants.items()}
