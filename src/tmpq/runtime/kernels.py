@@ -131,30 +131,24 @@ def _apply_shift(y: torch.Tensor, o: int, corr: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(y[..., :o], y[..., o : o + 1], corr)
 
 
-class OneDNNConv:
-    """A prepacked oneDNN int8 convolution for one (weight, activation range) pair; works in channels-last."""
+class _OneDNNKernel:
+    """What oneDNN's int8 conv and linear share: the weight with its sum rows, prepacked by `_prepack`, the float
+    bias, the shift correction applied by `finish`."""
 
-    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int, conv: dict) -> None:
-        self.x_scale, self.x_zp, self.conv = float(x_scale), int(x_zp), conv
+    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int) -> None:
+        self.x_scale, self.x_zp = float(x_scale), int(x_zp)
         self.out_channels, self.shifted = w.values.shape[0], w.shift is not None
         values, self.scale, bias = _with_sum_rows(w, bias)
-        self.packed = torch.ops.onednn.qconv_prepack(
-            values.contiguous(), self.scale, self.x_scale, self.x_zp,
-            list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], None,
-        )  # fmt: skip
+        self.packed = self._prepack(values.contiguous())
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self._zeros = torch.zeros(values.shape[0], dtype=torch.long)
-        self.corr = None if w.shift is None else (w.scale * w.shift)
+        self.corr = None if w.shift is None else w.scale * w.shift
+
+    def _prepack(self, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        c = self.conv
-        if not q.is_contiguous(memory_format=torch.channels_last):
-            q = q.contiguous(memory_format=torch.channels_last)  # NCHW input costs oneDNN a ~7x slower reorder
-        bias = None if self.bias is None else self.bias.to(out_dtype)
-        return torch.ops.onednn.qconv2d_pointwise(
-            q, self.x_scale, self.x_zp, self.packed, self.scale, self._zeros, bias,
-            list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"], 1.0, 0, out_dtype, "none", [], "",
-        )  # fmt: skip
+        raise NotImplementedError
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         """The layer's output from the raw kernel output (or the sum of a split layer's parts' raw outputs)."""
@@ -167,32 +161,42 @@ class OneDNNConv:
         return self.packed.numel() * self.packed.element_size() + _nbytes(self.bias, self.scale, self.corr)
 
 
-class OneDNNLinear:
+class OneDNNConv(_OneDNNKernel):
+    """A prepacked oneDNN int8 convolution for one (weight, activation range) pair; works in channels-last."""
+
+    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int, conv: dict) -> None:
+        self.conv = conv
+        super().__init__(w, bias, x_scale, x_zp)
+
+    def _prepack(self, values: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return torch.ops.onednn.qconv_prepack(
+            values, self.scale, self.x_scale, self.x_zp,
+            list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"], None,
+        )  # fmt: skip
+
+    def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        c = self.conv
+        if not q.is_contiguous(memory_format=torch.channels_last):
+            q = q.contiguous(memory_format=torch.channels_last)  # NCHW input costs oneDNN a ~7x slower reorder
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        return torch.ops.onednn.qconv2d_pointwise(
+            q, self.x_scale, self.x_zp, self.packed, self.scale, self._zeros, bias,
+            list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"], 1.0, 0, out_dtype, "none", [], "",
+        )  # fmt: skip
+
+
+class OneDNNLinear(_OneDNNKernel):
     """A prepacked oneDNN int8 linear layer (input (..., K) → (..., N))."""
 
-    def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int) -> None:
-        self.x_scale, self.x_zp = float(x_scale), int(x_zp)
-        self.out_features, self.shifted = w.values.shape[0], w.shift is not None
-        values, self.scale, bias = _with_sum_rows(w, bias)
-        self.packed = torch.ops.onednn.qlinear_prepack(values.contiguous(), None)
-        self.bias = None if bias is None else bias.detach().float().contiguous()
-        self._zeros = torch.zeros(values.shape[0], dtype=torch.long)
-        self.corr = None if w.shift is None else w.scale * w.shift
+    def _prepack(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_prepack(values, None)
 
     def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(out_dtype)
         return torch.ops.onednn.qlinear_pointwise(
             q, self.x_scale, self.x_zp, self.packed, self.scale, self._zeros, bias, 1.0, 0, out_dtype, "none", [], ""
         )
-
-    def finish(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.corr is None else _apply_shift(y, self.out_features, self.corr.to(y.dtype))
-
-    def __call__(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return self.finish(self.raw(q, out_dtype))
-
-    def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + _nbytes(self.bias, self.scale, self.corr)
 
 
 def int_mm_exact(q: torch.Tensor, x_zp: int, w: IntWeight) -> torch.Tensor:

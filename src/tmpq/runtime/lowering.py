@@ -32,7 +32,6 @@ from tmpq.quant.layers import MatmulQuant, _QuantWeightLayer
 from tmpq.runtime.kernels import KERNELS, kernel_available
 from tmpq.runtime.layers import ActRange, RuntimeLayer, _Weight
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
-from tmpq.sampling.ddim import DDIMSampler
 
 MODES = ("int8", "fake", "packed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,8 +131,7 @@ class RuntimeSampler:
     def bitops(self) -> int:
         return self._bitops
 
-    def ddim(self) -> DDIMSampler:
-        return DDIMSampler(self.schedule, self.timesteps, eta=self.eta)
+    ddim = CompressedSampler.ddim  # reads only schedule, timesteps and eta
 
     @torch.no_grad()
     def sample(
@@ -272,11 +270,8 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     if cl:
         model = model.to(memory_format=torch.channels_last)
     matmuls = {n: model.get_submodule(n) for n, u in sn.units.items() if isinstance(u, MatmulQuant)}
-    step_bits = {t: cfg.as_dict() for t, cfg in steps}
-    by_phase = {}
-    for t, bits in step_bits.items():  # steps of one phase share one dict: the denoiser switches once per phase
-        key = tuple(sorted(bits.items(), key=lambda kv: kv[0]))
-        step_bits[t] = by_phase.setdefault(key, bits)
+    phase_bits = {id(cfg): cfg.as_dict() for cfg in sampler.phase_configs}
+    step_bits = {t: phase_bits[id(cfg)] for t, cfg in steps}  # one dict per phase: the denoiser switches per phase
     den = RuntimeDenoiser(model.eval(), layers, matmuls, step_bits, backend.torch_dtype, cl)
     return RuntimeSampler(den, sampler, backend, plan)
 
