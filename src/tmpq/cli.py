@@ -314,6 +314,13 @@ def _search_command(full: bool) -> Callable[..., None]:
             "features"
         ),
         proxy_stat: Annotated[str, typer.Option(help="pool per-sample proxy distances: mean | median")] = "mean",
+        proxy_reference_steps: Annotated[
+            int, typer.Option(help="the proxy's target: the FP model at this many uniform DDIM steps")
+        ] = 100,
+        seed_from: Annotated[
+            list[Path] | None,
+            typer.Option(help="a finished search whose best seeds this one (repeatable; e.g. the single-lever runs)"),
+        ] = None,
         final_samples: Annotated[int, typer.Option(help="re-score peers + top candidates (0: skip)")] = 1000,
         final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = 3,
         generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
@@ -359,13 +366,19 @@ def _search_command(full: bool) -> Callable[..., None]:
             fixed_precision=fixed_precision,
             evolution=_evolution(preset, seed, population, generations, pareto),
             fitness=FitnessConfig(
-                kind=fitness, num_samples=fitness_samples, seed=seed, proxy_space=proxy_space, proxy_stat=proxy_stat
+                kind=fitness,
+                num_samples=fitness_samples,
+                seed=seed,
+                proxy_space=proxy_space,
+                proxy_stat=proxy_stat,
+                reference_steps=proxy_reference_steps,
             ),
             calib=CalibConfig(calib_samples, calib_steps),
             quant=QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits")),
             final_samples=final_samples,
             final_top=final_top,
             fid_reference=fid_reference,
+            seed_from=tuple(str(p) for p in seed_from or ()),
         )
         loaded = _load(model, prompts, guidance_scale)
         for note in loaded.notes:

@@ -192,3 +192,13 @@ def test_unwrap_and_failed_load_leave_the_model_as_it_was(make_denoiser, calib, 
         SuperNet.load(d, victim)
     assert not any(isinstance(m, QuantUnit) for m in victim.modules())
     assert torch.equal(_out(victim, probe), ref)
+
+
+def test_wrapping_a_wrapped_model_is_refused_until_unwrapped(make_denoiser, calib, small_spec):
+    model = make_denoiser()
+    sn = build_supernet(model, calib, small_spec, progress=False)
+    with pytest.raises(TmpqError, match="already carries a tmpq super-network"):
+        build_supernet(model, calib, small_spec, progress=False)
+    names = set(sn.units)
+    again = build_supernet(sn.unwrap(), calib, small_spec, progress=False)
+    assert set(again.units) == names

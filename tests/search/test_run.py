@@ -3,32 +3,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_search import tiny_loaded, tiny_search_config
 
 from tmpq.errors import TmpqError
-from tmpq.models.denoiser import UNetDenoiser
-from tmpq.models.loading import LoadedModel
-from tmpq.quant import CalibConfig, QuantSpec
-from tmpq.sampling.schedules import NoiseSchedule
-from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
+from tmpq.search import Budget, FitnessConfig, run_search
 
-
-def _loaded(make_tiny_unet) -> LoadedModel:
-    return LoadedModel(UNetDenoiser(make_tiny_unet()), NoiseSchedule(), (1, 32, 32), "tiny", None)
-
-
-def _cfg(**kw) -> SearchConfig:
-    base = dict(
-        budget=Budget.like("W6A6", 4),
-        steps=(4,),
-        evolution=EvolutionConfig(
-            population=4, parents=2, mutations=2, crossovers=1, randoms=1, generations=2, repair=True
-        ),
-        fitness=FitnessConfig(kind="proxy", proxy_space="pixels", num_samples=4, reference_steps=8),
-        calib=CalibConfig(num_samples=4, num_steps=4),
-        quant=QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8)),
-        sensitivity_inputs=4,
-    )
-    return SearchConfig(**{**base, **kw})
+_loaded, _cfg = tiny_loaded, tiny_search_config
 
 
 def test_run_search_end_to_end_then_resume(make_tiny_unet, tmp_path):

@@ -70,6 +70,15 @@ class SuperNet(nn.Module):
     def wrap(cls, model: nn.Module, spec: QuantSpec, example: tuple) -> SuperNet:
         """Swap in quantized twins and trace one forward on `example` = (x, t) or (x, t, cond) (MACs per layer,
         skip-concat split points)."""
+        if any(
+            isinstance(m, QuantUnit) or isinstance(getattr(m, "processor", None), QuantAttnProcessor)
+            for m in model.modules()
+        ):
+            raise TmpqError(
+                "this model already carries a tmpq super-network (a search, calibration or quantize_ swaps its layers "
+                "in place); pass a fresh copy (load it again, or copy.deepcopy it before the first call), or call "
+                "unwrap() on the earlier super-network first"
+            )
         sn = cls(model, spec, model_fingerprint(model))
         sn._swap()
         if not sn.units:

@@ -30,6 +30,7 @@ from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchRes
 from tmpq.search.fitness import FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, make_evaluator
 from tmpq.search.profile import change_profile
+from tmpq.search.seeds import seed_candidates
 from tmpq.search.sensitivity import layer_sensitivity
 from tmpq.search.space import Candidate, SearchSpace
 
@@ -98,6 +99,7 @@ class SearchConfig:
     quant: QuantSpec = QuantSpec()
     sensitivity_inputs: int = 32
     seed_candidates: bool = True  # start from the default schedule at the budget's uniform precision
+    seed_from: tuple[str, ...] = ()  # finished search directories whose best candidates seed this search
     final_samples: int = 0  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
     final_top: int = 3
     fid_reference: str = "fashion-mnist"  # FID (search and final) against this: 'fashion-mnist' or an image folder
@@ -293,10 +295,15 @@ def run_search(
         evaluator = make_evaluator(None, spec, execution.workers, execution.ray_address, execution.timeout_s)
 
     initial: list[Candidate] = []
+    default_bits = None
     if cfg.seed_candidates:
-        bits = space.fixed_bits if not space.search_bits else _seed_bits(space, cfg)
-        if bits is not None:
-            initial = [space.candidate(space.default_timesteps(k), bits) for k in space.steps]
+        default_bits = space.fixed_bits if not space.search_bits else _seed_bits(space, cfg)
+        if default_bits is not None:
+            initial = [space.candidate(space.default_timesteps(k), default_bits) for k in space.steps]
+    baseline = initial[0] if initial else None
+    if cfg.seed_from and not (resume and (run_dir / "search_state.json").is_file()):
+        # a resumed search already holds its first generation: the seed runs need not exist any more
+        initial = seed_candidates(cfg.seed_from, space, default_bits)
 
     search = EvolutionarySearch(
         space,
@@ -314,7 +321,6 @@ def run_search(
     result = search.run(resume=resume)
     final = None
     if cfg.final_samples > 0:
-        baseline = initial[0] if initial else None
         final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
     _write_result(run_dir, loaded, cfg, space, cost, result, overhead_forwards, time.perf_counter() - t_start, final)
     result.supernet = sn
