@@ -146,6 +146,14 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
     assert res.exit_code == 0, res.output
     md = (run / "report" / "report.md").read_text()
     assert "tmpq search, best" in md and "bits.png" in md
+    seeded = tmp_path / "seeded"
+    args[args.index("--run-dir") + 1] = str(seeded)
+    res = runner.invoke(app, [*args, "--seed-from", str(run), "--proxy-reference-steps", "6"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((seeded / "search.json").read_text())
+    assert again["config"]["seed_from"] == [str(run)] and again["config"]["fitness"]["reference_steps"] == 6
+    records = json.loads((seeded / "search_state.json").read_text())["records"].values()
+    assert out["best"]["candidate"] in [r["candidate"] for r in records if r["generation"] == 0]
 
 
 @pytest.mark.parametrize(
@@ -156,9 +164,10 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
         (["search", "--like", "8bit"], "WxAy"),
         (["search", "--preset", "fast"], "--preset"),
         (["search", "--steps", "a-b"], "comma-separated integers"),
+        (["search", "--seed-from", "no/such/run", "--run-dir", "{tmp}/s"], "no finished search"),
         (["calibrate", "--w-bits", "9"], "not supported"),
     ],
 )
-def test_search_and_calibrate_bad_options(args, message):
-    res = runner.invoke(app, args)
+def test_search_and_calibrate_bad_options(args, message, tmp_path):
+    res = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
     assert res.exit_code == 2 and message in res.output, res.output

@@ -30,7 +30,7 @@ from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchRes
 from tmpq.search.fitness import FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, make_evaluator
 from tmpq.search.profile import change_profile
-from tmpq.search.seeds import seed_candidates
+from tmpq.search.seeds import read_best, seed_candidates
 from tmpq.search.sensitivity import layer_sensitivity
 from tmpq.search.space import Candidate, SearchSpace
 
@@ -261,6 +261,9 @@ def run_search(
     _check_metric_fits(loaded, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    seeding = bool(cfg.seed_from) and not (resume and (run_dir / "search_state.json").is_file())
+    for source in cfg.seed_from if seeding else ():  # a bad seed fails now, not after calibration
+        read_best(source)
     sn, calib, prep = prepare_supernet(loaded, run_dir, cfg.calib, cfg.quant, progress=progress)
     overhead_forwards = prep["calib_forwards"]
     fp_key = {"fingerprint": sn.fingerprint}
@@ -301,8 +304,7 @@ def run_search(
         if default_bits is not None:
             initial = [space.candidate(space.default_timesteps(k), default_bits) for k in space.steps]
     baseline = initial[0] if initial else None
-    if cfg.seed_from and not (resume and (run_dir / "search_state.json").is_file()):
-        # a resumed search already holds its first generation: the seed runs need not exist any more
+    if seeding:  # a resumed search already holds its first generation: the seed runs need not exist any more
         initial = seed_candidates(cfg.seed_from, space, default_bits)
 
     search = EvolutionarySearch(

@@ -17,7 +17,7 @@ from tmpq.sampling.schedules import phase_of
 from tmpq.search.space import Bits, Candidate, SearchSpace
 
 
-def _read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:
+def read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:
     """(best record, phase bounds) of a finished search: a run directory or its search.json."""
     path = Path(source)
     path = path / "search.json" if path.is_dir() else path
@@ -76,7 +76,7 @@ def seed_candidates(
     allocations: list[tuple[tuple[Bits, ...], ...]] = []
     defaults = (default_bits,) * space.num_phases if default_bits is not None else None
     for source in sources:
-        best, bounds = _read_best(source)
+        best, bounds = read_best(source)
         timesteps = tuple(int(t) for t in best["candidate"]["timesteps"])
         alloc = _allocation(best, bounds, space, source)
         probe_bits = alloc if space.search_bits else (space.fixed_bits,) * space.num_phases
