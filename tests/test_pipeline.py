@@ -108,6 +108,17 @@ def test_export_refuses_to_overwrite_and_names_rows(finished_run, tmp_path):
     assert res.exit_code == 2 and "choose one of" in res.output
 
 
+def test_search_ranks_are_rebuilt_from_the_kept_top(finished_run):
+    summary = json.loads((finished_run / "search.json").read_text())
+    second = tmpq.sampler_from_run(finished_run, "search:2")
+    assert list(second.timesteps) == summary["top"][1]["candidate"]["timesteps"]
+    assert second.info["search_fitness"] == summary["top"][1]["value"] >= summary["top"][0]["value"]
+    assert tmpq.sampler_from_run(finished_run, "search:1").info["search_fitness"] == summary["best"]["value"]
+    for bad in ("search:0", "search:x", f"search:{len(summary['top']) + 1}"):
+        with pytest.raises(TmpqError, match="the search kept its"):
+            tmpq.sampler_from_run(finished_run, bad)
+
+
 def test_report_with_a_peer_and_bad_peer(finished_run, tmp_path):
     peer = tmp_path / "peer"
     shutil.copytree(finished_run, peer)

@@ -61,11 +61,18 @@ class Choice:
 
 def _choice(summary: dict, which: str = "best") -> Choice:
     """`best`: the final re-scoring's best (the search's best when there was none); `baseline`, `top2`, …:
-    that final row; `search`: the search's own best by its fitness."""
+    that final row; `search`: the search's own best by its fitness; `search:K`: its K-th best (K ≤ 10)."""
     final = summary.get("final")
     if which == "search" or (which == "best" and not (final and final.get("best"))):
         b = summary["best"]
         return Choice("search", Candidate.from_json(b["candidate"]), b["bitops"], None, b["value"])
+    if which.startswith("search:"):
+        top = summary.get("top", [])
+        k = which.partition(":")[2]
+        if not k.isdigit() or not 1 <= int(k) <= len(top):
+            raise TmpqError(f"{which!r}: the search kept its {len(top)} best; use search:1 … search:{len(top)}")
+        b = top[int(k) - 1]
+        return Choice(which, Candidate.from_json(b["candidate"]), b["bitops"], None, b["value"])
     if not final:
         raise TmpqError(f"the run has no final re-scoring, so no row {which!r}; use 'best' or 'search'")
     row = final["best"] if which == "best" else next((r for r in final["rows"] if r["label"] == which), None)

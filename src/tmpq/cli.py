@@ -465,9 +465,9 @@ app.command("run")(_friendly(_search_command(full=True)))
 def export(
     run_dir: Annotated[Path, typer.Option(help="a finished `tmpq search` / `tmpq run` directory")] = Path("runs/run"),
     out: Annotated[Path, typer.Option(help="directory to write the compressed sampler to")] = Path("runs/export"),
-    which: Annotated[str, typer.Option(help="best | search | baseline | top2 | ... (rows of the final table)")] = (
-        "best"
-    ),
+    which: Annotated[
+        str, typer.Option(help="best | search | search:K (K-th by search fitness) | baseline | top2 | ... (final rows)")
+    ] = "best",
     overwrite: Annotated[bool, typer.Option(help="replace an existing export in --out")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
