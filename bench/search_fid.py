@@ -11,6 +11,7 @@ every row shares one calibration. Writes OUT/fid5000.json (with the config that 
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_fid.py --phases 500
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_fid.py --reference-steps 20
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_fid.py --lever bits --proxy-stat median
+    OMP_NUM_THREADS=1 .venv/bin/python bench/search_fid.py --fitness fid --fitness-samples 128
     OMP_NUM_THREADS=1 .venv/bin/python bench/search_fid.py --select-top 4   # + FID selection on seeds 5000-5999
 """
 
@@ -42,6 +43,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(
     lever: str = "joint",
+    fitness: str = typer.Option("proxy", help="proxy (paired distance to FP samples) | fid (against the data)"),
+    fitness_samples: int = 64,
     proxy_stat: str = "mean",
     grouping: str = "uniform",
     steps: str = "10",
@@ -55,6 +58,7 @@ def main(
     out: Path | None = None,
 ) -> None:
     tag = f"{lever}_{grouping}_s{steps}_ph{phases or 'none'}_ref{reference_steps}_{proxy_stat}"
+    tag += f"_{fitness}{fitness_samples}" if (fitness, fitness_samples) != ("proxy", 64) else ""
     tag += "_seeded" if seed_from else ""
     run = out or Path("runs/search_fid") / tag
     run.mkdir(parents=True, exist_ok=True)
@@ -70,7 +74,11 @@ def main(
         lever=lever,
         evolution=EvolutionConfig.tmpq(seed=0),
         fitness=FitnessConfig(
-            kind="proxy", num_samples=64, seed=0, proxy_stat=proxy_stat, reference_steps=reference_steps
+            kind=fitness,
+            num_samples=fitness_samples,
+            seed=0,
+            proxy_stat=proxy_stat,
+            reference_steps=reference_steps,
         ),
         seed_from=tuple(str(p) for p in seed_from),
     )
