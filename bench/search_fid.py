@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -51,6 +52,7 @@ def main(
     phases: str = "",
     reference_steps: int = 100,
     seed_from: list[Path] = typer.Option([], help="finished search directories whose best candidates seed this one"),
+    generations: int = typer.Option(10, help="of the tmpq preset (24 first candidates, then 16 per generation)"),
     num_samples: int = 5000,
     select_top: int = typer.Option(0, help="then pick among the proxy's top K by FID on held-out seeds"),
     select_samples: int = 1000,
@@ -60,6 +62,7 @@ def main(
     tag = f"{lever}_{grouping}_s{steps}_ph{phases or 'none'}_ref{reference_steps}_{proxy_stat}"
     tag += f"_{fitness}{fitness_samples}" if (fitness, fitness_samples) != ("proxy", 64) else ""
     tag += "_seeded" if seed_from else ""
+    tag += f"_g{generations}" if generations != 10 else ""
     run = out or Path("runs/search_fid") / tag
     run.mkdir(parents=True, exist_ok=True)
     for name in SHARED_FILES:
@@ -72,7 +75,7 @@ def main(
         grouping=grouping,
         phase_bounds=_ints(phases) if phases else (),
         lever=lever,
-        evolution=EvolutionConfig.tmpq(seed=0),
+        evolution=replace(EvolutionConfig.tmpq(seed=0), generations=generations),
         fitness=FitnessConfig(
             kind=fitness,
             num_samples=fitness_samples,

@@ -29,9 +29,11 @@ def describe(search: dict) -> str:
     for key in ("lever", "grouping", "steps", "phase_bounds"):
         if search.get(key) != REFERENCE[key]:
             out.append(f"{key} {search.get(key)}")
-    for key, ref in REFERENCE["fitness"].items():
-        if search["fitness"].get(key) != ref:
-            out.append(f"{key} {search['fitness'].get(key)}")
+    fit = search["fitness"]
+    if fit["kind"] != "proxy":
+        out.append(f"fitness {fit['kind'].upper()} on {fit['num_samples']} samples")
+    else:
+        out += [f"{k} {fit.get(k)}" for k, ref in REFERENCE["fitness"].items() if fit.get(k) != ref]
     if search.get("seed_from"):
         out.append("seeded from " + ", ".join(Path(p).name for p in search["seed_from"]))
     return "; ".join(out) or "reference setting"
