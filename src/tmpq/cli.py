@@ -317,6 +317,9 @@ def _search_command(full: bool) -> Callable[..., None]:
         proxy_reference_steps: Annotated[
             int, typer.Option(help="the proxy's target: the FP model at this many uniform DDIM steps")
         ] = 100,
+        staged: Annotated[
+            bool, typer.Option(help="bits-only and timesteps-only searches first, then the joint one seeded by both")
+        ] = False,
         seed_from: Annotated[
             list[Path] | None,
             typer.Option(help="a finished search whose best seeds this one (repeatable; e.g. the single-lever runs)"),
@@ -379,6 +382,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             final_top=final_top,
             fid_reference=fid_reference,
             seed_from=tuple(str(p) for p in seed_from or ()),
+            staged=staged,
         )
         loaded = _load(model, prompts, guidance_scale)
         for note in loaded.notes:

@@ -95,3 +95,21 @@ def test_joint_search_seeded_with_single_lever_winners(make_tiny_unet, tmp_path)
     shutil.rmtree(tmp_path / "bits")  # resuming (here: re-running a finished search) no longer reads the seeds
     again = run_search(_loaded(make_tiny_unet), cfg, tmp_path / "joint", progress=False)
     assert again.best.candidate == joint.best.candidate
+
+
+def test_staged_search_runs_both_levers_then_the_seeded_joint(make_tiny_unet, tmp_path):
+    cfg = _cfg(staged=True)
+    res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    stages = {n: json.loads((tmp_path / "stages" / n / "search.json").read_text()) for n in ("bits", "timesteps")}
+    assert stages["bits"]["config"]["lever"] == "bits" and stages["timesteps"]["config"]["lever"] == "timesteps"
+    assert stages["timesteps"]["config"]["fixed_precision"] == "W6A6"  # the budget's own precision
+    assert res.best.value <= min(s["best"]["value"] for s in stages.values())
+    out = json.loads((tmp_path / "search.json").read_text())
+    assert [s["run_dir"] for s in out["seed_searches"]] == [str(tmp_path / "stages" / n) for n in ("bits", "timesteps")]
+    assert all(s["search_cost"]["evaluations"] > 0 for s in out["seed_searches"])
+    assert out["config"]["staged"] and not (tmp_path / "stages" / "bits" / "final.json").exists()
+    shutil.rmtree(tmp_path / "stages")  # a finished (or resumed) staged search does not run its stages again
+    again = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    assert again.best.candidate == res.best.candidate and not (tmp_path / "stages").exists()
+    with pytest.raises(TmpqError, match="staged search ends in a joint"):
+        _cfg(staged=True, lever="bits")

@@ -34,6 +34,17 @@ def read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:
         ) from None
 
 
+def seed_costs(sources: Sequence[str | Path]) -> list[dict]:
+    """Each seed search's directory and `search_cost` (checking that each holds a finished search)."""
+    out = []
+    for source in sources:
+        read_best(source)
+        path = Path(source)
+        d = json.loads((path / "search.json" if path.is_dir() else path).read_text())
+        out.append({"run_dir": str(source), "search_cost": d.get("search_cost", {})})
+    return out
+
+
 def _phase_lows(bounds: Sequence[int]) -> list[int]:
     """The lowest timestep of each bit phase (phase 0 holds the noisiest steps)."""
     b = sorted(set(bounds), reverse=True)
