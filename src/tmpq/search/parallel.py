@@ -117,6 +117,51 @@ def _evaluate_in_worker(candidate: dict) -> tuple[float, int, dict, float]:
     return float(fv.value), int(fv.forwards), dict(fv.extra), time.perf_counter() - t0
 
 
+class _Lane:
+    """One worker process in a single-process pool of its own. A shared ProcessPoolExecutor breaks as a whole
+    when one worker dies, failing the other workers' in-flight tasks even when they had finished, which would
+    re-evaluate them; with a pool per worker, a death or a hang touches only that worker's candidate."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.pool: ProcessPoolExecutor | None = None
+        self.ready_q = None
+        self.ready_at: float | None = None
+
+    def submit(self, c: Candidate) -> Future:
+        if self.pool is None:
+            ctx = mp.get_context("spawn")
+            self.ready_q, self.ready_at = ctx.Queue(), None
+            self.pool = ProcessPoolExecutor(
+                1, mp_context=ctx, initializer=_init_worker, initargs=(self.spec, self.ready_q)
+            )
+        return self.pool.submit(_evaluate_in_worker, c.to_json())
+
+    def started(self) -> float | None:
+        """When the worker had finished starting (None: still starting); start-up does not count against a timeout."""
+        if self.ready_at is None and self.ready_q is not None:
+            try:
+                self.ready_q.get_nowait()
+                self.ready_at = time.monotonic()
+            except Empty:
+                pass
+        return self.ready_at
+
+    def kill(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        # a hung task cannot be cancelled through the executor's API; terminating its process is the only way
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 class ProcessEvaluator:
     """`workers` local processes (spawned: safe with torch and threads), at most one candidate each at a time."""
 
@@ -124,91 +169,57 @@ class ProcessEvaluator:
         if workers < 1:
             raise TmpqError(f"workers must be >= 1, got {workers}")
         self.spec, self.workers, self.timeout_s, self.max_attempts = spec, workers, timeout_s, max_attempts
-        self._pool: ProcessPoolExecutor | None = None
-        self._ready_q = None
-        self._ready = 0
-        self._ready_at: float | None = None
+        self._lanes = [_Lane(spec) for _ in range(workers)]
         self.restarts = 0
 
-    def _get_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            ctx = mp.get_context("spawn")
-            self._ready_q, self._ready, self._ready_at = ctx.Queue(), 0, None
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.spec, self._ready_q)
-            )
-        return self._pool
-
-    def _ready_since(self) -> float | None:
-        """When every worker of the current pool had finished starting (None: still starting)."""
-        while self._ready_q is not None and self._ready_at is None:
-            try:
-                self._ready_q.get_nowait()
-            except Empty:
-                break
-            self._ready += 1
-            if self._ready >= self.workers:
-                self._ready_at = time.monotonic()
-        return self._ready_at
-
-    def _kill_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        # a hung task cannot be cancelled through the executor's API; terminating its processes is the only way
-        for p in list(getattr(pool, "_processes", {}).values()):
-            p.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+    def _restart(self, lane: _Lane) -> None:
+        lane.kill()
         self.restarts += 1
 
     def evaluate(self, candidates: Sequence[Candidate]) -> Iterator[Result]:
         queue = list(candidates)
         attempts: dict[str, int] = {}
-        inflight: dict[Future, tuple[Candidate, float]] = {}
+        inflight: dict[Future, tuple[Candidate, float, _Lane]] = {}
         try:
             while queue or inflight:
-                while queue and len(inflight) < self.workers:
+                busy = {id(lane) for _, _, lane in inflight.values()}
+                for lane in self._lanes:
+                    if not queue:
+                        break
+                    if id(lane) in busy:
+                        continue
                     c = _next_attempt(queue, attempts, self.max_attempts, "check the worker error")
                     try:
-                        inflight[self._get_pool().submit(_evaluate_in_worker, c.to_json())] = (c, time.monotonic())
-                    except BrokenProcessPool:
+                        inflight[lane.submit(c)] = (c, time.monotonic(), lane)
+                    except BrokenProcessPool:  # this lane broke between tasks: the candidate never ran
                         queue.insert(0, c)
                         attempts[c.key] -= 1
-                        self._requeue(inflight, queue)
+                        self._restart(lane)
                 done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
-                broken = False
                 for fut in done:
-                    c, _ = inflight.pop(fut)
+                    c, _, lane = inflight.pop(fut)
                     try:
                         value, forwards, extra, wall = fut.result()
-                    except BrokenProcessPool:
+                    except BrokenProcessPool:  # its worker died: only this candidate is re-queued
                         queue.insert(0, c)
-                        broken = True
+                        self._restart(lane)
                         continue
                     yield c, FitnessValue(value, forwards, extra), wall
-                if broken:
-                    self._requeue(inflight, queue)
-                    continue
-                ready_at = self._ready_since()
-                if self.timeout_s is not None and ready_at is not None:
+                if self.timeout_s is not None:
                     now = time.monotonic()
-                    if any(now - max(t0, ready_at) > self.timeout_s for _, t0 in inflight.values()):
-                        self._requeue(inflight, queue)
+                    for fut, (c, t0, lane) in list(inflight.items()):
+                        ready_at = lane.started()
+                        if ready_at is not None and now - max(t0, ready_at) > self.timeout_s:
+                            del inflight[fut]
+                            queue.insert(0, c)
+                            self._restart(lane)
         finally:
-            if inflight:  # interrupted: nothing is left running behind the caller's back
-                self._kill_pool()
-
-    def _requeue(self, inflight: dict, queue: list[Candidate]) -> None:
-        """The pool is broken or a task hung: kill it, put every unfinished candidate back at the front."""
-        lost = [c for c, _ in inflight.values()]
-        inflight.clear()
-        queue[:0] = lost
-        self._kill_pool()
+            for _, _, lane in inflight.values():  # interrupted: nothing is left running behind the caller's back
+                lane.kill()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for lane in self._lanes:
+            lane.close()
 
 
 # --- Ray ------------------------------------------------------------------------------------------------------
