@@ -70,6 +70,11 @@ def test_bad_seeds_get_clear_errors(tmp_path):
     other = _write_seed(tmp_path / "other", [750, 500, 250, 0], [{"x": [8, 8]}])
     with pytest.raises(TmpqError, match="another model"):
         seed_candidates([other], space, None)
+    narrow = _write_seed(tmp_path / "narrow", [800, 510, 260, 10], [{"a": [2, 6], "b": [8, 8], "c": [6, 6]}])
+    assert {c.timesteps for c in seed_candidates([narrow], space, space.uniform_bits(6, 6))} == {
+        (800, 510, 260, 10),
+        space.default_timesteps(4),
+    }  # a schedule that fits is used even when the seed's bits are outside this space's choices
     wide = _write_seed(tmp_path / "wide", [999, 998, 997, 0], [{"a": [2, 6], "b": [8, 8], "c": [6, 6]}])
     with pytest.raises(TmpqError, match="fits neither"):
         seed_candidates([wide], space, None)

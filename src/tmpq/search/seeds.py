@@ -68,6 +68,12 @@ def _allocation(best: dict, bounds: tuple[int, ...], space: SearchSpace, source)
     return tuple(out)
 
 
+def _schedule_fits(space: SearchSpace, timesteps: tuple[int, ...]) -> bool:
+    """One timestep inside each of this space's groups for that step count (whatever the seed's bits)."""
+    k = len(timesteps)
+    return k in space.steps and all(lo <= t < hi for t, (lo, hi) in zip(timesteps, reversed(space.groups(k))))
+
+
 def _fits(space: SearchSpace, c: Candidate) -> bool:
     try:
         space.validate(c)
@@ -90,9 +96,8 @@ def seed_candidates(
         best, bounds = read_best(source)
         timesteps = tuple(int(t) for t in best["candidate"]["timesteps"])
         alloc = _allocation(best, bounds, space, source)
-        probe_bits = alloc if space.search_bits else (space.fixed_bits,) * space.num_phases
         used = False
-        if space.search_timesteps and _fits(space, Candidate(timesteps, probe_bits)):
+        if space.search_timesteps and _schedule_fits(space, timesteps):
             schedules.append(timesteps)
             used = True
         probe_ts = space.default_timesteps(space.steps[0])
