@@ -152,6 +152,7 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
     assert res.exit_code == 0, res.output
     again = json.loads((seeded / "search.json").read_text())
     assert again["config"]["seed_from"] == [str(run)] and again["config"]["fitness"]["reference_steps"] == 6
+    assert "seeded by 1 earlier search:" in res.output
     records = json.loads((seeded / "search_state.json").read_text())["records"].values()
     assert out["best"]["candidate"] in [r["candidate"] for r in records if r["generation"] == 0]
 
