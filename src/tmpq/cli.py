@@ -451,7 +451,8 @@ def _print_search(run_dir: Path, res, budget, fitness: str) -> None:
     seeds = [s["search_cost"] for s in summary.get("seed_searches", [])]
     if seeds:
         typer.echo(
-            f"  seeded by {len(seeds)} earlier search{'es' if len(seeds) > 1 else ''}: {sum(s.get('evaluations', 0) for s in seeds)} candidates, "
+            f"  seeded by {len(seeds)} earlier search{'es' if len(seeds) > 1 else ''}: "
+            f"{sum(s.get('evaluations', 0) for s in seeds)} candidates, "
             f"{sum(s.get('fitness_forwards', 0) for s in seeds):,} image-forwards, "
             f"{sum(s.get('search_wall_s', 0) for s in seeds):.0f} s"
         )
