@@ -36,9 +36,7 @@ from tmpq.quant.prepare import prepare_supernet
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import make_timesteps
 from tmpq.search import Budget, EvolutionConfig, Execution, FitnessConfig, SearchConfig, run_search
-
-SHARED_FILES = ("model.json", "calib.safetensors", "supernet", "sensitivity.json", "proxy_reference.safetensors")
-"""What every search directory reuses from OUT/shared (each file is keyed by its inputs, so reuse is checked)."""
+from tmpq.search.run import share_prepared
 
 FP100_QUOTED = {"fid": 195.93, "inception_score": 5.414}
 """The FP-100 (uniform) row of the README's baseline table, 5,000 samples, seeds 0–4999, the same weights:
@@ -157,11 +155,7 @@ def reused_fp_row(fp_rows: Path, row: Row, n: int, seed: int, weights_sha: str |
 
 def seed_run_dir(shared: Path, run_dir: Path) -> None:
     """Copy OUT/shared's prepared files into a search directory that lacks them."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in SHARED_FILES:
-        src, dst = shared / name, run_dir / name
-        if src.exists() and not dst.exists():
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    share_prepared(shared, run_dir)
 
 
 def keep_shared(shared: Path, run_dir: Path) -> None:

@@ -18,7 +18,6 @@ every row shares one calibration. Writes OUT/fid5000.json (with the config that 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,9 +29,7 @@ from tmpq.evaluate import reference_metric
 from tmpq.models.loading import load_model
 from tmpq.provenance import provenance
 from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
-
-SHARED_FILES = ("calib.safetensors", "supernet", "model.json", "sensitivity.json")
-"""Prepared once by bench/peers.py; each is keyed by its inputs inside, so a mismatch is recomputed, not reused."""
+from tmpq.search.run import share_prepared
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -65,10 +62,7 @@ def main(
     tag += f"_g{generations}" if generations != 10 else ""
     run = out or Path("runs/search_fid") / tag
     run.mkdir(parents=True, exist_ok=True)
-    for name in SHARED_FILES:
-        src = shared / name
-        if src.exists() and not (run / name).exists():
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, run / name)
+    share_prepared(shared, run)  # one calibration for every row (each file is checked on reuse)
     cfg = SearchConfig(
         budget=Budget.like("W6A6", 10),
         steps=_ints(steps),

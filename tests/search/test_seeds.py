@@ -112,6 +112,9 @@ def test_staged_search_runs_both_levers_then_the_seeded_joint(make_tiny_unet, tm
     out = json.loads((tmp_path / "search.json").read_text())
     assert [s["run_dir"] for s in out["seed_searches"]] == [str(tmp_path / "stages" / n) for n in ("bits", "timesteps")]
     assert all(s["search_cost"]["evaluations"] > 0 for s in out["seed_searches"])
+    # calibration, sensitivity and proxy reference are made once, by the first stage, and lent to the rest
+    assert stages["bits"]["search_cost"]["overhead_forwards"] > 0
+    assert stages["timesteps"]["search_cost"]["overhead_forwards"] == 0 == out["search_cost"]["overhead_forwards"]
     assert out["config"]["staged"] and not (tmp_path / "stages" / "bits" / "final.json").exists()
     shutil.rmtree(tmp_path / "stages")  # a finished (or resumed) staged search does not run its stages again
     again = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)

@@ -265,12 +265,14 @@ def run_search(
     run_dir = Path(run_dir)
     _check_metric_fits(loaded, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / "search_state.json"
+    resuming = resume and state_path.is_file()  # a resumed search already holds its first generation
     if cfg.staged:
-        if not (resume and (run_dir / "search_state.json").is_file()):  # a resumed joint search has its seeds
+        if not resuming:
             _run_stages(loaded, cfg, run_dir, resume, progress, execution)
         cfg = replace(cfg, seed_from=(*cfg.seed_from, *(str(run_dir / "stages" / n) for n in STAGES)))
     t_start = time.perf_counter()
-    seeding = bool(cfg.seed_from) and not (resume and (run_dir / "search_state.json").is_file())
+    seeding = bool(cfg.seed_from) and not resuming
     if seeding:  # a bad seed fails now, not after calibration; what the seeds cost is kept with this run
         write_json_atomic(run_dir / SEEDS_FILE, seed_costs(cfg.seed_from))
     sn, calib, prep = prepare_supernet(loaded, run_dir, cfg.calib, cfg.quant, progress=progress)
@@ -313,7 +315,7 @@ def run_search(
         if default_bits is not None:
             initial = [space.candidate(space.default_timesteps(k), default_bits) for k in space.steps]
     baseline = initial[0] if initial else None
-    if seeding:  # a resumed search already holds its first generation: the seed runs need not exist any more
+    if seeding:  # (a resumed search does not read its seeds: they need not exist any more)
         initial = seed_candidates(cfg.seed_from, space, default_bits)
 
     search = EvolutionarySearch(
@@ -322,7 +324,7 @@ def run_search(
         cost,
         budget,
         cfg.evolution,
-        run_dir / "search_state.json",
+        state_path,
         repairer=repairer,
         initial=initial,
         progress=progress,
@@ -341,11 +343,21 @@ def run_search(
 SEEDS_FILE = "seeds.json"
 """What the searches that seeded this one cost (their `search_cost`), kept in case they are deleted later."""
 
-PREPARED_FILES = ("model.json", "calib.safetensors", "supernet", "sensitivity.json", "change_profile.json")
-"""What a stage of a staged search shares with the others (each is keyed by its inputs and checked on reuse)."""
+PREPARED_FILES = (
+    "model.json",
+    "calib.safetensors",
+    "supernet",
+    "sensitivity.json",
+    "change_profile.json",
+    "proxy_reference.safetensors",
+)
+"""What one run directory can lend another of the same model: each is keyed by its inputs and checked on reuse,
+so a file made under other settings is remade, never misused."""
 
 
-def _share_prepared(src: Path, dst: Path) -> None:
+def share_prepared(src: Path, dst: Path) -> None:
+    """Copy `src`'s prepared files (calibration, super-network, sensitivity, profile, proxy reference) into `dst`
+    where it lacks them: the stages of a staged search, or benchmark runs that share one calibration."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in PREPARED_FILES:
         if (src / name).exists() and not (dst / name).exists():
@@ -367,12 +379,12 @@ def _run_stages(loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, resume, p
     for name in STAGES:
         stage_cfg = replace(single, lever=name, fixed_precision=fixed)
         stage_dir = run_dir / "stages" / name
-        _share_prepared(run_dir, stage_dir)
+        share_prepared(run_dir, stage_dir)
         if progress:
             print(f"stage {name}: {stage_dir}")
         res = run_search(loaded, stage_cfg, stage_dir, resume=resume, progress=progress, execution=execution)
         res.supernet.unwrap()  # the next stage wraps the same model again
-        _share_prepared(stage_dir, run_dir)
+        share_prepared(stage_dir, run_dir)
 
 
 FULL_STEPS = 100
@@ -483,4 +495,4 @@ def _seed_searches(run_dir: Path, cfg: SearchConfig) -> list[dict]:
     return json.loads(path.read_text()) if cfg.seed_from and path.is_file() else []
 
 
-__all__ = ["Budget", "SearchConfig", "run_search"]
+__all__ = ["Budget", "SearchConfig", "run_search", "share_prepared"]

@@ -17,8 +17,8 @@ from tmpq.sampling.schedules import phase_of
 from tmpq.search.space import Bits, Candidate, SearchSpace
 
 
-def read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:
-    """(best record, phase bounds) of a finished search: a run directory or its search.json."""
+def _load_search(source: str | Path) -> dict:
+    """The search.json of a finished search (a run directory or the file itself), checked to be one."""
     path = Path(source)
     path = path / "search.json" if path.is_dir() else path
     if not path.is_file():
@@ -27,22 +27,24 @@ def read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:
         )
     try:
         d = json.loads(path.read_text())
-        return d["best"], tuple(d["config"].get("phase_bounds", ()))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise TmpqError(
-            f"{path} is not a tmpq search result ({e}); pass a directory written by `tmpq search`"
-        ) from None
+    except json.JSONDecodeError as e:
+        d, why = None, str(e)
+    else:
+        why = "no best candidate or config"
+    if not isinstance(d, dict) or "best" not in d or not isinstance(d.get("config"), dict):
+        raise TmpqError(f"{path} is not a tmpq search result ({why}); pass a directory written by `tmpq search`")
+    return d
+
+
+def read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:
+    """(best record, phase bounds) of a finished search: a run directory or its search.json."""
+    d = _load_search(source)
+    return d["best"], tuple(d["config"].get("phase_bounds", ()))
 
 
 def seed_costs(sources: Sequence[str | Path]) -> list[dict]:
     """Each seed search's directory and `search_cost` (checking that each holds a finished search)."""
-    out = []
-    for source in sources:
-        read_best(source)
-        path = Path(source)
-        d = json.loads((path / "search.json" if path.is_dir() else path).read_text())
-        out.append({"run_dir": str(source), "search_cost": d.get("search_cost", {})})
-    return out
+    return [{"run_dir": str(s), "search_cost": _load_search(s).get("search_cost", {})} for s in sources]
 
 
 def _phase_lows(bounds: Sequence[int]) -> list[int]:
