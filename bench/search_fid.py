@@ -25,18 +25,12 @@ from pathlib import Path
 import typer
 
 from tmpq.api import sampler_from_run
+from tmpq.cli import parse_ints
 from tmpq.evaluate import reference_metric
 from tmpq.models.loading import load_model
 from tmpq.provenance import provenance
 from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
 from tmpq.search.run import share_prepared
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    if "-" in text and "," not in text:
-        lo, hi = (int(v) for v in text.split("-"))
-        return tuple(range(lo, hi + 1))
-    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def main(
@@ -65,9 +59,9 @@ def main(
     share_prepared(shared, run)  # one calibration for every row (each file is checked on reuse)
     cfg = SearchConfig(
         budget=Budget.like("W6A6", 10),
-        steps=_ints(steps),
+        steps=parse_ints(steps, "--steps"),
         grouping=grouping,
-        phase_bounds=_ints(phases) if phases else (),
+        phase_bounds=parse_ints(phases, "--phases") if phases else (),
         lever=lever,
         evolution=replace(EvolutionConfig.tmpq(seed=0), generations=generations),
         fitness=FitnessConfig(
@@ -86,10 +80,9 @@ def main(
     config = {"num_samples": num_samples, "fid_seeds": [0, num_samples - 1], "search": cfg.to_json()}
     metric = reference_metric("fashion-mnist")
     path = run / "fid5000.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    res = old if old.get("config") == config else _score(run, "search", metric, num_samples, 0)
-    if res is not old:
-        res |= {
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    if res.get("config") != config:  # a finished run's score is reused
+        res = _score(run, "search", metric, num_samples, 0) | {
             "best_proxy": search["best"]["value"],
             "search_cost": search["search_cost"],
             "wall_s": wall,
@@ -117,10 +110,11 @@ def _score(run: Path, which: str, metric, num_samples: int, seed: int) -> dict:
     }
 
 
-def _select(run: Path, search: dict, metric, top: int, samples: int, held_out_seed: int, first: dict) -> None:
-    """Pick among the search's `top` best (by its proxy) by FID on `samples` held-out seeds (from
-    `held_out_seed`, disjoint from the final FID's), then score the pick on the final seeds: what selecting with a
+def _select(run: Path, search: dict, metric, top: int, samples: int, num_samples: int, first: dict) -> None:
+    """Pick among the search's `top` best (by its proxy) by FID on `samples` held-out seeds (from `num_samples` on,
+    disjoint from the final FID's 0 … num_samples-1), then score the pick on the final seeds: what selecting with a
     little FID after a proxy search buys. Writes RUN/select.json."""
+    held_out_seed = num_samples
     top = min(top, len(search["top"]))
     rows = []
     for k in range(1, top + 1):
@@ -129,7 +123,7 @@ def _select(run: Path, search: dict, metric, top: int, samples: int, held_out_se
         rows.append({"rank": k, "proxy": search["top"][k - 1]["value"], "fid_select": metric.fid(images)})
         typer.echo(json.dumps(rows[-1]))
     pick = min(rows, key=lambda r: r["fid_select"])["rank"]
-    final = first if pick == 1 else _score(run, f"search:{pick}", metric, int(first["config"]["num_samples"]), 0)
+    final = first if pick == 1 else _score(run, f"search:{pick}", metric, num_samples, 0)
     out = {
         "rows": rows,
         "pick": pick,

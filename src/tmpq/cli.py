@@ -246,7 +246,9 @@ def _parse_timesteps(text: str | None) -> tuple[int, ...] | None:
         raise TmpqError(f"--timesteps must be comma-separated integers, got {text!r}") from None
 
 
-def _int_list(text: str, what: str) -> tuple[int, ...]:
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """`8,10,12` or a range `8-12`, as --steps, --phases, --w-bits and --a-bits take them (`what` names the option
+    in the error)."""
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(v) for v in text.split("-"))
@@ -277,7 +279,7 @@ def calibrate(
     from tmpq.quant.prepare import prepare_supernet
 
     _threads(threads)
-    spec = QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits"))
+    spec = QuantSpec(w_bits=parse_ints(w_bits, "--w-bits"), a_bits=parse_ints(a_bits, "--a-bits"))
     loaded = _load(model, prompts, guidance_scale)
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
@@ -362,9 +364,9 @@ def _search_command(full: bool) -> Callable[..., None]:
         )
         cfg = SearchConfig(
             budget=budget,
-            steps=_int_list(steps, "--steps"),
+            steps=parse_ints(steps, "--steps"),
             grouping=grouping,
-            phase_bounds=_int_list(phases, "--phases") if phases else (),
+            phase_bounds=parse_ints(phases, "--phases") if phases else (),
             lever=lever,
             fixed_precision=fixed_precision,
             evolution=_evolution(preset, seed, population, generations, pareto),
@@ -377,7 +379,7 @@ def _search_command(full: bool) -> Callable[..., None]:
                 reference_steps=proxy_reference_steps,
             ),
             calib=CalibConfig(calib_samples, calib_steps),
-            quant=QuantSpec(w_bits=_int_list(w_bits, "--w-bits"), a_bits=_int_list(a_bits, "--a-bits")),
+            quant=QuantSpec(w_bits=parse_ints(w_bits, "--w-bits"), a_bits=parse_ints(a_bits, "--a-bits")),
             final_samples=final_samples,
             final_top=final_top,
             fid_reference=fid_reference,
