@@ -9,12 +9,15 @@ ended instead of at the plain default.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from tmpq.errors import TmpqError
 from tmpq.sampling.schedules import phase_of
 from tmpq.search.space import Bits, Candidate, SearchSpace
+
+T = TypeVar("T")
 
 
 def _load_search(source: str | Path) -> dict:
@@ -70,15 +73,10 @@ def _allocation(best: dict, bounds: tuple[int, ...], space: SearchSpace, source)
     return tuple(out)
 
 
-def _schedule_fits(space: SearchSpace, timesteps: tuple[int, ...]) -> bool:
-    """One timestep inside each of this space's groups for that step count (whatever the seed's bits)."""
-    k = len(timesteps)
-    return k in space.steps and all(lo <= t < hi for t, (lo, hi) in zip(timesteps, reversed(space.groups(k))))
-
-
-def _fits(space: SearchSpace, c: Candidate) -> bool:
+def _passes(check: Callable[[T], None], value: T) -> bool:
+    """Whether `check` (one of the space's validators) accepts `value`."""
     try:
-        space.validate(c)
+        check(value)
     except TmpqError:
         return False
     return True
@@ -99,11 +97,11 @@ def seed_candidates(
         timesteps = tuple(int(t) for t in best["candidate"]["timesteps"])
         alloc = _allocation(best, bounds, space, source)
         used = False
-        if space.search_timesteps and _schedule_fits(space, timesteps):
+        if space.search_timesteps and _passes(space.validate_timesteps, timesteps):
             schedules.append(timesteps)
             used = True
         probe_ts = space.default_timesteps(space.steps[0])
-        if space.search_bits and _fits(space, Candidate(probe_ts, alloc)):
+        if space.search_bits and _passes(space.validate, Candidate(probe_ts, alloc)):
             allocations.append(alloc)
             used = True
         if not used:
@@ -122,7 +120,7 @@ def seed_candidates(
     for ts in schedules:
         for bits in allocations:
             c = Candidate(ts, bits)
-            if c.key not in seen and _fits(space, c):
+            if c.key not in seen and _passes(space.validate, c):
                 seen.add(c.key)
                 out.append(c)
     return out

@@ -156,13 +156,17 @@ class SearchSpace:
         self.validate(c)
         return c
 
-    def validate(self, c: Candidate) -> None:
-        k = len(c.timesteps)
+    def validate_timesteps(self, timesteps: Sequence[int]) -> None:
+        """One timestep inside each group, for a step count this space allows."""
+        k = len(timesteps)
         if k not in self.steps:
             raise TmpqError(f"candidate has {k} steps; this space allows {self.steps}")
-        for t, (lo, hi) in zip(c.timesteps, reversed(self.groups(k))):
+        for t, (lo, hi) in zip(timesteps, reversed(self.groups(k))):
             if not lo <= t < hi:
                 raise TmpqError(f"timestep {t} is outside its group [{lo}, {hi})")
+
+    def validate(self, c: Candidate) -> None:
+        self.validate_timesteps(c.timesteps)
         if len(c.bits) != self.num_phases:
             raise TmpqError(f"candidate has {len(c.bits)} bit phases; this space has {self.num_phases}")
         for phase in c.bits:
