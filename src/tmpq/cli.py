@@ -76,23 +76,44 @@ def _load(model: str, prompts: Path | None, guidance_scale: float | None):
 def train(
     run_dir: Annotated[Path, typer.Option(help="checkpoints and logs; re-run to resume")] = Path("runs/train"),
     out: Annotated[Path | None, typer.Option(help="also copy the EMA weights here (+ a model card)")] = None,
-    steps: int = 8000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    seed: int = 0,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps [8000]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[64]")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate, cosine decay [1e-3]")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="[250]")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="[0.999]")] = None,
+    channels: Annotated[str | None, typer.Option(help="UNet block widths, comma-separated [16,32,64]")] = None,
+    layers_per_block: Annotated[int | None, typer.Option(help="ResNet layers per UNet block [1]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[0]")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="[250]")] = None,
+    log_every: Annotated[int | None, typer.Option(help="read the loss back (a device sync) every N steps [50]")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="stop (checkpointed) after this long")] = None,
-    autocast: Annotated[str, typer.Option(help="auto|bf16|off; auto uses bf16 only where it is faster")] = "auto",
+    autocast: Annotated[str | None, typer.Option(help="auto|bf16|off; auto uses bf16 only where it is faster")] = None,
     device: str = "cpu",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (faster on GPUs)")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Train the built-in Fashion-MNIST DDPM (EMA, checkpoints, exact resume)."""
+    """Train the built-in Fashion-MNIST DDPM (EMA, checkpoints, exact resume). Unset options take TrainConfig's
+    defaults (in brackets)."""
     _threads(threads)
     from tmpq.data import load_fashion_mnist
     from tmpq.models.train import TrainConfig, train_ddpm, write_model_card
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, autocast=autocast)
+    given = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "ema_decay": ema_decay,
+        "block_out_channels": None if channels is None else parse_ints(channels, "--channels"),
+        "layers_per_block": layers_per_block,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+        "log_every": log_every,
+        "autocast": autocast,
+    }
+    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     images, _ = load_fashion_mnist("train")
-    path = train_ddpm(images, run_dir, cfg, max_minutes=max_minutes, device=device)
+    path = train_ddpm(images, run_dir, cfg, max_minutes=max_minutes, device=device, compile=compile)
     typer.echo(f"EMA weights: {path}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -51,3 +52,41 @@ def test_resume_with_other_config_is_refused(tmp_path):
 def test_too_few_images_for_batch(tmp_path):
     with pytest.raises(TmpqError, match="batch size"):
         train_ddpm(_images(4), tmp_path / "run", _cfg(2), progress=False)
+
+
+def test_loss_readout_interval_does_not_change_the_weights(tmp_path):
+    """Reading the loss back rarely (fewer host syncs) is a speed choice only: the weights are bit-identical."""
+    every = train_ddpm(_images(), tmp_path / "a", replace(_cfg(5), log_every=1), progress=False)
+    rarely = train_ddpm(_images(), tmp_path / "b", replace(_cfg(5), log_every=4), progress=False)
+    a, b = load_file(str(every)), load_file(str(rarely))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_deeper_blocks_train_and_record_speed(tmp_path):
+    cfg = replace(_cfg(2), layers_per_block=2)
+    path = train_ddpm(_images(), tmp_path / "run", cfg, progress=False)
+    assert load_unet_safetensors(path).config.layers_per_block == 2
+    card = write_model_card(path, "tmpq train").read_text()
+    assert "it/s" in card and "torch threads" in card  # the machine and the speed are named
+
+
+def test_run_dir_from_before_new_options_resumes(tmp_path):
+    """A run directory whose stored config predates an option reads it at its default instead of refusing."""
+    train_ddpm(_images(), tmp_path / "run", _cfg(2), progress=False)
+    path = tmp_path / "run" / "train_config.json"
+    stored = json.loads(path.read_text())
+    del stored["layers_per_block"], stored["log_every"]
+    path.write_text(json.dumps(stored))
+    with pytest.raises(TmpqError, match="different config"):
+        train_ddpm(_images(), tmp_path / "run", replace(_cfg(2), layers_per_block=2), progress=False)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+    train_ddpm(_images(), tmp_path / "run", _cfg(2), progress=False)  # the same recipe: accepted
+
+
+@pytest.mark.parametrize(
+    "bad", [{"lr": 0.0}, {"lr": float("nan")}, {"ema_decay": 1.0}, {"log_every": 0}, {"layers_per_block": 0}]
+)
+def test_bad_training_options_are_refused(bad):
+    with pytest.raises(TmpqError):
+        replace(_cfg(2), **bad)

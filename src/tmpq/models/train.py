@@ -12,7 +12,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,7 +29,10 @@ from tmpq.sampling.schedules import NoiseSchedule
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run; stored beside its checkpoints."""
+    """Everything that determines a training run's weights; stored beside its checkpoints.
+
+    How the run executes (device, `torch.compile`) is not part of it: those change speed, not the recipe.
+    """
 
     steps: int = 8000
     batch_size: int = 64
@@ -37,15 +40,39 @@ class TrainConfig:
     warmup_steps: int = 250
     ema_decay: float = 0.999
     block_out_channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = 1
     seed: int = 0
     checkpoint_every: int = 250
+    log_every: int = 50  # the loss is read back to the host (a device sync) only this often
     autocast: str = "auto"  # "auto" | "bf16" | "off"
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise TmpqError("steps and batch_size must be positive")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "layers_per_block"):
+            if getattr(self, name) < 1:
+                raise TmpqError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TmpqError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise TmpqError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0:
+            raise TmpqError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise TmpqError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Read a stored config; a key it lacks (written before the key existed) takes its old default."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TmpqError(f"unknown training config keys {sorted(unknown)}; was it written by a newer tmpq?")
+        kw = dict(d)
+        if "block_out_channels" in kw:
+            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        return cls(**kw)
 
 
 def _autocast_ctx(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -53,12 +80,32 @@ def _autocast_ctx(cfg: TrainConfig, device: torch.device) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
-def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the batch at `step`: a fresh seeded permutation each epoch, so resume is exact."""
-    per_epoch = n // batch_size
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[pos * batch_size : (pos + 1) * batch_size]
+class _BatchDraws:
+    """Seeded draws made on the training device: batch indices, noise and timesteps.
+
+    Every draw is a pure function of (seed, step), so a resumed run draws exactly what an uninterrupted one
+    would, with no generator state to checkpoint; nothing is drawn on the host and copied each step.
+    """
+
+    def __init__(self, n: int, cfg: TrainConfig, num_train_timesteps: int, device: torch.device) -> None:
+        self.n, self.cfg, self.T, self.device = n, cfg, num_train_timesteps, device
+        self.per_epoch = n // cfg.batch_size
+        self.gen = torch.Generator(device=device)
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:  # a fresh seeded permutation each epoch
+            self.gen.manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=self.gen, device=self.device)
+            self._epoch = epoch
+        return self._perm[pos * self.cfg.batch_size : (pos + 1) * self.cfg.batch_size]
+
+    def noise_and_t(self, step: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        self.gen.manual_seed(self.cfg.seed * 1_000_003 + step)
+        noise = torch.randn(shape, generator=self.gen, device=self.device)
+        t = torch.randint(0, self.T, (shape[0],), generator=self.gen, device=self.device)
+        return noise, t
 
 
 def train_ddpm(
@@ -69,31 +116,39 @@ def train_ddpm(
     max_minutes: float | None = None,
     device: str = "cpu",
     progress: bool = True,
+    compile: bool = False,
 ) -> Path:
-    """Train (or resume) a DDPM on `images` in [-1, 1]; returns the path of the EMA safetensors."""
+    """Train (or resume) a DDPM on `images` in [-1, 1]; returns the path of the EMA safetensors.
+
+    The data set, the draws and the loss all stay on `device`; the host waits for it only every
+    `cfg.log_every` steps (loss readout and NaN check) and at checkpoints.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     cfg_path, ckpt_path = run_dir / "train_config.json", run_dir / "checkpoint.pt"
     if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(json.dumps(asdict(cfg))):
+        try:
+            saved = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise TmpqError(f"{cfg_path} is not a readable training config ({exc}); use a new --run-dir") from exc
+        if saved != cfg:
             raise TmpqError(
                 f"{run_dir} holds a run with a different config ({cfg_path}); use a new --run-dir "
                 "or the same options to resume"
             )
-    else:
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     if images.shape[0] < cfg.batch_size:
         raise TmpqError(f"only {images.shape[0]} images for batch size {cfg.batch_size}; lower --batch-size")
+    if not cfg_path.exists():
+        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2))
 
     torch.manual_seed(cfg.seed)
-    unet_config = builtin_unet_config(cfg.block_out_channels)
+    unet_config = builtin_unet_config(cfg.block_out_channels, cfg.layers_per_block)
     model = build_unet(unet_config).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, foreach=True)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
-    step, elapsed = 0, 0.0
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    step, elapsed, last_loss = 0, 0.0, float("nan")
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=dev, weights_only=True)
         model.load_state_dict(state["model"])
@@ -101,6 +156,8 @@ def train_ddpm(
         sched.load_state_dict(state["lr_scheduler"])
         ema.load_state_dict(state["ema"])
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        last_loss = float(state.get("loss", float("nan")))
+    forward = torch.compile(model) if compile else model
 
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -112,46 +169,66 @@ def train_ddpm(
                 "ema": ema.state_dict(),
                 "step": step,
                 "elapsed_s": elapsed,
+                "loss": last_loss,
             },
             tmp,
         )
         tmp.replace(ckpt_path)  # atomic: a kill mid-save never leaves a broken checkpoint
 
     images = images.to(dev)
-    alphas = schedule.alphas_cumprod.to(dev)
-    start, last_loss = time.time() - elapsed, float("nan")
-    session_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    draws = _BatchDraws(images.shape[0], cfg, schedule.num_train_timesteps, dev)
+    sqrt_a = schedule.alphas_cumprod.to(dev).sqrt()
+    sqrt_1ma = (1 - schedule.alphas_cumprod).to(dev).sqrt()
+    loss_sum, since_log = torch.zeros((), device=dev), 0
+    start_step, session_start = step, time.time()
+    start = session_start - elapsed
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="it", disable=not progress, dynamic_ncols=True)
+
+    def read_loss() -> None:
+        """The one host sync: the mean loss since the last readout, smoothed for the bar."""
+        nonlocal loss_sum, since_log, last_loss
+        if since_log == 0:
+            return
+        value = (loss_sum / since_log).item()
+        if not math.isfinite(value):
+            raise TmpqError(
+                f"training loss became {value} between steps {step - since_log} and {step}; lower --lr "
+                "(the last checkpoint is intact)"
+            )
+        last_loss = 0.9 * last_loss + 0.1 * value if math.isfinite(last_loss) else value
+        loss_sum, since_log = torch.zeros((), device=dev), 0
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+
     while step < cfg.steps:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x0 = images[_batch_indices(images.shape[0], cfg.batch_size, step, cfg.seed)]
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=g).to(dev)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x0 = images[draws.indices(step)]
+        noise, t = draws.noise_and_t(step, x0.shape)
+        xt = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
         with _autocast_ctx(cfg, dev):
-            pred = model(xt, t).sample
+            pred = forward(xt, t).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        if not math.isfinite(loss.item()):
-            raise TmpqError(f"training loss became {loss.item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         sched.step()
         ema.step(model.parameters())
+        loss_sum += loss.detach()
+        since_log += 1
         step += 1
-        last_loss = 0.98 * last_loss + 0.02 * loss.item() if math.isfinite(last_loss) else loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            read_loss()
         elapsed = time.time() - start
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint()
             if max_minutes is not None and time.time() - session_start > max_minutes * 60 and step < cfg.steps:
                 break
     bar.close()
+    read_loss()
     save_checkpoint()
-    return export_ema(model, ema, unet_config, run_dir / "unet_ema.safetensors", cfg, step, elapsed, last_loss)
+    session_s = time.time() - session_start
+    it_s = (step - start_step) / session_s if step > start_step and session_s > 0 else float("nan")
+    return export_ema(model, ema, unet_config, run_dir / "unet_ema.safetensors", cfg, step, elapsed, last_loss, it_s)
 
 
 def export_ema(
@@ -163,6 +240,7 @@ def export_ema(
     step: int,
     elapsed: float,
     loss: float,
+    it_per_s: float = float("nan"),
 ) -> Path:
     """Write the EMA weights as safetensors; the UNet config and training facts go in its metadata."""
     ema.store(model.parameters())
@@ -175,10 +253,26 @@ def export_ema(
         "steps_done": str(step),
         "train_wall_s": f"{elapsed:.0f}",
         "final_loss": f"{loss:.5f}",
+        "train_it_per_s": f"{it_per_s:.2f}",
+        "train_device": _device_name(model),
         "noise_schedule": json.dumps(BUILTIN_SCHEDULE.to_dict()),
     }
     save_file(state, str(out), metadata=meta)
     return out
+
+
+def _device_name(model: torch.nn.Module) -> str:
+    """The machine that trained the weights, named for the card (CPU model and vector ISA, or the GPU)."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
@@ -203,8 +297,8 @@ def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
         f"batch {cfg.get('batch_size', '?')}, AdamW lr {cfg.get('lr', '?')} (cosine, "
         f"{cfg.get('warmup_steps', '?')} warm-up), EMA {cfg.get('ema_decay', '?')}, seed {cfg.get('seed', '?')}, "
         f"autocast {cfg.get('autocast', '?')}; final smoothed loss {meta.get('final_loss', '?')}.\n"
-        f"- Wall time: {wall / 60:.1f} min on {platform.processor() or platform.machine()} "
-        f"({torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}).\n"
+        f"- Wall time: {wall / 60:.1f} min on {meta.get('train_device', 'an unrecorded machine')}; "
+        f"{meta.get('train_it_per_s', '?')} it/s in the last session.\n"
         f"- Command: `{command}`\n" + (f"- Note: {note}\n" if note else "")
     )
     return card
