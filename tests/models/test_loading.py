@@ -4,15 +4,20 @@ types and beta schedules from the scheduler config, `module:factory` denoisers, 
 from __future__ import annotations
 
 import json
+import shutil
 
+import huggingface_hub.constants
+import huggingface_hub.file_download
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import tmpq
 from tmpq.cli import app
 from tmpq.errors import TmpqError
+from tmpq.models.builtin import build_unet, builtin_unet_config
 from tmpq.models.loading import load_model
 from tmpq.sampling.schedules import NoiseSchedule
 
@@ -135,3 +140,272 @@ def test_pipeline_search_export_load_sample_end_to_end(v_pipeline, tmp_path):
     loaded = tmpq.load(out)
     assert loaded.schedule.prediction_type == "v_prediction" and loaded.sample_shape == (3, 16, 16)
     assert torch.equal(loaded.sample(3, seed=1), tmpq.sampler_from_run(run).sample(3, seed=1))
+
+
+# --- a model directory is data: no unpickling, no imports it names, one clear error for each damage ---
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(tmp_path, monkeypatch):
+    DDPMPipeline(unet=rgb_unet(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "p", safe_serialization=False)
+    rgb_unet().save_pretrained(tmp_path / "m", safe_serialization=False)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a model directory")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for d, where in ((tmp_path / "p", "the unet of"), (tmp_path / "m", "")):
+        with pytest.raises(TmpqError, match="only pickle weights") as e:
+            load_model(str(d))
+        msg = str(e.value)
+        assert msg.startswith(where) and "diffusion_pytorch_model.bin" in msg
+        assert "safetensors only" in msg and "save_pretrained(..., safe_serialization=True)" in msg
+
+
+def _trap_module(tmp_path, monkeypatch, name: str):
+    """A module that leaves a marker file when imported: proves that a refused model_index.json imported nothing."""
+    (tmp_path / f"{name}.py").write_text(
+        "import pathlib\n"
+        "pathlib.Path(__file__).with_suffix('.imported').touch()\n"
+        "class UNet2DModel: ...\nclass AutoencoderKL: ...\nclass CLIPTextModel: ...\nclass DDPMScheduler: ...\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path / f"{name}.imported"
+
+
+@pytest.mark.parametrize(
+    ("key", "edit"),
+    [
+        ("unet", {"unet": ["TRAP", "UNet2DModel"]}),
+        ("unet", {"unet": ["transformers", "UNet2DModel"]}),
+        ("scheduler", {"scheduler": ["TRAP", "DDPMScheduler"]}),
+        ("scheduler", {"scheduler": ["diffusers", "DiffusionPipeline"]}),
+        ("vqvae", {"vqvae": ["TRAP", "AutoencoderKL"]}),
+        ("vae", {"vae": ["diffusers", "StableDiffusionPipeline"]}),
+        (
+            "text_encoder",
+            {
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["TRAP", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+            },
+        ),
+        (
+            "tokenizer",
+            {
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "AutoTokenizer"],
+            },
+        ),
+    ],
+)
+def test_model_index_may_name_only_supported_classes_and_nothing_is_imported(
+    v_pipeline, tmp_path, monkeypatch, key, edit
+):
+    name = f"tmpq_trap_{tmp_path.name}".replace("-", "_")
+    marker = _trap_module(tmp_path, monkeypatch, name)
+    d = tmp_path / "p"
+    shutil.copytree(v_pipeline, d)
+    index = json.loads((d / "model_index.json").read_text())
+    index.update({k: [name if v[0] == "TRAP" else v[0], v[1]] for k, v in edit.items()})
+    (d / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TmpqError, match=f"for its {key}; tmpq loads only") as e:
+        load_model(str(d))
+    assert "Fix the entry" in str(e.value)
+    assert not marker.exists()
+
+
+def test_malformed_model_index_entries_are_named(v_pipeline, tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(v_pipeline, d)
+    index = json.loads((d / "model_index.json").read_text())
+    for bad, message in (
+        ({**index, "unet": ["diffusers"]}, "not \\[library, class\\]"),
+        ({**index, "unet": ["diffusers", 3]}, "not \\[library, class\\]"),
+        (["diffusers", "UNet2DModel"], "not a JSON object"),
+    ):
+        (d / "model_index.json").write_text(json.dumps(bad))
+        with pytest.raises(TmpqError, match=message):
+            load_model(str(d))
+
+
+def test_broken_json_configs_are_named_not_taken_for_missing_files(v_pipeline, tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(v_pipeline, d)
+    (d / "model_index.json").write_text('{"_class_name": "DDPMPipeline", ')
+    with pytest.raises(TmpqError, match="model_index.json is not valid JSON") as e:
+        load_model(str(d))
+    assert "config.json" not in str(e.value)
+    shutil.copytree(v_pipeline, tmp_path / "s")
+    (tmp_path / "s" / "scheduler" / "scheduler_config.json").write_text("not json")
+    with pytest.raises(TmpqError, match="scheduler_config.json is not valid JSON"):
+        load_model(str(tmp_path / "s"))  # not a silently assumed default schedule
+    rgb_unet().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{")
+    with pytest.raises(TmpqError, match="config.json is not valid JSON"):
+        load_model(str(tmp_path / "m"))
+
+
+def _tmpq_train_file(path, config: dict, state_config: dict | None = None, **meta) -> str:
+    """A safetensors UNet as `tmpq train` writes it: the weights, the UNet config (and more) in the metadata."""
+    state = build_unet(state_config or config).state_dict()
+    meta = {"unet_config": json.dumps(config), **meta}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta)
+    return str(path)
+
+
+def test_damaged_tmpq_train_files_are_one_clear_error(tmp_path):
+    small, large = builtin_unet_config((8, 16)), builtin_unet_config((16, 32))
+    assert load_model(_tmpq_train_file(tmp_path / "ok.safetensors", small)).sample_shape == (1, 32, 32)
+    with pytest.raises(TmpqError, match="weights do not fit its UNet config .*size mismatch") as e:
+        load_model(_tmpq_train_file(tmp_path / "shapes.safetensors", small, state_config=large))
+    assert "tmpq train" in str(e.value)
+    bad = tmp_path / "json.safetensors"
+    save_file({"w": torch.zeros(1)}, str(bad), metadata={"unet_config": "{not json"})
+    with pytest.raises(TmpqError, match="'unet_config' metadata that is not valid JSON"):
+        load_model(str(bad))
+    with pytest.raises(TmpqError, match="'noise_schedule' metadata that is not a valid noise schedule"):
+        load_model(_tmpq_train_file(tmp_path / "s.safetensors", small, noise_schedule="{broken"))
+    with pytest.raises(TmpqError, match="'noise_schedule' metadata that is not a valid noise schedule"):
+        load_model(_tmpq_train_file(tmp_path / "k.safetensors", small, noise_schedule='{"no_such_key": 1}'))
+
+
+FACTORIES = """
+import torch
+from torch import nn
+from tmpq.sampling.schedules import NoiseSchedule
+
+
+class Conv(nn.Module):
+    def __init__(self, out_channels=1):
+        super().__init__()
+        self.conv = nn.Conv2d(1, out_channels, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def raises():
+    raise RuntimeError("weights missing on this machine")
+
+
+def wrong_output_shape():
+    return Conv(out_channels=2), NoiseSchedule(), (1, 8, 8)
+
+
+class Pair(Conv):
+    def forward(self, x, t):
+        return x, x
+
+
+def returns_a_tuple():
+    return Pair(), NoiseSchedule(), (1, 8, 8)
+
+
+def wrong_sample_shape():
+    return Conv(), NoiseSchedule(), (3, 8, 8)
+
+
+def bad_sample_shape():
+    return Conv(), NoiseSchedule(), ("one", 8, 8)
+
+
+def wrong_shape_loaded_model():
+    from tmpq.models.loading import LoadedModel
+
+    return LoadedModel(Conv(out_channels=2), NoiseSchedule(), (1, 8, 8), "x", None)
+
+
+def fine():
+    return Conv(), NoiseSchedule(), [1, 8, 8]
+
+
+not_a_function = 3
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("raises", "raised RuntimeError: weights missing on this machine; fix the factory"),
+        ("wrong_output_shape", r"returned \(1, 2, 8, 8\) for an input of shape \(1, 1, 8, 8\)"),
+        ("wrong_shape_loaded_model", r"returned \(1, 2, 8, 8\) for an input of shape \(1, 1, 8, 8\)"),
+        ("returns_a_tuple", "its denoiser returned tuple"),
+        ("wrong_sample_shape", r"fails on a batch of its sample shape \(1, 3, 8, 8\) \(RuntimeError"),
+        ("bad_sample_shape", "must be positive integers"),
+        ("not_a_function", "not a function"),
+    ],
+)
+def test_factory_failures_are_one_clear_error(tmp_path, monkeypatch, factory, message):
+    module = f"tmpq_factories_{tmp_path.name}".replace("-", "_")
+    (tmp_path / f"{module}.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_model(f"{module}:fine").sample_shape == (1, 8, 8)
+    with pytest.raises(TmpqError, match=message) as e:
+        load_model(f"{module}:{factory}")
+    assert f"{module}:{factory}" in str(e.value)
+
+
+def test_factory_module_that_fails_on_import_is_one_clear_error(tmp_path, monkeypatch):
+    module = f"tmpq_broken_{tmp_path.name}".replace("-", "_")
+    (tmp_path / f"{module}.py").write_text("raise ValueError('needs a GPU')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TmpqError, match=f"importing {module} raised ValueError: needs a GPU; fix that module"):
+        load_model(f"{module}:fn")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, and a Hub that is never reached: every request huggingface_hub would make is
+    recorded and fails as a network outage does."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    requests = []
+
+    def unreachable(url, *args, **kwargs):
+        requests.append(url)
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", unreachable)
+
+    def cache(repo_id: str, directory):
+        """Put a saved model into the cache as a download of `repo_id` would."""
+        repo = tmp_path / "hf_cache" / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(directory, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+
+    return requests, cache
+
+
+def test_malformed_hub_ids_are_refused_before_any_request(hub):
+    requests, _ = hub
+    for spec in ("no such/model here", "org/name/extra", "org--x/name", "org/name.git"):
+        with pytest.raises(TmpqError, match="neither an existing path nor a Hugging Face Hub id"):
+            load_model(spec)
+    assert requests == []
+
+
+def test_offline_hub_id_fails_at_once_naming_hf_hub_offline(hub, monkeypatch):
+    requests, _ = hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after import: huggingface_hub's own constant still says online
+    with pytest.raises(TmpqError, match="could not load 'no-such-org/no-such-model': HF_HUB_OFFLINE is set") as e:
+        load_model("no-such-org/no-such-model")
+    assert "not in the local Hugging Face cache" in str(e.value) and requests == []
+
+
+def test_unreachable_hub_fails_after_one_request_or_loads_from_the_cache(hub, v_pipeline, tmp_path):
+    requests, cache = hub
+    with pytest.raises(TmpqError, match="the Hugging Face Hub cannot be reached and it is not in the local"):
+        load_model("no-such-org/no-such-model")
+    assert len(requests) == 1  # one quick probe, not huggingface_hub's retries of every file
+    cache("tmpq-test/pixel", v_pipeline)
+    loaded = load_model("tmpq-test/pixel")  # the hub code path (hf_hub_download, from_pretrained) on a cached repo
+    assert loaded.schedule.prediction_type == "v_prediction" and loaded.sample_shape == (3, 16, 16)
+    assert "loaded from the local Hugging Face cache" in loaded.notes[-1]
+    DDPMPipeline(unet=rgb_unet(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "b", safe_serialization=False)
+    cache("tmpq-test/pickled", tmp_path / "b")
+    with pytest.raises(TmpqError, match="unet of 'tmpq-test/pickled' has no .safetensors weights.*safe_serialization"):
+        load_model("tmpq-test/pickled")

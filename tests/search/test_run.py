@@ -6,6 +6,7 @@ import pytest
 from tiny_search import tiny_loaded, tiny_search_config
 
 from tmpq.errors import TmpqError
+from tmpq.quant import CalibConfig
 from tmpq.search import Budget, FitnessConfig, run_search
 
 _loaded, _cfg = tiny_loaded, tiny_search_config
@@ -24,7 +25,9 @@ def test_run_search_end_to_end_then_resume(make_tiny_unet, tmp_path):
         assert (tmp_path / name).is_file()
     again = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)  # everything reused
     assert again.best.candidate == res.best.candidate and again.forwards == res.forwards
-    assert json.loads((tmp_path / "search.json").read_text())["search_cost"]["overhead_forwards"] == 0
+    # the prepared files were reused, and the record of what they cost survives the re-run
+    again_cost = json.loads((tmp_path / "search.json").read_text())["search_cost"]
+    assert again_cost["overhead_forwards"] == out["search_cost"]["overhead_forwards"]
 
 
 def test_single_lever_runs_keep_their_fixed_half(make_tiny_unet, tmp_path):
@@ -90,3 +93,74 @@ def test_median_proxy_is_robust_to_one_diverged_sample():
     assert scores["median"] == pytest.approx(0.01) and scores["mean"] > 3
     with pytest.raises(TmpqError, match="proxy_stat"):
         FitnessConfig("proxy", proxy_stat="max")
+
+
+def _files(run_dir) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"calib": CalibConfig(num_samples=3, num_steps=4)}, "calib.num_samples"),
+        ({"fitness": FitnessConfig(kind="proxy", proxy_space="features", num_samples=4)}, "fitness.proxy_space"),
+        ({"grouping": "uniform"}, "grouping"),
+    ],
+)
+def test_resume_under_other_settings_is_refused_before_touching_anything(make_tiny_unet, tmp_path, change, named):
+    """A finished run re-run with other calibration, fitness or space settings must not remake its files and keep
+    the old best: it is refused, naming the setting, and every file stays byte-identical."""
+    run_search(_loaded(make_tiny_unet), _cfg(), tmp_path, progress=False)
+    before = _files(tmp_path)
+    with pytest.raises(TmpqError, match=named.replace(".", r"\.")):
+        run_search(_loaded(make_tiny_unet), _cfg(**change), tmp_path, progress=False)
+    assert _files(tmp_path) == before
+
+
+def test_final_rescoring_settings_may_change_on_resume(make_tiny_unet, tmp_path):
+    run_search(_loaded(make_tiny_unet), _cfg(), tmp_path, progress=False)
+    run_search(_loaded(make_tiny_unet), _cfg(final_top=1), tmp_path, progress=False)  # not a search setting
+
+
+def test_run_dir_of_another_model_is_refused_without_its_model_json(make_tiny_unet, tmp_path):
+    """model.json is not the only tie: deleting it does not let another model adopt the run's search or inputs."""
+    run_search(_loaded(make_tiny_unet), _cfg(), tmp_path, progress=False)
+    (tmp_path / "model.json").unlink()
+    before = _files(tmp_path)
+    other = tiny_loaded(lambda: make_tiny_unet(seed=1))
+    with pytest.raises(TmpqError, match="another model"):
+        run_search(other, _cfg(), tmp_path, progress=False)
+    assert _files(tmp_path) == before
+
+
+def test_calibration_set_of_another_model_is_not_reused(make_tiny_unet, tmp_path):
+    from tmpq.quant.prepare import prepare_supernet
+
+    _, calib, _ = prepare_supernet(_loaded(make_tiny_unet), tmp_path, CalibConfig(4, 4), progress=False)
+    (tmp_path / "model.json").unlink()
+    other = tiny_loaded(lambda: make_tiny_unet(seed=1))
+    _, calib2, info = prepare_supernet(other, tmp_path, CalibConfig(4, 4), progress=False)
+    assert info["collect_forwards"] > 0 and calib2.config.model != calib.config.model
+
+
+def test_overhead_survives_a_kill(make_tiny_unet, tmp_path):
+    """Killed after the prepared files were made: the resumed run still reports what they cost."""
+    full = run_search(_loaded(make_tiny_unet), _cfg(), tmp_path / "a", progress=False)
+    assert full is not None
+    expected = json.loads((tmp_path / "a" / "search.json").read_text())["search_cost"]["overhead_forwards"]
+    run_search(_loaded(make_tiny_unet), _cfg(), tmp_path / "b", progress=False)
+    (tmp_path / "b" / "search.json").unlink()
+    state = json.loads((tmp_path / "b" / "search_state.json").read_text())
+    state["done"] = False  # as if killed during the last generation
+    (tmp_path / "b" / "search_state.json").write_text(json.dumps(state))
+    run_search(_loaded(make_tiny_unet), _cfg(), tmp_path / "b", progress=False)
+    resumed = json.loads((tmp_path / "b" / "search.json").read_text())["search_cost"]["overhead_forwards"]
+    assert resumed == expected > 0
+
+
+def test_run_dir_that_is_a_file_is_refused(make_tiny_unet, tmp_path):
+    f = tmp_path / "results"
+    f.write_text("mine")
+    with pytest.raises(TmpqError, match="is a file"):
+        run_search(_loaded(make_tiny_unet), _cfg(), f, progress=False)
+    assert f.read_text() == "mine"

@@ -58,8 +58,25 @@ def load_unet_safetensors(path: Path | str) -> UNet2DModel:
         raise TmpqError(f"{path} is not a readable safetensors file ({exc}); re-export or re-train it") from exc
     if "unet_config" not in meta:
         raise TmpqError(f"{path} has no 'unet_config' metadata; it was not written by `tmpq train`")
-    unet = build_unet(json.loads(meta["unet_config"]))
-    missing, unexpected = unet.load_state_dict(state, strict=False)
+    try:
+        config = json.loads(meta["unet_config"])
+    except ValueError as exc:
+        raise TmpqError(
+            f"{path} has 'unet_config' metadata that is not valid JSON ({exc}); the file is damaged: re-train it "
+            "with `tmpq train`"
+        ) from None
+    if not isinstance(config, dict):
+        raise TmpqError(f"{path}: its 'unet_config' metadata is not a JSON object; re-train it with `tmpq train`")
+    unet = build_unet(config)
+    try:
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape for the config (strict=False only forgives names)
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__
+        raise TmpqError(
+            f"{path}: its weights do not fit its UNet config ({detail}); the file is damaged or from another "
+            "model: re-train it with `tmpq train`"
+        ) from None
     if missing or unexpected:
         raise TmpqError(
             f"{path} does not match its UNet config (missing {len(missing)}, unexpected {len(unexpected)} tensors); "

@@ -1,8 +1,11 @@
 """Turn a model spec string into (denoiser, noise schedule, sample shape).
 
 Specs: `builtin:fashion`; a `.safetensors` UNet from `tmpq train`; a diffusers pipeline or model, as a local
-directory or a hub id (both through diffusers' own `load_config` / `from_pretrained`); or
-`package.module:factory`, a function returning a `LoadedModel` or `(denoiser, NoiseSchedule, sample_shape)`.
+directory or a hub id (components through their own library's `from_pretrained`); or `package.module:factory`, a
+function returning a `LoadedModel` or `(denoiser, NoiseSchedule, sample_shape)`.
+
+A model directory is data, not code: its `model_index.json` may only name the diffusers / transformers classes tmpq
+supports (checked before anything is imported), and weights are read from safetensors only (pickle can run code).
 
 Pipelines: pixel-space UNet2DModel (DDPM/DDIM), latent UNet2DModel + VAE/VQ-VAE (LDM), and text-to-image
 UNet2DConditionModel + VAE + tokenizer + text encoder (Stable Diffusion 1.x/2.x style). Only the UNet becomes the
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import operator
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +31,7 @@ from tmpq.errors import TmpqError
 from tmpq.models.builtin import BUILTIN_SCHEDULE, BUILTIN_UNET, load_builtin_unet, load_unet_safetensors
 from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
 from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder, read_prompts
-from tmpq.sampling.conditioning import Conditioning
+from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.schedules import NoiseSchedule
 
 BUILTIN_SPEC = "builtin:fashion"
@@ -40,6 +45,20 @@ DEFAULT_GUIDANCE = 7.5
 """StableDiffusionPipeline's default guidance scale."""
 KINDS = ("pixel", "latent", "text2image")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "unet": ("diffusers", ("UNet2DModel", "UNet2DConditionModel")),
+    "vae": ("diffusers", ("AutoencoderKL", "VQModel")),
+    "vqvae": ("diffusers", ("AutoencoderKL", "VQModel")),
+    "text_encoder": ("transformers", ("CLIPTextModel",)),
+    "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
+    "scheduler": ("diffusers", ()),  # only its config is read, never the class: any diffusers *Scheduler
+}
+"""The library and classes each pipeline component may name. model_index.json chooses what `_component` imports,
+so anything outside this list is refused before an import: a model directory must not run code."""
+_SCHEDULER_CLASS = re.compile(r"[A-Za-z]\w*Scheduler")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_TIMEOUT_S = 10.0
+_TRUE = ("1", "ON", "YES", "TRUE")
 
 
 @dataclass
@@ -122,68 +141,232 @@ def load_model(
         unet = load_unet_safetensors(path)
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-        schedule = NoiseSchedule(**json.loads(meta["noise_schedule"])) if "noise_schedule" in meta else BUILTIN_SCHEDULE
+        schedule = _metadata_schedule(path, meta["noise_schedule"]) if "noise_schedule" in meta else BUILTIN_SCHEDULE
     else:
         raise TmpqError(f"{spec!r} is not a supported model file; pass {SUPPORTED}")
     den = UNetDenoiser(unet, schedule).eval()
     return LoadedModel(den, schedule, den.sample_shape, spec, path)
 
 
+def _metadata_schedule(path: Path, text: str) -> NoiseSchedule:
+    """The `noise_schedule` metadata of a `tmpq train` file (a damaged value is an error, not a traceback)."""
+    try:
+        return NoiseSchedule(**json.loads(text))
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError; unknown keys or a non-object: TypeError
+        raise TmpqError(
+            f"{path} has 'noise_schedule' metadata that is not a valid noise schedule ({e}); the file is damaged: "
+            "re-train it with `tmpq train`"
+        ) from None
+
+
 def _from_factory(spec: str) -> LoadedModel:
+    """Call a user's factory; whatever it raises or returns wrongly becomes one TmpqError naming the spec."""
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise TmpqError(f"model factory {spec!r} cannot be imported ({e}); pass {SUPPORTED}") from None
-    out = fn()
-    if isinstance(out, LoadedModel):
-        return out
-    try:
-        denoiser, schedule, shape = out
-    except (TypeError, ValueError):
+    except Exception as e:  # the user's module fails while it is imported
         raise TmpqError(
-            f"model factory {spec!r} returned {type(out).__name__}; it must return a tmpq LoadedModel or "
-            "(denoiser, NoiseSchedule, sample_shape)"
-        ) from None
-    if not isinstance(denoiser, nn.Module) or not isinstance(schedule, NoiseSchedule):
-        raise TmpqError(f"model factory {spec!r} must return (nn.Module denoiser, NoiseSchedule, sample_shape)")
-    return LoadedModel(denoiser.eval(), schedule, tuple(int(s) for s in shape), spec, None)
+            f"model factory {spec!r}: importing {module} raised {type(e).__name__}: {e}; fix that module"
+        ) from e
+    if not callable(fn):
+        raise TmpqError(f"model factory {spec!r} is a {type(fn).__name__}, not a function; name a function")
+    try:
+        out = fn()
+    except Exception as e:
+        raise TmpqError(
+            f"model factory {spec!r} raised {type(e).__name__}: {e}; fix the factory so that it returns a tmpq "
+            "LoadedModel or (denoiser, NoiseSchedule, sample_shape)"
+        ) from e
+    if isinstance(out, LoadedModel):
+        loaded = out
+    else:
+        try:
+            denoiser, schedule, shape = out
+        except (TypeError, ValueError):
+            raise TmpqError(
+                f"model factory {spec!r} returned {type(out).__name__}; it must return a tmpq LoadedModel or "
+                "(denoiser, NoiseSchedule, sample_shape)"
+            ) from None
+        if not isinstance(denoiser, nn.Module) or not isinstance(schedule, NoiseSchedule):
+            raise TmpqError(f"model factory {spec!r} must return (nn.Module denoiser, NoiseSchedule, sample_shape)")
+        loaded = LoadedModel(denoiser.eval(), schedule, shape, spec, None)
+    loaded.sample_shape = _factory_shape(spec, loaded.sample_shape)
+    _probe_factory(spec, loaded)
+    return loaded
+
+
+def _factory_shape(spec: str, shape) -> tuple[int, ...]:
+    try:
+        dims = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise TmpqError(
+            f"model factory {spec!r} gave the sample shape {shape!r}; it must be positive integers, e.g. (3, 32, 32)"
+        )
+    return dims
+
+
+def _probe_factory(spec: str, loaded: LoadedModel) -> None:
+    """One no-grad pass on a zero batch of the sample shape: a factory's denoiser that fails or returns the wrong
+    shape is refused here, with its spec named, rather than deep inside calibration (in eval mode, so no
+    running statistics move)."""
+    den = loaded.denoiser
+    param = next((p for p in den.parameters() if p.is_floating_point()), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    x = torch.zeros(1, *loaded.sample_shape, device=device, dtype=dtype)
+    t = torch.full((1,), loaded.schedule.num_train_timesteps // 2, dtype=torch.long, device=device)
+    training = den.training
+    den.eval()
+    try:
+        with torch.no_grad():
+            out = call_denoiser(den, x, t, loaded.conditioning(1))
+    except Exception as e:
+        raise TmpqError(
+            f"model factory {spec!r}: its denoiser fails on a batch of its sample shape {tuple(x.shape)} "
+            f"({type(e).__name__}: {e}); fix the denoiser or the sample_shape the factory returns"
+        ) from e
+    finally:
+        den.train(training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != tuple(x.shape):
+        raise TmpqError(
+            f"model factory {spec!r}: its denoiser returned {got} for an input of shape {tuple(x.shape)}; a denoiser "
+            "returns the noise prediction with its input's shape: fix the denoiser or the sample_shape"
+        )
 
 
 def _from_diffusers(spec: str, prompts: Sequence[str] | None, guidance_scale: float | None) -> LoadedModel:
     """A diffusers pipeline (model_index.json) or a bare UNet2DModel, local or from the hub."""
-    from diffusers import DiffusionPipeline, UNet2DModel
-
     local = Path(spec)
-    if not local.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
-        raise TmpqError(f"model {spec!r} not found; pass {SUPPORTED}")
-    try:
-        index = DiffusionPipeline.load_config(spec)
-    except (OSError, ValueError):
-        index = None
+    cache_only: str | None = None  # why a hub id is read from the local cache only (None: local, or online)
+    if local.exists():
+        index = _read_json(spec, local / "model_index.json")
+        cfg = None if index is not None else _read_json(spec, local / "config.json")
+    else:
+        if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or not _valid_repo_id(spec):
+            raise TmpqError(
+                f"model {spec!r} not found: it is neither an existing path nor a Hugging Face Hub id "
+                f"('namespace/name'); pass {SUPPORTED}"
+            )
+        cache_only = _hub_cache_only(spec)
+        index = _hub_json(spec, "model_index.json", cache_only)
+        cfg = None if index is not None else _hub_json(spec, "config.json", cache_only)
     if index is not None:
-        return _from_pipeline(spec, dict(index), prompts, guidance_scale)
+        return _from_pipeline(spec, index, prompts, guidance_scale, cache_only)
+    if cfg is None:
+        if cache_only is not None:
+            raise TmpqError(
+                f"could not load {spec!r}: {cache_only} and it is not in the local Hugging Face cache; "
+                "download it while online, or pass a local directory"
+            )
+        raise TmpqError(
+            f"could not load {spec!r}: it has neither a model_index.json (a diffusers pipeline) nor a "
+            f"config.json (a diffusers model); pass {SUPPORTED}"
+        )
     if prompts is not None or guidance_scale is not None:
         raise TmpqError(f"prompts and a guidance scale apply to text-to-image pipelines only, not to {spec!r}")
-    try:
-        cfg = UNet2DModel.load_config(spec)
-    except (OSError, ValueError) as e:
-        raise TmpqError(f"could not load {spec!r} as a diffusers pipeline or model ({e}); pass {SUPPORTED}") from None
-    if cfg.get("_class_name") != "UNet2DModel":
-        raise TmpqError(f"{spec!r} holds a {cfg.get('_class_name')}, not a UNet2DModel; pass {SUPPORTED}")
-    schedule, notes = _schedule(spec, None)
-    unet = _component(spec, None, "diffusers", "UNet2DModel")
+    if not isinstance(cfg, dict) or cfg.get("_class_name") != "UNet2DModel":
+        name = cfg.get("_class_name") if isinstance(cfg, dict) else type(cfg).__name__
+        raise TmpqError(f"{spec!r} holds a {name}, not a UNet2DModel; pass {SUPPORTED}")
+    schedule, notes = _schedule(spec, None, cache_only)
+    unet = _component(spec, None, "diffusers", "UNet2DModel", cache_only)
     den = UNetDenoiser(unet.eval(), schedule).eval()
-    return LoadedModel(den, schedule, den.sample_shape, spec, _weights(local, None), notes)
+    return LoadedModel(den, schedule, den.sample_shape, spec, _weights(local, None), notes + _cache_note(cache_only))
 
 
-def _from_pipeline(spec: str, index: dict, prompts: Sequence[str] | None, guidance_scale: float | None) -> LoadedModel:
+def _read_json(spec: str, path: Path):
+    """A config file of a model directory, parsed (None: no such file); broken JSON is named as such, not taken for
+    a missing file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TmpqError(
+            f"{spec!r}: {path.name} is not valid JSON ({e}); repair it or re-save the model with save_pretrained"
+        ) from None
+    except OSError as e:
+        raise TmpqError(f"{spec!r}: cannot read {path} ({e}); check the file's permissions") from None
+
+
+def _valid_repo_id(spec: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it at import, or as set since (its constant would miss that)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or env.upper() in _TRUE
+
+
+def _hub_cache_only(spec: str) -> str | None:
+    """Why `spec` must come from the local cache (None: the Hub answered). One quick request decides it: without
+    it, huggingface_hub retries every file for ~25 s when the network is down before a misleading error."""
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(spec, "model_index.json"), timeout=_HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise TmpqError(
+            f"could not load {spec!r}: it is a gated repository; accept its terms on https://huggingface.co/{spec} "
+            "and log in with `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise TmpqError(
+            f"could not load {spec!r}: there is no such repository on the Hugging Face Hub (or it is private: log "
+            "in with `hf auth login`); check the id or pass a local directory"
+        ) from None
+    except EntryNotFoundError:
+        return None  # the repository exists but is no pipeline: a bare model, read below
+    except Exception:  # no network, proxy, SSL or a Hub outage (their error types vary by transport): use the cache
+        return "the Hugging Face Hub cannot be reached"
+    return None
+
+
+def _hub_json(spec: str, filename: str, cache_only: str | None):
+    """`filename` at the top of a hub repository, parsed; None where the repository (or the cache) has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(spec, filename, local_files_only=cache_only is not None)
+    except EntryNotFoundError:  # also LocalEntryNotFoundError: not in the cache
+        return None
+    except (OSError, ValueError) as e:
+        raise TmpqError(
+            f"could not load {spec!r} from the Hugging Face Hub ({e}); check the id and the network, or pass a "
+            "local directory"
+        ) from None
+    return _read_json(spec, Path(path))
+
+
+def _cache_note(cache_only: str | None) -> tuple[str, ...]:
+    return () if cache_only is None else (f"{cache_only}: loaded from the local Hugging Face cache",)
+
+
+def _from_pipeline(
+    spec: str, index, prompts: Sequence[str] | None, guidance_scale: float | None, cache_only: str | None
+) -> LoadedModel:
     """Pixel, latent or text-to-image pipeline: the UNet is the denoiser, the rest stays at full precision."""
-    parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    parts = _index_parts(spec, index)
     name = index.get("_class_name")
-    unet_class = parts.get("unet", [None, None])[1]
+    unet_class = parts.get("unet", (None, None))[1]
     vae_key = next((k for k in ("vae", "vqvae") if k in parts), None)
-    extra = sorted(set(parts) - {"unet", "scheduler", "vae", "vqvae", "text_encoder", "tokenizer"})
+    extra = sorted(set(parts) - set(_COMPONENTS))
     if unet_class not in ("UNet2DModel", "UNet2DConditionModel") or extra:
         raise TmpqError(
             f"{spec!r} is a {name} with a {unet_class or 'non-UNet'} denoiser and components "
@@ -201,14 +384,15 @@ def _from_pipeline(spec: str, index: dict, prompts: Sequence[str] | None, guidan
         raise TmpqError(
             f"{spec!r} ({name}) has a text encoder but an unconditional UNet2DModel. Supported: {SUPPORTED}"
         )
-    schedule, notes = _schedule(spec, "scheduler")
-    unet = _component(spec, "unet", *parts["unet"]).eval()
-    decoder = LatentDecoder(_component(spec, vae_key, *parts[vae_key]), key=vae_key) if vae_key else None
+    _check_components(spec, parts)
+    schedule, notes = _schedule(spec, "scheduler", cache_only)
+    unet = _component(spec, "unet", *parts["unet"], cache_only).eval()
+    decoder = LatentDecoder(_component(spec, vae_key, *parts[vae_key], cache_only), key=vae_key) if vae_key else None
     kind = "text2image" if text2image else "latent" if decoder is not None else "pixel"
     common = dict(
         spec=spec,
         weights_path=_weights(Path(spec), "unet"),
-        notes=notes,
+        notes=notes + _cache_note(cache_only),
         kind=kind,
         decoder=decoder,
         pipeline_class=name,
@@ -222,7 +406,8 @@ def _from_pipeline(spec: str, index: dict, prompts: Sequence[str] | None, guidan
             f"e.g. SDXL) are not supported; Supported: {SUPPORTED}"
         )
     text = TextEncoder(
-        _component(spec, "tokenizer", *parts["tokenizer"]), _component(spec, "text_encoder", *parts["text_encoder"])
+        _component(spec, "tokenizer", *parts["tokenizer"], cache_only),
+        _component(spec, "text_encoder", *parts["text_encoder"], cache_only),
     )
     g = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
     prompts = tuple(prompts) if prompts is not None else read_prompts()
@@ -231,8 +416,48 @@ def _from_pipeline(spec: str, index: dict, prompts: Sequence[str] | None, guidan
     return LoadedModel(den, schedule, den.sample_shape, **common, text_encoder=text, prompts=prompts, options=options)
 
 
-def _component(spec: str, subfolder: str | None, library: str, class_name: str):
-    """One pipeline component through its own library's `from_pretrained` (diffusers or transformers)."""
+def _index_parts(spec: str, index) -> dict[str, tuple[str, str]]:
+    """The components model_index.json lists, as {name: (library, class)}; checked for shape before any is used.
+    Keys starting with "_" are metadata and other non-list values pipeline options (requires_safety_checker)."""
+    if not isinstance(index, dict):
+        raise TmpqError(
+            f"{spec!r}: model_index.json holds a {type(index).__name__}, not a JSON object; re-save the pipeline "
+            "with save_pretrained"
+        )
+    parts = {}
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list):
+            continue
+        if len(value) != 2 or not all(v is None or isinstance(v, str) for v in value):
+            raise TmpqError(
+                f"{spec!r}: model_index.json gives {key!r} as {value!r}, not [library, class]; repair the entry or "
+                "re-save the pipeline with save_pretrained"
+            )
+        if value[0] is not None and value[1] is not None:  # [null, null]: an absent optional component
+            parts[key] = (value[0], value[1])
+    return parts
+
+
+def _check_components(spec: str, parts: dict[str, tuple[str, str]]) -> None:
+    """Refuse, before anything is imported, a component whose library or class is not one tmpq loads for it."""
+    for key, (library, class_name) in parts.items():
+        allowed_library, classes = _COMPONENTS[key]
+        fits = class_name in classes if classes else _SCHEDULER_CLASS.fullmatch(class_name) is not None
+        if library != allowed_library or not fits:
+            want = " or ".join(f"{allowed_library}.{c}" for c in classes) or "a diffusers scheduler"
+            raise TmpqError(
+                f"{spec!r}: model_index.json names {library}.{class_name} for its {key}; tmpq loads only {want} "
+                "there and imports nothing a model directory names otherwise. Fix the entry (or re-save the "
+                f"pipeline with diffusers' save_pretrained). Supported: {SUPPORTED}"
+            )
+
+
+def _component(spec: str, subfolder: str | None, library: str, class_name: str, cache_only: str | None = None):
+    """One pipeline component through its own library's `from_pretrained` (diffusers or transformers), weights
+    from safetensors only: pickle weights (.bin) can run arbitrary code when they are loaded."""
+    allowed = {lib for lib, _ in _COMPONENTS.values()}
+    if library not in allowed:  # _check_components has refused it already; never import what a file names
+        raise TmpqError(f"{spec!r} names the library {library!r} for its {subfolder}; tmpq loads only {allowed}")
     try:
         module = importlib.import_module(library)
     except ImportError:
@@ -242,14 +467,43 @@ def _component(spec: str, subfolder: str | None, library: str, class_name: str):
     cls = getattr(module, class_name, None)
     if cls is None:
         raise TmpqError(f"{library} has no {class_name} (the {subfolder} of {spec!r}); upgrade {library}")
+    kwargs: dict = {"subfolder": subfolder}
+    if cache_only is not None:
+        kwargs["local_files_only"] = True
+    has_weights = isinstance(cls, type) and issubclass(cls, nn.Module)  # a model; a tokenizer has none
+    if has_weights:
+        _refuse_pickle(spec, Path(spec), subfolder)
+        kwargs["use_safetensors"] = True
     try:
-        return cls.from_pretrained(spec, subfolder=subfolder)
+        return cls.from_pretrained(spec, **kwargs)
     except (OSError, ValueError) as e:
+        if has_weights and not Path(spec).exists() and ".safetensors" in str(e):
+            problem = "has no .safetensors weights in its Hub repository"
+            raise TmpqError(_pickle_message(spec, subfolder, problem)) from None
         raise TmpqError(f"could not load the {subfolder or 'model'} of {spec!r} ({e})") from None
 
 
-def _schedule(spec: str, subfolder: str | None) -> tuple[NoiseSchedule, tuple[str, ...]]:
-    sched = _scheduler_config(spec, subfolder)
+def _refuse_pickle(spec: str, local: Path, subfolder: str | None) -> None:
+    """A local model folder with pickle weights and no safetensors is refused by name (not loaded, not 'missing')."""
+    folder = local / (subfolder or "")
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise TmpqError(_pickle_message(spec, subfolder, f"has only pickle weights ({', '.join(pickles)})"))
+
+
+def _pickle_message(spec: str, subfolder: str | None, problem: str) -> str:
+    what = f"the {subfolder} of {spec!r}" if subfolder else repr(spec)
+    return (
+        f"{what} {problem}; tmpq loads safetensors only, because unpickling weights can run arbitrary code. "
+        "Convert it once, from a source you trust: load it with diffusers / transformers and re-save it with "
+        "save_pretrained(..., safe_serialization=True), then pass that directory"
+    )
+
+
+def _schedule(spec: str, subfolder: str | None, cache_only: str | None = None) -> tuple[NoiseSchedule, tuple[str, ...]]:
+    sched = _scheduler_config(spec, subfolder, cache_only)
     if sched is None:
         note = "no scheduler config found: assumed DDPM with T = 1000, linear betas 1e-4..0.02, epsilon"
         return NoiseSchedule.from_scheduler_config({}), (note,)
@@ -263,14 +517,28 @@ def _weights(local: Path, subfolder: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def _scheduler_config(spec: str, subfolder: str | None) -> dict | None:
+def _scheduler_config(spec: str, subfolder: str | None, cache_only: str | None = None) -> dict | None:
     """The scheduler config of a pipeline (its `scheduler/`) or beside a bare model; None when there is none.
-    Any scheduler class reads it: `load_config` is diffusers' ConfigMixin, the same for local dirs and hub ids."""
+    A local file is parsed here (a broken one is an error, not a silent default schedule); a hub id goes through
+    `load_config`, diffusers' ConfigMixin (any scheduler class reads it)."""
     from diffusers import DDPMScheduler
 
+    local = Path(spec)
     for sub in [subfolder] if subfolder else [None, "scheduler"]:
+        if local.is_dir():
+            path = local / (sub or "") / DDPMScheduler.config_name
+            cfg = _read_json(spec, path)
+            if cfg is not None:
+                return _scheduler_dict(spec, cfg)
+            continue
         try:
-            return dict(DDPMScheduler.load_config(spec, subfolder=sub))
+            return dict(DDPMScheduler.load_config(spec, subfolder=sub, local_files_only=cache_only is not None))
         except (OSError, ValueError):
             continue
     return None
+
+
+def _scheduler_dict(spec: str, cfg) -> dict:
+    if not isinstance(cfg, dict):
+        raise TmpqError(f"{spec!r}: scheduler_config.json holds a {type(cfg).__name__}, not a JSON object; repair it")
+    return cfg

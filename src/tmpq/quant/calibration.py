@@ -40,6 +40,7 @@ class CalibConfig:
     schedule: str = "uniform"
     seed: int = CALIBRATION_SEED
     conditioning: str = ""  # sha256 of the prompt embeddings used (text-to-image); "" when unconditional
+    model: str = ""  # fingerprint of the weights the inputs were collected from (set by prepare_supernet)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.num_steps < 1:

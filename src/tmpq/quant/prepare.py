@@ -53,11 +53,20 @@ def prepare_supernet(
     calibrated on its prompts; their embeddings' digest is part of the calibration config, so other prompts
     recalibrate."""
     cond = loaded.conditioning(calib_config.num_samples)
-    calib_config = replace(calib_config, conditioning=cond.digest() if cond is not None else "")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    claim_run_dir(loaded, run_dir)
-    info = {"calib_forwards": 0, "calib_collect_s": 0.0, "calibrate_s": 0.0, "reused": True}
+    fingerprint = claim_run_dir(loaded, run_dir)
+    # the weights' fingerprint keys the calibration set, so a run directory that lost its model.json is never
+    # calibrated from another model's inputs
+    calib_config = replace(calib_config, conditioning=cond.digest() if cond is not None else "", model=fingerprint)
+    info = {
+        "calib_forwards": 0,
+        "collect_forwards": 0,
+        "calibrate_forwards": 0,
+        "calib_collect_s": 0.0,
+        "calibrate_s": 0.0,
+        "reused": True,
+    }
     cpath = run_dir / CALIB_FILE
     calib = None
     if cpath.is_file():
@@ -71,7 +80,12 @@ def prepare_supernet(
         )
         calib.save(cpath)
         calib = CalibrationSet.open(cpath)  # release the collected rows: calibration streams them from the file
-        info |= {"calib_forwards": len(calib), "calib_collect_s": round(time.perf_counter() - t0, 2), "reused": False}
+        info |= {
+            "calib_forwards": len(calib),
+            "collect_forwards": len(calib),
+            "calib_collect_s": round(time.perf_counter() - t0, 2),
+            "reused": False,
+        }
     sdir = run_dir / SUPERNET_DIR
     if (sdir / "supernet.json").is_file():
         try:
@@ -79,7 +93,8 @@ def prepare_supernet(
         except TmpqError:
             sn = None
         if sn is not None:
-            done = {"conditioning": "", **sn.calibration_info.get("calib_config", {})}  # "": saved before prompts
+            # "": saved before prompts / before the model key (such a super-network is recalibrated)
+            done = {"conditioning": "", "model": "", **sn.calibration_info.get("calib_config", {})}
             if sn.spec == spec and done == asdict(calib_config):
                 return sn, calib, info
             sn.unwrap()  # stale: calibrate afresh on the same, untouched weights
@@ -89,6 +104,7 @@ def prepare_supernet(
     info |= {
         "calibrate_s": round(time.perf_counter() - t0, 2),
         "calib_forwards": info["calib_forwards"] + len(calib),
+        "calibrate_forwards": len(calib),
         "reused": False,
     }
     return sn, calib, info

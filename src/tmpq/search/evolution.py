@@ -270,6 +270,7 @@ class EvolutionarySearch:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        bar.set_postfix(evals=len(records))  # a resumed search shows what it already holds
         t_start = time.perf_counter() - state["wall_s"]
         from tmpq.search.parallel import SerialEvaluator  # parallel.py imports this module
 
@@ -295,6 +296,7 @@ class EvolutionarySearch:
                     state["records"][c.key] = rec.to_json()
                     state["wall_s"] = time.perf_counter() - t_start
                     self._save(state)
+                    bar.set_postfix(evals=len(records), refresh=False)
                 gen_wall = time.perf_counter() - t_gen
                 pool = [records[k] for k in state["parents"]] + [records[c.key] for c in pending]
                 parents = self._select(pool)

@@ -25,6 +25,7 @@ from tmpq.provenance import provenance
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantSpec
 from tmpq.quant.prepare import prepare_supernet
+from tmpq.quant.supernet import model_fingerprint
 from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
@@ -264,9 +265,14 @@ def run_search(
     With `cfg.staged`, the two single-lever searches run first (see `_run_stages`)."""
     run_dir = Path(run_dir)
     _check_metric_fits(loaded, cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TmpqError(f"--run-dir {run_dir} is a file, not a directory; pick a directory path")
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "search_state.json"
     resuming = resume and state_path.is_file()  # a resumed search already holds its first generation
+    fingerprint = model_fingerprint(loaded.denoiser)
+    if resuming:  # before anything in the directory is remade under other settings
+        check_resumable(state_path, cfg, fingerprint)
     if cfg.staged:
         if not resuming:
             _run_stages(loaded, cfg, run_dir, resume, progress, execution)
@@ -276,11 +282,13 @@ def run_search(
     if seeding:  # a bad seed fails now, not after calibration; what the seeds cost is kept with this run
         write_json_atomic(run_dir / SEEDS_FILE, seed_costs(cfg.seed_from))
     sn, calib, prep = prepare_supernet(loaded, run_dir, cfg.calib, cfg.quant, progress=progress)
-    overhead_forwards = prep["calib_forwards"]
+    ledger = OverheadLedger(run_dir / OVERHEAD_FILE)
+    ledger.record("calibration_inputs", prep["collect_forwards"])
+    ledger.record("calibration", prep["calibrate_forwards"])
     fp_key = {"fingerprint": sn.fingerprint}
 
     space, overhead = _build_space(sn, loaded, cfg, run_dir)
-    overhead_forwards += overhead
+    ledger.record("change_profile", overhead)
     cost = CandidateCost(space, sn.cost)
     budget = cfg.budget.resolve(cost)
     cost.require_within(budget, cfg.budget.describe())  # before sensitivity and reference samples are paid for
@@ -294,11 +302,13 @@ def run_search(
         sens = {n: {g: {int(b): v for b, v in d.items()} for g, d in e.items()} for n, e in sens.items()}
         repairer = Repairer(cost, sens)
         if fresh:
-            overhead_forwards += sum(cfg.sensitivity_inputs * (len(e["w"]) + len(e["a"]) + 1) for e in sens.values())
+            ledger.record(
+                "sensitivity", sum(cfg.sensitivity_inputs * (len(e["w"]) + len(e["a"]) + 1) for e in sens.values())
+            )
 
     metric = _metric(cfg)
     fitness, overhead = _build_fitness(sn, space, loaded, cfg, run_dir, metric)
-    overhead_forwards += overhead
+    ledger.record("proxy_reference", overhead)
     evaluator = None
     if execution.workers or execution.ray_address is not None:
         spec = WorkerSpec(
@@ -328,16 +338,88 @@ def run_search(
         repairer=repairer,
         initial=initial,
         progress=progress,
-        run_info={"search_config": cfg.to_json()},
+        run_info={"search_config": cfg.to_json(), "model_fingerprint": fingerprint},
         evaluator=evaluator,
     )
     result = search.run(resume=resume)
     final = None
     if cfg.final_samples > 0:
         final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
-    _write_result(run_dir, loaded, cfg, space, cost, result, overhead_forwards, time.perf_counter() - t_start, final)
+    _write_result(run_dir, loaded, cfg, space, cost, result, ledger.total, time.perf_counter() - t_start, final)
     result.supernet = sn
     return result
+
+
+RESUME_FREE = ("final_samples", "final_top", "seed_from", "extra")
+"""Settings a resumed search may change: the final re-scoring is keyed on its own (final.json), and a resumed
+search no longer reads its seeds. Every other setting decides the run directory's files and its result."""
+
+
+def _differences(old: object, new: object, path: str = "") -> list[str]:
+    """Dotted paths (with old -> new values) where two JSON trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            if k in old and k in new:
+                out += _differences(old[k], new[k], f"{path}.{k}" if path else k)
+            elif k in new:  # a setting the stored run predates: it ran at that setting's default
+                continue
+            else:
+                out.append(f"{path}.{k}" if path else k)
+        return out
+    return [] if old == new else [f"{path} ({json.dumps(old)} -> {json.dumps(new)})"]
+
+
+def check_resumable(state_path: Path, cfg: SearchConfig, fingerprint: str) -> None:
+    """Refuse to resume a search under settings (or weights) other than the ones it was started with.
+
+    Its calibration set, super-network, proxy reference and best candidate were all made under the stored
+    settings; resuming under others would remake some of them and keep a result scored under the old ones."""
+    try:
+        info = json.loads(state_path.read_text()).get("run_info", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise TmpqError(f"search state {state_path} is damaged; start over with --fresh or a new --run-dir") from None
+    old_fp = info.get("model_fingerprint")
+    if old_fp is not None and old_fp != fingerprint:
+        raise TmpqError(
+            f"{state_path.parent} holds a search of another model (other weights); its files are left untouched: "
+            "pick another --run-dir for this model"
+        )
+    stored = {k: v for k, v in info.get("search_config", {}).items() if k not in RESUME_FREE}
+    current = {k: v for k, v in cfg.to_json().items() if k not in RESUME_FREE}
+    diff = _differences(stored, current)
+    if diff:
+        raise TmpqError(
+            f"{state_path.parent} holds a search made with other settings: {'; '.join(diff)}. Its files are left "
+            "untouched: resume with the same options, start over with --fresh, or use a new --run-dir"
+        )
+
+
+OVERHEAD_FILE = "overhead.json"
+
+
+class OverheadLedger:
+    """Image-forwards spent making each prepared file of a run directory (calibration, profile, sensitivity, proxy
+    reference), kept on disk when made: a resumed run reuses the files and still reports what they cost."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, int] = {}
+        if path.is_file():
+            try:
+                self.entries = {k: int(v) for k, v in json.loads(path.read_text()).items()}
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                self.entries = {}  # a damaged ledger only loses the record of past cost, never a result
+
+    def record(self, what: str, forwards: int) -> None:
+        """`forwards` > 0: `what` was (re)made now at that cost; 0: it was reused, its recorded cost stands."""
+        if forwards > 0:
+            self.entries[what] = int(forwards)
+            write_json_atomic(self.path, self.entries)
+
+    @property
+    def total(self) -> int:
+        return sum(self.entries.values())
 
 
 SEEDS_FILE = "seeds.json"
@@ -397,7 +479,7 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
     top candidates. The search fitness used few samples; the final ranking should not. A 64-image grid of
     every row is kept in RUN/final/ (same noise in every grid)."""
     path = run_dir / "final.json"
-    key = {"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness)}
+    key = {"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness), "model": sn.fingerprint}
     if cfg.fid_reference != "fashion-mnist":  # older runs' keys stay valid
         key["fid_reference"] = cfg.fid_reference
     key = json.loads(json.dumps(key))
