@@ -72,9 +72,11 @@ def main() -> None:
     args = ap.parse_args()
     images, _ = load_fashion_mnist("train")
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else _cpu_name()
-    print(f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}; batch {args.batch_size}, {args.steps} steps, "
-          f"compile={args.compile}")
+    print(
+        f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}; batch {args.batch_size}, {args.steps} steps, "
+        f"compile={args.compile}"
+    )
     print("| architecture | it/s | images/s |\n|---|---:|---:|")
     for arch in args.arch:
         its = measure(arch, args.steps, args.batch_size, args.device, args.compile, images)

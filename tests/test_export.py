@@ -66,6 +66,31 @@ def test_export_refuses_to_overwrite(compressed, tmp_path):
     assert (out / MANIFEST).read_text() == before
 
 
+def test_export_never_writes_over_files_it_did_not_write(compressed, tmp_path):
+    """A user's directory with their own README.md and weights: refused, every file left as it was."""
+    d = tmp_path / "userproj"
+    d.mkdir()
+    (d / "README.md").write_text("x")
+    (d / "weights.safetensors").write_text("y")
+    for overwrite in (False, True):
+        with pytest.raises(TmpqError, match="did not write"):
+            export_sampler(compressed, d, overwrite=overwrite)
+    assert {p.name: p.read_text() for p in d.iterdir()} == {"README.md": "x", "weights.safetensors": "y"}
+    f = tmp_path / "afile"
+    f.write_text("z")
+    with pytest.raises(TmpqError, match="is a file"):
+        export_sampler(compressed, f)
+    assert f.read_text() == "z"
+
+
+def test_overwrite_replaces_an_earlier_export_and_keeps_other_files(compressed, tmp_path):
+    out = compressed.export(tmp_path / "exp")
+    (out / "notes.txt").write_text("mine")
+    export_sampler(compressed, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert tmpq.load(out).timesteps == compressed.timesteps
+
+
 def test_load_rejects_truncated_tensor_file(compressed, tmp_path):
     out = compressed.export(tmp_path / "exp")
     data = (out / TENSORS).read_bytes()

@@ -6,7 +6,6 @@ Everything is written to one run directory, so an interrupted `compress` resumes
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from tmpq.search.fitness import FitnessConfig
 from tmpq.search.parallel import Execution
 from tmpq.search.run import Budget, SearchConfig, run_search
 from tmpq.search.space import Candidate
+from tmpq.search.summary import read_summary
 
 
 def parse_budget(budget: Budget | str | float, steps: int = 10) -> Budget:
@@ -101,10 +101,7 @@ def _sampler(sn, loaded: LoadedModel, cfg_json: dict, choice: Choice) -> Compres
 def sampler_from_run(run_dir: str | Path, which: str = "best", model: str | None = None) -> CompressedSampler:
     """Rebuild a finished run's compressed sampler in a new process (reloads the saved super-network)."""
     run_dir = Path(run_dir)
-    path = run_dir / "search.json"
-    if not path.is_file():
-        raise TmpqError(f"{run_dir} holds no finished search (no search.json); run `tmpq search` or `tmpq run` first")
-    summary = json.loads(path.read_text())
+    summary = read_summary(run_dir)
     choice = _choice(summary, which)
     loaded = load_model(model or summary["model"], **summary.get("model_options", {}))
     cfg = summary["config"]
@@ -133,7 +130,7 @@ class CompressionResult:
 
     def __init__(self, run_dir: Path, loaded: LoadedModel, config: SearchConfig, result: SearchResult) -> None:
         self.run_dir, self.loaded, self.config, self.search = run_dir, loaded, config, result
-        self.summary = json.loads((run_dir / "search.json").read_text())
+        self.summary = read_summary(run_dir)
 
     @property
     def best(self) -> Choice:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import shutil
@@ -23,25 +24,71 @@ app = typer.Typer(
 )
 
 
+_DEBUG = {"on": False}  # set by --debug (the app callback); read only by the error boundary
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="on an error, show the full traceback")] = False) -> None:
+    _DEBUG["on"] = debug
+
+
+_OS_FIXES = {
+    errno.ENOENT: "check that the path exists",
+    errno.EISDIR: "give a file path, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; pick another path",
+    errno.EACCES: "pick a location you can write to, or fix its permissions",
+    errno.EPERM: "pick a location you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only; pick a writable location (e.g. another --run-dir or --out)",
+    errno.ENOSPC: "free some disk space, or write elsewhere",
+    errno.EEXIST: "pick another path",
+}
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming the problem and the fix, for any exception that reaches the command line."""
+    if isinstance(exc, TmpqError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        fix = _OS_FIXES.get(exc.errno, "check the path and the disk")
+        return f"{exc.strerror or exc}{where}; {fix}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a JSON file is damaged ({exc}); delete it (or use --fresh) to have it remade"
+    if type(exc).__name__ == "SafetensorError":
+        return f"a .safetensors file is damaged ({exc}); delete it to have it remade, or re-export it"
+    return (
+        f"unexpected {type(exc).__name__}: {exc}. This is an unsupported input or a bug in tmpq; "
+        "re-run with `tmpq --debug ...` for the traceback and report it"
+    )
+
+
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a TmpqError as one line naming the problem and the fix, exit 2; no traceback."""
+    """The CLI's one error boundary: any exception becomes one line naming the problem and the fix (exit 2 for
+    bad input, 1 for an unexpected error), never a traceback unless --debug asks for it."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except TmpqError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
         except KeyboardInterrupt:
             typer.secho("interrupted; completed checkpoints are kept, run the same command to resume", err=True)
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if _DEBUG["on"]:
+                raise
+            typer.secho(f"error: {describe_error(exc)}", fg=typer.colors.RED, err=True)
+            known = isinstance(exc, TmpqError | OSError | json.JSONDecodeError) or "Safetensor" in type(exc).__name__
+            raise typer.Exit(2 if known else 1) from None
 
     return wrapper
 
 
 def _threads(n: int | None) -> None:
-    if n:
+    if n is not None:
+        if n < 1:
+            raise TmpqError(f"--threads must be >= 1, got {n}")
         import torch
 
         torch.set_num_threads(n)
@@ -96,7 +143,10 @@ def train(
     defaults (in brackets)."""
     _threads(threads)
     from tmpq.data import load_fashion_mnist
-    from tmpq.models.train import TrainConfig, train_ddpm, write_model_card
+    from tmpq.models.train import TrainConfig, check_weights_target, train_ddpm, write_model_card
+
+    if out is not None:
+        check_weights_target(out)  # before hours of training, not after
 
     given = {
         "steps": steps,
@@ -151,8 +201,8 @@ def eval_cmd(
         str,
         typer.Option(help=MODEL_HELP),
     ] = "builtin:fashion",
-    steps: int = 10,
-    schedule: Annotated[str, typer.Option(help="uniform|quad")] = "quad",
+    steps: Annotated[int | None, typer.Option(help="FP sampling steps [10]")] = None,
+    schedule: Annotated[str | None, typer.Option(help="uniform|quad [quad]")] = None,
     timesteps: Annotated[str | None, typer.Option(help="explicit decreasing list, e.g. 999,600,300,0")] = None,
     num_samples: int = 1000,
     seed: int = 0,
@@ -169,11 +219,14 @@ def eval_cmd(
     _threads(threads)
     from tmpq.evaluate import EvalConfig, evaluate
 
+    _schedule_options(compressed, backend, steps, schedule, timesteps)
+    if out.exists() and not out.is_dir():
+        raise TmpqError(f"--out {out} is a file; give a directory for eval.json and samples.png")
     ts = _parse_timesteps(timesteps)
     cfg = EvalConfig(
         model=model,
-        steps=steps if ts is None else len(ts),
-        schedule=schedule,
+        steps=len(ts) if ts is not None else steps if steps is not None else EvalConfig.steps,
+        schedule=schedule or EvalConfig.schedule,
         timesteps=ts,
         num_samples=num_samples,
         seed=seed,
@@ -200,8 +253,8 @@ def sample(
     compressed: Annotated[
         Path | None, typer.Option(help="an exported sampler (`tmpq export`) instead of --model")
     ] = None,
-    steps: int = 10,
-    schedule: str = "quad",
+    steps: Annotated[int | None, typer.Option(help="FP sampling steps [10]")] = None,
+    schedule: Annotated[str | None, typer.Option(help="uniform|quad [quad]")] = None,
     timesteps: str | None = None,
     num_samples: int = 64,
     seed: int = 0,
@@ -219,6 +272,12 @@ def sample(
     _threads(threads)
     from tmpq.images import save_grid
 
+    _schedule_options(compressed, backend, steps, schedule, timesteps)
+    _check_out_file(out, IMAGE_SUFFIXES, "--out")  # before sampling, not after
+    if save_tensor is not None:
+        _check_out_file(save_tensor, (".safetensors",), "--save-tensor")
+    if num_samples < 1:
+        raise TmpqError(f"--num-samples must be >= 1, got {num_samples}")
     if compressed is not None:
         from tmpq.runtime import Backend, load
 
@@ -239,7 +298,8 @@ def sample(
 
         kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
         loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {}))
-        ts = _parse_timesteps(timesteps) or make_timesteps(schedule, steps, loaded.schedule.num_train_timesteps)
+        T = loaded.schedule.num_train_timesteps
+        ts = _parse_timesteps(timesteps) or make_timesteps(schedule or "quad", 10 if steps is None else steps, T)
         images = generate(
             loaded.denoiser,
             DDIMSampler(loaded.schedule, ts, eta=eta),
@@ -258,6 +318,35 @@ def sample(
     typer.echo(f"wrote {save_grid(images, out)}: {num_samples} samples of the {what}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _check_out_file(path: Path, suffixes: tuple[str, ...], option: str) -> None:
+    """A file the command will write: refused now if it cannot be written as asked, before any compute."""
+    if path.is_dir():
+        raise TmpqError(f"{option} {path} is a directory; give a file path such as {path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        raise TmpqError(f"{option} {path} must end in {' or '.join(suffixes)}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TmpqError(f"{option} {path}: {parent} is a file, not a directory; pick another path")
+            break
+
+
+def _schedule_options(compressed, backend, steps, schedule, timesteps) -> None:
+    """An exported sampler brings its own schedule and bits: the FP model's schedule options and --backend
+    must not be mixed with the wrong mode, or they would be silently ignored."""
+    if compressed is not None:
+        given = [
+            o for o, v in (("--steps", steps), ("--schedule", schedule), ("--timesteps", timesteps)) if v is not None
+        ]
+        if given:
+            raise TmpqError(f"--compressed samples on its own timesteps; drop {', '.join(given)}")
+    elif backend is not None:
+        raise TmpqError("--backend runs an exported sampler: give --compressed DIR with it, or drop --backend")
+
+
 def _parse_timesteps(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -273,10 +362,16 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(v) for v in text.split("-"))
-            return tuple(range(lo, hi + 1))
-        return tuple(int(v) for v in text.split(",") if v.strip())
+            values = tuple(range(lo, hi + 1))
+        else:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise TmpqError(f"{what} must be comma-separated integers or a range like 8-12, got {text!r}") from None
+    if not values:
+        raise TmpqError(f"{what} {text!r} names no value; give e.g. 8,10,12 or a rising range like 8-12")
+    if len(set(values)) != len(values):
+        raise TmpqError(f"{what} {text!r} repeats a value; give each once")
+    return values
 
 
 @app.command()
@@ -321,7 +416,9 @@ def _search_command(full: bool) -> Callable[..., None]:
         run_dir: Annotated[Path, typer.Option(help="all artefacts; re-run the same command to resume")] = Path(
             "runs/run" if full else "runs/search"
         ),
-        like: Annotated[str | None, typer.Option(help="budget: uniform WxAy at --budget-steps steps")] = "W6A6",
+        like: Annotated[
+            str | None, typer.Option(help="budget: uniform WxAy at --budget-steps steps [W6A6 when no budget given]")
+        ] = None,
         budget_steps: Annotated[int, typer.Option(help="steps of the --like budget")] = 10,
         bitops: Annotated[float | None, typer.Option(help="budget: fraction of FP BitOPs at 100 steps")] = None,
         gbitops: Annotated[float | None, typer.Option(help="budget: absolute GBitOPs per image")] = None,
@@ -374,8 +471,8 @@ def _search_command(full: bool) -> Callable[..., None]:
         from tmpq.search.parallel import Execution
 
         _threads(threads)
-        if sum(x is not None for x in (bitops, gbitops)) > 1:
-            raise TmpqError("give one budget: --like, --bitops or --gbitops")
+        if sum(x is not None for x in (like, bitops, gbitops)) > 1:
+            raise TmpqError("give one budget: --like, --bitops or --gbitops (they were given together)")
         budget = (
             Budget.fraction(bitops)
             if bitops is not None
@@ -441,6 +538,8 @@ def _evolution(preset: str, seed: int, population: int | None, generations: int 
         raise TmpqError(f"--preset must be 'tmpq' or 'reference', got {preset!r}")
     evo = EvolutionConfig.tmpq(seed=seed) if preset == "tmpq" else EvolutionConfig.reference(seed=seed)
     if population is not None:
+        if population < 1:
+            raise TmpqError(f"--population must be >= 1, got {population}")
         scale = population / evo.population
         evo = replace(
             evo,
@@ -450,7 +549,7 @@ def _evolution(preset: str, seed: int, population: int | None, generations: int 
             crossovers=round(evo.crossovers * scale),
             randoms=round(evo.randoms * scale),
         )
-    return replace(evo, multi_objective=pareto, **({"generations": generations} if generations else {}))
+    return replace(evo, multi_objective=pareto, **({"generations": generations} if generations is not None else {}))
 
 
 def _print_search(run_dir: Path, res, budget, fitness: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,18 @@ class EvalConfig:
     compressed: str | None = None  # an exported sampler (`tmpq export`): its own timesteps and bits are used
     backend: str | None = None  # run `compressed` on a tmpq.runtime backend: int8 | packed | fake (None: super-network)
     dtype: str = "float32"  # float arithmetic around the quantized layers with `backend` (float32 | bfloat16 | float16)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 2:
+            raise TmpqError(f"--num-samples must be >= 2 for FID, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise TmpqError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise TmpqError(f"--eta must be a number >= 0, got {self.eta}")
+        if self.backend is not None and self.compressed is None:
+            raise TmpqError("--backend runs an exported sampler: give --compressed DIR with it, or drop --backend")
+        if self.compressed is not None and self.timesteps is not None:
+            raise TmpqError("--compressed samples on its own timesteps; drop --timesteps/--steps/--schedule")
 
     def resolved_timesteps(self, num_train_timesteps: int) -> list[int]:
         if self.timesteps is not None:

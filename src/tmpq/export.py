@@ -54,16 +54,49 @@ CARD = "README.md"
 _QPARAM = re.compile(r"(?:^|\.)(?:w|a)(\d+)_(?:codes|scale|zp)$")
 
 
-def _save_parts(sampler: CompressedSampler, directory: Path) -> dict:
-    """save_pretrained the FP parts into subdirectories; returns {name: {library, class, dir}} for the manifest."""
+def _part_modules(sampler: CompressedSampler) -> dict[str, object]:
+    """The FP parts an export writes, by subdirectory name."""
     parts = sampler.parts
-    saved = {}
     modules = {}
     if parts.decoder is not None:
         modules[parts.decoder.key] = parts.decoder.vae
     if parts.text_encoder is not None:
         modules |= {"text_encoder": parts.text_encoder.text_encoder, "tokenizer": parts.text_encoder.tokenizer}
-    for name, obj in modules.items():
+    return modules
+
+
+def _check_target(directory: Path, overwrite: bool, part_dirs: list[str]) -> None:
+    """An export writes only into a new or empty directory, or over an earlier export when asked: never over
+    files tmpq did not write (a user's README.md or weights), and never into a subdirectory it does not own."""
+    if directory.exists() and not directory.is_dir():
+        raise TmpqError(f"--out {directory} is a file; give a directory path for the export")
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    try:
+        old = json.loads((directory / MANIFEST).read_text())
+        owned = {MANIFEST, CARD, *old["files"]}
+        old_parts = {p["dir"] for p in old.get("parts", {}).values()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        first = sorted(e.name for e in directory.iterdir())[0]
+        raise TmpqError(
+            f"{directory} already holds files tmpq did not write (e.g. {first}); they are left untouched: "
+            "give a new or empty directory as --out"
+        ) from None
+    if not overwrite:
+        raise TmpqError(f"{directory} already holds an export; pass overwrite=True (CLI: --overwrite) or another --out")
+    foreign = [d for d in part_dirs if (directory / d).exists() and d not in old_parts]
+    foreign += [n for n in (TENSORS, CARD) if (directory / n).exists() and n not in owned]
+    if foreign:
+        raise TmpqError(
+            f"{directory} holds {foreign[0]!r}, which the earlier export there did not write; it is left untouched: "
+            "give a new or empty directory as --out"
+        )
+
+
+def _save_parts(sampler: CompressedSampler, directory: Path) -> dict:
+    """save_pretrained the FP parts into subdirectories; returns {name: {library, class, dir}} for the manifest."""
+    saved = {}
+    for name, obj in _part_modules(sampler).items():
         obj.save_pretrained(str(directory / name))
         saved[name] = {"library": type(obj).__module__.split(".")[0], "class": type(obj).__name__, "dir": name}
     return saved
@@ -110,8 +143,7 @@ def export_sampler(
 ) -> Path:
     """Write `sampler` to `directory` (see the module doc). Refuses to overwrite another export unless asked."""
     directory = Path(directory)
-    if (directory / MANIFEST).exists() and not overwrite:
-        raise TmpqError(f"{directory} already holds an export; pass overwrite=True (CLI: --overwrite) or another --out")
+    _check_target(directory, overwrite, list(_part_modules(sampler)))
     sn = sampler.supernet
     unet_config = _unet_config(sn)
     w_used, a_used, fp_weight = _used_widths(sampler.phase_configs)

@@ -275,6 +275,32 @@ def _device_name(model: torch.nn.Module) -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def _card_intro(weights: Path) -> str:
+    return f"# {weights.name}\n\nDDPM"
+
+
+def check_weights_target(out: Path | str) -> None:
+    """Before training: `--out` must be a .safetensors path, and neither it nor its card (same name, .md) may be a
+    file that `tmpq train` did not write, so a user's README or weights are never replaced."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise TmpqError(f"--out {out} must end in .safetensors (its model card is written beside it as .md)")
+    if out.exists():
+        meta = {}
+        if out.is_file():
+            from safetensors import safe_open
+
+            with contextlib.suppress(Exception), safe_open(str(out), framework="pt") as fh:  # unreadable: not ours
+                meta = fh.metadata() or {}
+        if "train_config" not in meta:
+            raise TmpqError(
+                f"--out {out} exists and was not written by `tmpq train`; it is left untouched: pick another path"
+            )
+    card = out.with_suffix(".md")
+    if card.exists() and not (card.is_file() and card.read_text(errors="replace").startswith(_card_intro(out))):
+        raise TmpqError(f"{card} exists and is not this model's card; it is left untouched: pick another --out")
+
+
 def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
     """A Markdown card beside the weights: the command, data, steps and wall time, read from its metadata."""
     from safetensors import safe_open
@@ -287,8 +313,7 @@ def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
     wall = float(meta.get("train_wall_s", "nan"))
     card = weights.with_suffix(".md")
     card.write_text(
-        f"# {weights.name}\n\n"
-        "DDPM (epsilon prediction, T = 1000, linear betas 1e-4..0.02) on a diffusers `UNet2DModel`, "
+        f"{_card_intro(weights)} (epsilon prediction, T = 1000, linear betas 1e-4..0.02) on a diffusers `UNet2DModel`, "
         "EMA weights.\n\n"
         f"- Data: Fashion-MNIST train split (60,000 images) from the Debian package `dataset-fashion-mnist`, "
         "zero-padded to 32x32 (background -1), scaled to [-1, 1].\n"

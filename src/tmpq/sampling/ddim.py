@@ -8,6 +8,7 @@ to DDIMScheduler whenever the list is one DDIMScheduler would produce.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,8 +42,8 @@ class DDIMSampler:
         clip_sample_range: float | None = None,
         use_clipped_model_output: bool = False,
     ) -> None:
-        if eta < 0:
-            raise TmpqError(f"eta must be >= 0, got {eta}")
+        if not (math.isfinite(eta) and eta >= 0):
+            raise TmpqError(f"eta must be a number >= 0, got {eta}")
         self.schedule = schedule
         self.timesteps = validate_timesteps(timesteps, schedule.num_train_timesteps)
         self.eta = float(eta)

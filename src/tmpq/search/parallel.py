@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -240,6 +241,7 @@ class RayEvaluator:
             raise TmpqError("--ray needs Ray: pip install 'tmpq[ray]' (or pip install ray)") from None
         self.ray = ray
         if not ray.is_initialized():
+            check_ray_address(address)
             try:
                 ray.init(address=None if address == "local" else address, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -306,6 +308,20 @@ class _RayWorker:
         t0 = time.perf_counter()
         fv = self.fitness(Candidate.from_json(candidate))
         return float(fv.value), int(fv.forwards), dict(fv.extra), time.perf_counter() - t0
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an unreachable HOST:PORT for minutes; one plain TCP connect says at once whether it is there."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or address.startswith("ray://"):
+        return  # auto, local, or a client address: Ray's own checks apply
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise TmpqError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start one with `ray start --head` and pass "
+            "its address, or use --ray local"
+        ) from None
 
 
 def make_evaluator(

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tmpq.errors import TmpqError
 from tmpq.evaluate import reference_metric
@@ -30,7 +30,7 @@ from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
 from tmpq.search.fitness import FitnessConfig, SampleFitness
-from tmpq.search.parallel import Execution, WorkerSpec, make_evaluator
+from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_evaluator
 from tmpq.search.profile import change_profile
 from tmpq.search.seeds import seed_candidates, seed_costs
 from tmpq.search.sensitivity import layer_sensitivity
@@ -55,10 +55,15 @@ class Budget:
 
     @classmethod
     def like(cls, setting: str, steps: int) -> Budget:
-        m = re.fullmatch(r"W(\d)A(\d)", setting.upper())
+        m = re.fullmatch(r"W(\d+)A(\d+)", setting.strip().upper())
         if not m:
-            raise TmpqError(f"budget setting {setting!r} is not of the form WxAy (e.g. W6A6)")
-        return cls("like", 0.0, int(m.group(1)), int(m.group(2)), steps)
+            raise TmpqError(f"--like {setting!r} is not of the form WxAy (e.g. W6A6)")
+        w, a = int(m.group(1)), int(m.group(2))
+        if not (1 <= w <= 16 and 1 <= a <= 16):
+            raise TmpqError(f"--like {setting!r}: bit-widths must be between 1 and 16")
+        if steps < 1:
+            raise TmpqError(f"--budget-steps must be >= 1, got {steps}")
+        return cls("like", 0.0, w, a, steps)
 
     @classmethod
     def fraction(cls, frac: float, full_steps: int = 100) -> Budget:
@@ -113,6 +118,18 @@ class SearchConfig:
             raise TmpqError(f"lever must be one of {LEVERS}, got {self.lever!r}")
         if self.staged and self.lever != "joint":
             raise TmpqError("a staged search ends in a joint search; drop --staged or use --lever joint")
+        # checked here, before any compute: a budget or precision outside the calibrated widths would only fail
+        # after a full calibration otherwise
+        w_all, a_all = self.quant.w_bits, self.quant.a_bits
+        if self.budget.kind == "like":
+            _require_widths(f"--like W{self.budget.w}A{self.budget.a}", self.budget.w, self.budget.a, w_all, a_all)
+        if self.lever == "timesteps" or (self.staged and self.budget.kind != "like"):  # see _run_stages
+            _require_widths(
+                f"--fixed-precision {self.fixed_precision}", *_precision(self.fixed_precision), w_all, a_all
+            )
+        bounds = self.phase_bounds
+        if len(set(bounds)) != len(bounds) or any(b < 1 for b in bounds):
+            raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -121,6 +138,19 @@ class SearchConfig:
 def _precision(setting: str) -> tuple[int, int]:
     b = Budget.like(setting, 1)
     return b.w, b.a
+
+
+def _require_widths(what: str, w: int, a: int, w_all: tuple[int, ...], a_all: tuple[int, ...]) -> None:
+    if w not in w_all:
+        raise TmpqError(
+            f"{what}: {w}-bit weights are not among the candidate widths {list(w_all)}; add {w} to "
+            "--w-bits or pick another setting"
+        )
+    if a not in a_all:
+        raise TmpqError(
+            f"{what}: {a}-bit activations are not among the candidate widths {list(a_all)}; add {a} to "
+            "--a-bits or pick another setting"
+        )
 
 
 FEATURE_SHAPE = (1, 32, 32)
@@ -207,9 +237,12 @@ def _build_fitness(sn, space, loaded, cfg: SearchConfig, run_dir: Path, metric) 
         if ref_path.is_file():
             from safetensors import safe_open
 
-            with safe_open(str(ref_path), framework="pt") as fh:
-                if fh.metadata() == meta:
-                    fitness.reference = load_file(str(ref_path))["images"]
+            try:
+                with safe_open(str(ref_path), framework="pt") as fh:
+                    if fh.metadata() == meta:
+                        fitness.reference = fh.get_tensor("images")
+            except Exception:  # a damaged file (safetensors raises several types) is remade, like a stale one
+                fitness.reference = None
         if fitness.reference is None:
             save_file({"images": fitness.fp_reference().contiguous()}, str(ref_path), metadata=meta)
             forwards = fitness.reference_forwards
@@ -242,8 +275,11 @@ def _cached_json(path: Path, key: dict, make) -> tuple[object, bool]:
     """(value, computed): the value stored under `key` in `path`, or made now and stored."""
     key = json.loads(json.dumps(key))  # tuples become lists, as they will be when read back
     if path.is_file():
-        d = json.loads(path.read_text())
-        if d.get("key") == key:
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            d = {}  # a damaged cache is remade, like a stale one
+        if isinstance(d, dict) and d.get("key") == key and "value" in d:
             return d["value"], False
     value = json.loads(json.dumps(make()))  # the same types whether fresh or reloaded
     write_json_atomic(path, {"key": key, "value": value}, indent=None)
@@ -270,6 +306,8 @@ def run_search(
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "search_state.json"
     resuming = resume and state_path.is_file()  # a resumed search already holds its first generation
+    if execution.ray_address is not None:
+        check_ray_address(execution.ray_address)  # now, not after calibration
     fingerprint = model_fingerprint(loaded.denoiser)
     if resuming:  # before anything in the directory is remade under other settings
         check_resumable(state_path, cfg, fingerprint)

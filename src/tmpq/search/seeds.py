@@ -8,7 +8,6 @@ ended instead of at the plain default.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -16,27 +15,14 @@ from typing import TypeVar
 from tmpq.errors import TmpqError
 from tmpq.sampling.schedules import phase_of
 from tmpq.search.space import Bits, Candidate, SearchSpace
+from tmpq.search.summary import read_summary
 
 T = TypeVar("T")
 
 
 def _load_search(source: str | Path) -> dict:
-    """The search.json of a finished search (a run directory or the file itself), checked to be one."""
-    path = Path(source)
-    path = path / "search.json" if path.is_dir() else path
-    if not path.is_file():
-        raise TmpqError(
-            f"seed search {source} holds no finished search (no search.json); finish it or drop it from --seed-from"
-        )
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        d, why = None, str(e)
-    else:
-        why = "no best candidate or config"
-    if not isinstance(d, dict) or "best" not in d or not isinstance(d.get("config"), dict):
-        raise TmpqError(f"{path} is not a tmpq search result ({why}); pass a directory written by `tmpq search`")
-    return d
+    """The search.json of a finished seed search, checked to be one."""
+    return read_summary(source, "finish it or drop it from --seed-from")
 
 
 def read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:

@@ -96,7 +96,13 @@ class SearchSpace:
         if not self.steps or min(self.steps) < 1:
             raise TmpqError(f"steps must be a non-empty set of positive step counts, got {self.steps}")
         object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))
-        object.__setattr__(self, "phase_bounds", tuple(sorted(set(self.phase_bounds), reverse=True)))
+        bad = [b for b in self.phase_bounds if not 0 < b < self.num_train_timesteps]
+        if bad or len(set(self.phase_bounds)) != len(self.phase_bounds):
+            raise TmpqError(
+                f"phase bounds {list(self.phase_bounds)} must be distinct timesteps in "
+                f"1..{self.num_train_timesteps - 1}"
+            )
+        object.__setattr__(self, "phase_bounds", tuple(sorted(self.phase_bounds, reverse=True)))
         if self.grouping not in GROUPINGS:
             raise TmpqError(f"unknown grouping {self.grouping!r}; use one of {GROUPINGS}")
         if not self.search_bits and self.fixed_bits is None:
