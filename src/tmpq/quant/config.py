@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 
 from tmpq.errors import TmpqError
@@ -21,6 +21,13 @@ def _bits_tuple(values: Iterable[int], what: str) -> tuple[int, ...]:
     if bad:
         raise TmpqError(f"{what} bit-widths {bad} are not supported; use 1..{MAX_BITS}")
     return out
+
+
+RECONSTRUCTIONS = (None, "adaround")
+RECON_PRESETS = {
+    "demo": {"recon_iters": 200, "recon_batch": 16, "recon_rows": 256},
+    "paper": {"recon_iters": 20_000, "recon_batch": 32, "recon_rows": 1024},
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,10 @@ class QuantSpec:
     split_concat: bool = True
     act_method: str = "mse"
     act_max_values: int = 1 << 16
+    reconstruction: str | None = None  # None: nearest rounding in calibrated ranges | "adaround": learned rounding
+    recon_iters: int = 200  # AdaRound optimisation steps per (unit, weight width); the `paper` preset uses 20,000
+    recon_batch: int = 16  # calibration inputs per step
+    recon_rows: int = 256  # calibration inputs reconstructed on, spread evenly over the set (all timesteps)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _bits_tuple(self.w_bits, "weight"))
@@ -65,6 +76,20 @@ class QuantSpec:
             raise TmpqError(f"act_method must be 'mse' or 'minmax', got {self.act_method!r}")
         if self.act_max_values < 1024:
             raise TmpqError(f"act_max_values={self.act_max_values} is too small to estimate a range; use >= 1024")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise TmpqError(
+                f"reconstruction must be one of {[r or 'none' for r in RECONSTRUCTIONS]}, got {self.reconstruction!r}"
+            )
+        for name in ("recon_iters", "recon_batch", "recon_rows"):
+            if getattr(self, name) < 1:
+                raise TmpqError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')})")
+
+    def with_reconstruction(self, method: str | None, preset: str = "demo") -> QuantSpec:
+        """This spec with `method` ("adaround", or None for range-only) at a cost preset: `demo` fits `make demo`
+        on 2 CPU cores, `paper` is the reference's 20,000 iterations per unit and width (a GPU's job)."""
+        if preset not in RECON_PRESETS:
+            raise TmpqError(f"reconstruction preset must be one of {sorted(RECON_PRESETS)}, got {preset!r}")
+        return replace(self, reconstruction=method, **RECON_PRESETS[preset])
 
     def selects(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)

@@ -174,8 +174,12 @@ class _QuantWeightLayer(QuantUnit):
 class QuantConv2d(_QuantWeightLayer):
     kind = "conv"
 
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's operation with `weight` in place of its own (what reconstruction optimises through)."""
+        return self.base._conv_forward(x, weight, self.base.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base._conv_forward(self.act(x), self.weight(), self.base.bias)
+        y = self.apply_weight(self.act(x), self.weight())
         if self.counting:
             k = self.base.weight[0].numel()  # (C_in / groups) * kh * kw MACs per output element
             self.macs = y[0].numel() * k
@@ -185,8 +189,11 @@ class QuantConv2d(_QuantWeightLayer):
 class QuantLinear(_QuantWeightLayer):
     kind = "linear"
 
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.act(x), self.weight(), self.base.bias)
+        y = self.apply_weight(self.act(x), self.weight())
         if self.counting:
             per_sample = y.numel() // y.shape[0] if y.ndim > 1 else y.numel()
             self.macs = per_sample * self.base.in_features

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -16,6 +17,8 @@ from tmpq.quant.supernet import SuperNet, build_supernet, model_fingerprint
 
 CALIB_FILE = "calib.safetensors"
 SUPERNET_DIR = "supernet"
+RECON_PROGRESS_DIR = "supernet.reconstruction"
+"""Learned rounding of each finished unit, while a reconstruction runs (resumed by unit after a kill)."""
 MODEL_FILE = "model.json"
 
 
@@ -99,8 +102,11 @@ def prepare_supernet(
                 return sn, calib, info
             sn.unwrap()  # stale: calibrate afresh on the same, untouched weights
     t0 = time.perf_counter()
-    sn = build_supernet(loaded.denoiser, calib, spec, progress=progress)
+    pdir = run_dir / RECON_PROGRESS_DIR
+    sn = build_supernet(loaded.denoiser, calib, spec, progress=progress, progress_dir=pdir)
     sn.save(sdir)
+    if pdir.is_dir():  # the saved super-network now holds every unit's learned codes
+        shutil.rmtree(pdir)
     info |= {
         "calibrate_s": round(time.perf_counter() - t0, 2),
         "calib_forwards": info["calib_forwards"] + len(calib),

@@ -379,10 +379,20 @@ def build_supernet(
     spec: QuantSpec = QuantSpec(),
     batch_size: int = 64,
     progress: bool = True,
+    progress_dir: str | Path | None = None,
 ) -> SuperNet:
-    """Wrap `model` and calibrate every candidate bit-width once on `calib`."""
+    """Wrap `model` and calibrate every candidate bit-width once on `calib`: ranges, then, with
+    `spec.reconstruction`, learned rounding per (unit, weight width), kept unit by unit in `progress_dir` so that a
+    killed calibration continues where it stopped."""
     sn = SuperNet.wrap(model, spec, calib.rows(slice(0, 1)))
     sn.calibrate(calib, batch_size=batch_size, progress=progress)
+    if spec.reconstruction == "adaround":
+        from tmpq.quant.reconstruction import reconstruct_weights
+
+        t0 = time.perf_counter()
+        info = reconstruct_weights(sn, calib, progress_dir, progress=progress)
+        sn.calibration_info["reconstruction"] = {k: v for k, v in info.items() if k != "errors"}
+        sn.calibration_info["reconstruction"]["seconds"] = round(time.perf_counter() - t0, 2)
     return sn
 
 

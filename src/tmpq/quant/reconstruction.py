@@ -1,0 +1,228 @@
+"""Learned rounding (AdaRound) for every candidate weight width, once, shared by every configuration.
+
+Range-only PTQ rounds each weight to its nearest code. AdaRound learns, per weight, whether to round down or up so
+that the layer's output on real inputs stays closest to the full-precision output; the result is just other integer
+codes, so export, the runtime backends and `to_pipeline` carry it unchanged. As in the paper's precision solver, the
+super-network does this once per (unit, weight width) up front, and a switch between widths stays a switch.
+
+What a unit's reconstruction assumes of its neighbours: its inputs are the FP model's (every other layer in full
+precision), and its own input activations are left unquantized while it learns. The codes a unit learns at width b
+therefore do not depend on any other unit's width, so any mix of widths the search builds is as valid as a uniform
+one. (Q-Diffusion reconstructs one uniform setting sequentially on quantized inputs; that ties each unit's codes to
+its predecessors' widths, which a super-network mixing widths per unit cannot honour.)
+
+Each unit's learned codes are kept in a progress directory as soon as the unit is done, so a killed calibration
+continues with the next unit; every (unit, width) draws its batches from its own seed, so the resumed result is the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from tmpq.errors import TmpqError
+from tmpq.quant.calibration import CalibrationSet
+from tmpq.quant.primitives import channel_view, qmax
+from tmpq.sampling.conditioning import call_denoiser
+
+ZETA, GAMMA = 1.1, -0.1
+"""The rectified sigmoid's stretch (AdaRound): h(V) reaches exactly 0 and 1, so the rounding can become hard."""
+WARMUP = 0.2
+"""Share of the iterations with the rounding regulariser off (the soft rounding first fits the output)."""
+BETA_START, BETA_END = 20.0, 2.0
+REG_WEIGHT = 0.01
+CAPTURE_BYTES = 1 << 29
+"""Unit inputs held at once: units are reconstructed in chunks whose captured inputs fit in this many bytes."""
+
+
+def recon_rows(n: int, rows: int) -> torch.Tensor:
+    """The calibration rows reconstruction uses: `rows` of them spread evenly over the set (all timesteps)."""
+    return torch.linspace(0, n - 1, min(rows, n)).round().long().unique()
+
+
+def _soft(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def _seed(name: str, bits: int) -> int:
+    return zlib.crc32(f"{name}:{bits}".encode())
+
+
+def _output_error(unit, x: torch.Tensor, w_q: torch.Tensor, w_fp: torch.Tensor) -> torch.Tensor:
+    """Squared output error summed over output channels, averaged over the rest (BRECQ's reconstruction loss)."""
+    d = unit.apply_weight(x, w_q) - unit.apply_weight(x, w_fp)
+    channels = d.shape[1] if unit.kind == "conv" else d.shape[-1]
+    return d.pow(2).mean() * channels
+
+
+def adaround_codes(
+    unit, bits: int, inputs: torch.Tensor, iters: int, batch_size: int, lr: float = 1e-3
+) -> tuple[torch.Tensor, dict]:
+    """Learned codes of `unit` at `bits` on its captured FP `inputs`, with the unit's calibrated scale and zero
+    point. Returns the codes and {"nearest": error, "learned": error} on the inputs (the codes are the nearest
+    rounding's when learning did not lower the error: reconstruction is never worse than range-only)."""
+    w = unit.base.weight.detach().float()
+    scale = channel_view(getattr(unit, f"w{bits}_scale"), w.ndim)
+    zp = channel_view(getattr(unit, f"w{bits}_zp"), w.ndim)
+    top = qmax(bits)
+    w_div = w * (1.0 / scale)
+    w_floor = w_div.floor()
+    rest = (w_div - w_floor).clamp(1e-4, 1 - 1e-4)
+    v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
+
+    def weight(h: torch.Tensor) -> torch.Tensor:
+        return (torch.clamp(w_floor + h + zp, 0, top) - zp) * scale
+
+    gen = torch.Generator().manual_seed(_seed(unit.name, bits))
+    opt = torch.optim.Adam([v], lr=lr)
+    warm = int(WARMUP * iters)
+    for i in range(iters):
+        idx = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)
+        h = _soft(v)
+        loss = _output_error(unit, inputs[idx], weight(h), w)
+        if i >= warm:
+            beta = BETA_END + (BETA_START - BETA_END) * (1 - (i - warm) / max(1, iters - warm))
+            loss = loss + REG_WEIGHT * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        learned = (w_floor + (v >= 0).float() + zp).clamp(0, top)
+        nearest = getattr(unit, f"w{bits}_codes").float()
+        errs = {}
+        for key, codes in (("nearest", nearest), ("learned", learned)):
+            wq = (codes - zp) * scale
+            errs[key] = float(sum(_output_error(unit, inputs[i : i + 64], wq, w) for i in range(0, len(inputs), 64)))
+    best = learned if errs["learned"] <= errs["nearest"] else nearest
+    return best.to(torch.uint8), errs
+
+
+class _Capture:
+    """Forward pre-hooks that copy each unit's input rows into one preallocated tensor per unit."""
+
+    def __init__(self, units: dict, rows: int) -> None:
+        self.units, self.rows = units, rows
+        self.store: dict[str, torch.Tensor] = {}
+        self.pos: dict[str, int] = {}
+        self.hooks = [u.register_forward_pre_hook(self._hook(n)) for n, u in units.items()]
+
+    def _hook(self, name: str):
+        def pre(module, args):
+            x = args[0].detach()
+            if name not in self.store:
+                self.store[name] = torch.empty((self.rows, *x.shape[1:]), dtype=torch.float32)
+                self.pos[name] = 0
+            p = self.pos[name]
+            self.store[name][p : p + x.shape[0]] = x.float().cpu()
+            self.pos[name] = p + x.shape[0]
+
+        return pre
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _input_bytes(sn, units: dict, calib: CalibrationSet) -> dict[str, int]:
+    """Bytes of one calibration row's input to each unit (one probe forward)."""
+    cap = _Capture(units, 1)
+    try:
+        call_denoiser(sn.model, *calib.rows(slice(0, 1)))
+    finally:
+        cap.close()
+    return {n: t[0].numel() * 4 for n, t in cap.store.items()}
+
+
+def _chunks(names: Sequence[str], per_row: dict[str, int], rows: int) -> list[list[str]]:
+    out, cur, size = [], [], 0
+    for n in names:
+        need = per_row.get(n, 0) * rows
+        if cur and size + need > CAPTURE_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += need
+    return out + [cur] if cur else out
+
+
+def _progress_key(sn, calib: CalibrationSet) -> str:
+    return json.dumps({"fingerprint": sn.fingerprint, "spec": sn.spec.to_dict(), "calib": calib.config.__dict__})
+
+
+@torch.no_grad()
+def reconstruct_weights(
+    sn, calib: CalibrationSet, progress_dir: str | Path | None = None, batch_size: int = 32, progress: bool = True
+) -> dict:
+    """AdaRound every weight unit at every candidate width of `sn.spec`, after range calibration. Units finished
+    by an earlier, killed call are read from `progress_dir` instead of being learned again."""
+    spec = sn.spec
+    units = {n: u for n, u in sn.units.items() if hasattr(u, "calibrate_weights") and u.w_candidates}
+    key = _progress_key(sn, calib)
+    pdir = Path(progress_dir) if progress_dir is not None else None
+    done: dict[str, dict] = {}
+    if pdir is not None and pdir.is_dir():
+        for name in units:
+            f = pdir / f"{name}.safetensors"
+            if not f.is_file():
+                continue
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    if (fh.metadata() or {}).get("key") != key:
+                        continue
+                    for k in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        units[name].register_buffer(k, fh.get_tensor(k), persistent=False)
+                    done[name] = json.loads(fh.metadata()["errors"])
+            except Exception:  # a damaged progress file: learn that unit again
+                done.pop(name, None)
+    todo = [n for n in units if n not in done]
+    sn.set_fp()
+    idx = recon_rows(len(calib), spec.recon_rows)
+    bar = tqdm(total=len(units), initial=len(done), desc="adaround", disable=not progress, dynamic_ncols=True)
+    if todo:
+        per_row = _input_bytes(sn, {n: units[n] for n in todo}, calib)
+        for chunk in _chunks(todo, per_row, len(idx)):
+            cap = _Capture({n: units[n] for n in chunk}, len(idx))
+            try:
+                for i in range(0, len(idx), batch_size):
+                    call_denoiser(sn.model, *calib.rows(idx[i : i + batch_size]))
+            finally:
+                cap.close()
+            for name in chunk:
+                unit, inputs = units[name], cap.store.pop(name)
+                errors: dict[str, dict] = {}
+                codes: dict[int, torch.Tensor] = {}
+                for b in unit.w_candidates:
+                    bar.set_postfix_str(f"{name} W{b}", refresh=True)
+                    with torch.enable_grad():
+                        codes[b], errors[str(b)] = adaround_codes(unit, b, inputs, spec.recon_iters, spec.recon_batch)
+                for b, c in codes.items():
+                    unit.register_buffer(f"w{b}_codes", c, persistent=False)
+                done[name] = errors
+                if pdir is not None:
+                    pdir.mkdir(parents=True, exist_ok=True)
+                    tmp = pdir / f"{name}.safetensors.tmp"
+                    meta = {"key": key, "errors": json.dumps(errors)}
+                    save_file({f"w{b}_codes": c.contiguous() for b, c in codes.items()}, str(tmp), metadata=meta)
+                    tmp.replace(pdir / f"{name}.safetensors")
+                bar.update(1)
+    bar.close()
+    if not units:
+        raise TmpqError("reconstruction found no weight layers with candidate widths to learn rounding for")
+    gains = [e[b]["nearest"] / max(e[b]["learned"], 1e-30) for e in done.values() for b in e]
+    return {
+        "method": spec.reconstruction,
+        "units": len(done),
+        "rows": len(idx),
+        "iters": spec.recon_iters,
+        "batch": spec.recon_batch,
+        "median_error_ratio": float(torch.tensor(gains).median()) if gains else 1.0,
+        "errors": done,
+    }
