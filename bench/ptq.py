@@ -80,6 +80,9 @@ def main(
     calib_samples: int = 128,
     calib_steps: int = 20,
     model: str = "builtin:fashion",
+    reconstruction: Annotated[str, typer.Option(help="none | adaround (learned rounding per weight width)")] = "none",
+    recon_preset: Annotated[str, typer.Option(help="demo | paper")] = "demo",
+    recon_iters: Annotated[int | None, typer.Option(help="override the preset's iterations")] = None,
     out: Path = Path("runs/ptq"),
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
@@ -89,6 +92,9 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
     spec = QuantSpec()
+    if reconstruction != "none":
+        spec = spec.with_reconstruction(reconstruction, recon_preset)
+        spec = spec if recon_iters is None else replace(spec, recon_iters=recon_iters)
     sn, cal = calibrate_once(loaded, out, CalibConfig(num_samples=calib_samples, num_steps=calib_steps), spec)
     qloaded = replace(loaded, denoiser=sn)
     metric = reference_metric("fashion-mnist")
@@ -133,8 +139,18 @@ def main(
             f"| {r['bitops_vs_fp100']:.4f} | {r['size_mb']:.3f} "
             f"| {r['sample_wall_s'] / c['num_samples'] * 1000:.1f} |"
         )
+    recon = cal["supernet_detail"].get("reconstruction")
+    how = (
+        "range-only"
+        if recon is None
+        else (
+            f"{recon['method']} ({recon['iters']} iterations x batch {recon['batch']} per unit and width, on "
+            f"{recon['rows']} calibration inputs; {recon['seconds']} s)"
+        )
+    )
     note = (
-        f"\n\n{num_samples} samples per row (seeds {seed}..{seed + num_samples - 1}), {schedule} schedule, FID/IS in "
+        f"\n\nWeights: {how}. {num_samples} samples per row (seeds {seed}..{seed + num_samples - 1}), "
+        f"{schedule} schedule, FID/IS in "
         "the shipped classifier's feature space vs the 60,000 training images. Calibration: "
         f"{cal['calib_rows']} denoiser inputs ({calib_samples} FP DDIM trajectories x {calib_steps} steps), "
         f"collected in {cal['collect_s']} s; the super-network (W {cal['candidates']['w']} x A "

@@ -102,6 +102,11 @@ PromptsOpt = Annotated[
     Path | None, typer.Option(help="text-to-image: prompt file, one per line (default: the shipped list)")
 ]
 GuidanceOpt = Annotated[float | None, typer.Option(help="text-to-image: classifier-free guidance scale (7.5)")]
+ReconOpt = Annotated[
+    str, typer.Option(help="weight rounding: none (nearest, in calibrated ranges) | adaround (learned per width)")
+]
+ReconPresetOpt = Annotated[str, typer.Option(help="reconstruction cost: demo (2 CPU cores) | paper (20k iterations)")]
+ReconItersOpt = Annotated[int | None, typer.Option(help="override the preset's iterations per unit and width")]
 BackendOpt = Annotated[
     str | None,
     typer.Option(help="with --compressed: run on int8 kernels (int8), bit-packed weights (packed) or lean fake-quant"),
@@ -386,22 +391,37 @@ def calibrate(
     calib_steps: Annotated[int, typer.Option(help="steps per trajectory; every step's input is kept")] = 20,
     w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = "2,3,4,5,6,8",
     a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
+    reconstruction: ReconOpt = "none",
+    recon_preset: ReconPresetOpt = "demo",
+    recon_iters: ReconItersOpt = None,
     prompts: PromptsOpt = None,
     guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Calibrate the quantization super-network once for every candidate bit-width (reused by search)."""
-    from tmpq.quant import CalibConfig, QuantSpec
+    from tmpq.quant import CalibConfig
     from tmpq.quant.prepare import prepare_supernet
 
     _threads(threads)
-    spec = QuantSpec(w_bits=parse_ints(w_bits, "--w-bits"), a_bits=parse_ints(a_bits, "--a-bits"))
+    spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters)
     loaded = _load(model, prompts, guidance_scale)
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
     typer.echo(f"super-network: {len(sn.units)} quantizable units, {len(calib)} calibration inputs, {what}")
     typer.echo(f"  W {list(spec.w_bits)} x A {list(spec.a_bits)}; pinned: {sn.pinned}")
     typer.echo(f"  FP: {sn.cost.macs / 1e6:.1f} MMACs per forward; saved in {run_dir / 'supernet'}")
+
+
+def _quant_spec(w_bits: str, a_bits: str, reconstruction: str, preset: str, iters: int | None):
+    from tmpq.quant import QuantSpec
+
+    if reconstruction not in ("none", "adaround"):
+        raise TmpqError(f"--reconstruction must be none or adaround, got {reconstruction!r}")
+    spec = QuantSpec(w_bits=parse_ints(w_bits, "--w-bits"), a_bits=parse_ints(a_bits, "--a-bits"))
+    if reconstruction == "none":
+        return spec
+    spec = spec.with_reconstruction(reconstruction, preset)
+    return spec if iters is None else replace(spec, recon_iters=iters)
 
 
 def _search_command(full: bool) -> Callable[..., None]:
@@ -453,6 +473,9 @@ def _search_command(full: bool) -> Callable[..., None]:
         calib_steps: Annotated[int, typer.Option(help="steps per calibration trajectory")] = 20,
         w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = "2,3,4,5,6,8",
         a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
+        reconstruction: ReconOpt = "none",
+        recon_preset: ReconPresetOpt = "demo",
+        recon_iters: ReconItersOpt = None,
         seed: int = 0,
         fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,
         workers: Annotated[int, typer.Option(help="evaluate candidates in N local worker processes (0: here)")] = 0,
@@ -466,7 +489,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         ] = "fashion-mnist",
         threads: ThreadsOpt = None,
     ) -> None:
-        from tmpq.quant import CalibConfig, QuantSpec
+        from tmpq.quant import CalibConfig
         from tmpq.search import Budget, FitnessConfig, SearchConfig, run_search
         from tmpq.search.parallel import Execution
 
@@ -497,7 +520,7 @@ def _search_command(full: bool) -> Callable[..., None]:
                 reference_steps=proxy_reference_steps,
             ),
             calib=CalibConfig(calib_samples, calib_steps),
-            quant=QuantSpec(w_bits=parse_ints(w_bits, "--w-bits"), a_bits=parse_ints(a_bits, "--a-bits")),
+            quant=_quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters),
             final_samples=final_samples,
             final_top=final_top,
             fid_reference=fid_reference,
