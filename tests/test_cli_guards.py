@@ -56,6 +56,14 @@ def test_train_never_writes_its_card_over_a_users_readme(tmp_path):
         (["--budget-steps", "-3"], "--budget-steps"),
         (["--lever", "timesteps", "--fixed-precision", "W7A7"], "--fixed-precision"),
         (["--threads", "-2"], "--threads"),
+        (["--grouping", "foo"], "--grouping"),
+        (["--final-top", "0"], "--final-top"),
+        (["--final-samples", "-5"], "--final-samples"),
+        (["--fid-reference", "/nonexistent"], "--fid-reference"),
+        (["--proxy-reference-steps", "0"], "reference steps"),
+        (["--seed-from", "/nonexistent"], "--seed-from"),
+        (["--reconstruction", "brecq2"], "--reconstruction"),
+        (["--reconstruction", "adaround", "--recon-preset", "fast"], "preset"),
     ],
 )
 def test_search_options_are_checked_before_any_compute(tmp_path, args, match):
@@ -112,3 +120,8 @@ def test_an_unreachable_ray_address_fails_at_once():
     with pytest.raises(TmpqError, match="no Ray cluster answers at 127.0.0.1:1"):
         check_ray_address("127.0.0.1:1")
     assert time.perf_counter() - start < 30
+
+
+def test_train_with_a_bad_architecture_leaves_no_run_directory(tmp_path):
+    _refused(["train", "--run-dir", str(tmp_path / "t"), "--channels", "7,14"], "divisible")
+    assert not (tmp_path / "t").exists()  # so the corrected command is not refused as "a different config"

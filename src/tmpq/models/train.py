@@ -124,7 +124,6 @@ def train_ddpm(
     `cfg.log_every` steps (loss readout and NaN check) and at checkpoints.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     cfg_path, ckpt_path = run_dir / "train_config.json", run_dir / "checkpoint.pt"
     if cfg_path.exists():
@@ -139,12 +138,12 @@ def train_ddpm(
             )
     if images.shape[0] < cfg.batch_size:
         raise TmpqError(f"only {images.shape[0]} images for batch size {cfg.batch_size}; lower --batch-size")
-    if not cfg_path.exists():
-        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-
     torch.manual_seed(cfg.seed)
     unet_config = builtin_unet_config(cfg.block_out_channels, cfg.layers_per_block)
-    model = build_unet(unet_config).to(dev).train()
+    model = build_unet(unet_config).to(dev).train()  # a bad architecture fails before the run directory is made
+    if not cfg_path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, foreach=True)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)

@@ -50,6 +50,8 @@ class FitnessConfig:
             raise TmpqError(f"proxy_stat must be 'mean' or 'median', got {self.proxy_stat!r}")
         if self.num_samples < 2:
             raise TmpqError("fitness needs at least 2 samples")
+        if self.reference_steps < 1:
+            raise TmpqError(f"the proxy's reference steps must be >= 1, got {self.reference_steps}")
 
 
 class SampleFitness:

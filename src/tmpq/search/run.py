@@ -34,7 +34,7 @@ from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_
 from tmpq.search.profile import change_profile
 from tmpq.search.seeds import seed_candidates, seed_costs
 from tmpq.search.sensitivity import layer_sensitivity
-from tmpq.search.space import Candidate, SearchSpace
+from tmpq.search.space import GROUPINGS, Candidate, SearchSpace
 
 LEVERS = ("joint", "bits", "timesteps")
 
@@ -127,6 +127,15 @@ class SearchConfig:
             _require_widths(
                 f"--fixed-precision {self.fixed_precision}", *_precision(self.fixed_precision), w_all, a_all
             )
+        if self.grouping not in GROUPINGS:
+            raise TmpqError(f"--grouping must be one of {list(GROUPINGS)}, got {self.grouping!r}")
+        if self.final_samples < 0 or self.final_samples == 1 or self.final_top < 1:
+            raise TmpqError(
+                f"--final-samples must be 0 (skip) or >= 2 and --final-top >= 1, got {self.final_samples} and "
+                f"{self.final_top}"
+            )
+        if self.fid_reference != "fashion-mnist" and not Path(self.fid_reference).is_dir():
+            raise TmpqError(f"--fid-reference {self.fid_reference!r} is neither fashion-mnist nor a folder of images")
         bounds = self.phase_bounds
         if len(set(bounds)) != len(bounds) or any(b < 1 for b in bounds):
             raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
@@ -303,22 +312,24 @@ def run_search(
     _check_metric_fits(loaded, cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise TmpqError(f"--run-dir {run_dir} is a file, not a directory; pick a directory path")
-    run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "search_state.json"
     resuming = resume and state_path.is_file()  # a resumed search already holds its first generation
+    seeding = bool(cfg.seed_from) and not resuming and not cfg.staged
+    seeds = seed_costs(cfg.seed_from) if seeding else None  # a bad seed fails now, before the run directory is made
     if execution.ray_address is not None:
         check_ray_address(execution.ray_address)  # now, not after calibration
     fingerprint = model_fingerprint(loaded.denoiser)
     if resuming:  # before anything in the directory is remade under other settings
         check_resumable(state_path, cfg, fingerprint)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.staged:
         if not resuming:
             _run_stages(loaded, cfg, run_dir, resume, progress, execution)
         cfg = replace(cfg, seed_from=(*cfg.seed_from, *(str(run_dir / "stages" / n) for n in STAGES)))
     t_start = time.perf_counter()
     seeding = bool(cfg.seed_from) and not resuming
-    if seeding:  # a bad seed fails now, not after calibration; what the seeds cost is kept with this run
-        write_json_atomic(run_dir / SEEDS_FILE, seed_costs(cfg.seed_from))
+    if seeding:  # what the seeds cost is kept with this run
+        write_json_atomic(run_dir / SEEDS_FILE, seeds if seeds is not None else seed_costs(cfg.seed_from))
     sn, calib, prep = prepare_supernet(loaded, run_dir, cfg.calib, cfg.quant, progress=progress)
     ledger = OverheadLedger(run_dir / OVERHEAD_FILE)
     ledger.record("calibration_inputs", prep["collect_forwards"])
