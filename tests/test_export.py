@@ -123,6 +123,9 @@ def test_load_rejects_bad_manifests(compressed, tmp_path):
     (out / MANIFEST).write_text(json.dumps(dict(m, version=99)))
     with pytest.raises(TmpqError, match="re-export"):
         tmpq.load(out)
+    (out / MANIFEST).write_text(json.dumps(dict(m, sample_shape=[1, 16, 16])))
+    with pytest.raises(TmpqError, match="sample_shape"):  # not "resize the images": the manifest is at fault
+        tmpq.load(out)
 
 
 def test_phase_count_must_match_bounds(compressed):

@@ -349,6 +349,12 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], directory: Path) -> Comp
     if set(sn.units) != set(units):
         raise ValueError("the model's quantizable layers differ from the manifest's units")
     sn.restore_units(units, qt)
+    denoiser_shape = getattr(den, "sample_shape", None)
+    if denoiser_shape is not None and tuple(m["sample_shape"]) != tuple(denoiser_shape):
+        raise ValueError(
+            f"its sample_shape {m['sample_shape']} does not match its UNet's {list(denoiser_shape)} (an edited "
+            "manifest)"
+        )
     sn.cost = CostModel.from_dict(m["cost"])
     sn.calibrated = True
     sn.set_fp()
