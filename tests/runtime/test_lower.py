@@ -222,3 +222,32 @@ def test_cli_sample_on_a_backend(compressed, tmp_path):
     assert grid.is_file() and "int8 kernel" in res.output and "KB resident" in res.output
     res = CliRunner().invoke(app, ["sample", "--compressed", str(exp), "--backend", "int4", "--out", str(grid)])
     assert res.exit_code != 0 and "mode must be one of" in res.output
+
+
+@pytest.mark.parametrize("m, padded", [(1, 32), (16, 32), (17, 32), (24, 32), (32, 32), (33, 64), (64, 64)])
+def test_int_mm_rows_are_padded_to_a_multiple_of_32(m, padded):
+    """The rows CUDA's _int_mm was measured to accept; the padding adds rows at the zero point, sliced off after."""
+    from tmpq.runtime.kernels import int_mm_row_pad
+
+    assert m + int_mm_row_pad(m) == padded
+
+
+@pytest.mark.skipif(not kernel_available("int_mm"), reason="no _int_mm on CPU")
+@pytest.mark.parametrize("m", [1, 17, 24, 40])
+def test_padded_int_mm_is_exact_at_any_row_count(m):
+    from tmpq.runtime.kernels import IntMMLinear, IntWeight
+
+    g = torch.Generator().manual_seed(m)
+    w = torch.randint(-128, 128, (24, 16), generator=g, dtype=torch.int8)
+    q = torch.randint(0, 256, (m, 16), generator=g, dtype=torch.uint8)
+    lin = IntMMLinear(IntWeight(w, torch.ones(24), None), None, 1.0, 3)
+    ref = (q.int() - 3) @ w.int().t()
+    assert torch.equal(lin.matmul(q), ref)
+
+
+def test_packed_weights_stay_on_the_codes_device():
+    from tmpq.runtime.layers import _Weight
+
+    codes = torch.randint(0, 16, (4, 3), dtype=torch.uint8)
+    w = _Weight(codes, torch.ones(4), torch.zeros(4), 4, (4, 3), "packed", torch.float32)
+    assert w.packed.device == codes.device and torch.equal(w.get(), codes.float())

@@ -215,12 +215,23 @@ def int_mm_exact(q: torch.Tensor, x_zp: int, w: IntWeight) -> torch.Tensor:
     return acc
 
 
+INT_MM_ROWS = 32
+"""cuBLASLt's int8 matmul behind CUDA's _int_mm refuses some row counts that are multiples of 8 (measured on an
+H200: M = 24 with N = 24, K = 16, and M = 17 for every N >= 32, fail with CUBLAS_STATUS_NOT_SUPPORTED, while M in
+32, 64, 128, 1024 pass for every K, N in 8..64): rows are padded to a multiple of 32 on every device, one rule."""
+
+
+def int_mm_row_pad(m: int) -> int:
+    """Rows of padding that bring an M-row _int_mm operand to a positive multiple of INT_MM_ROWS."""
+    return max(INT_MM_ROWS, -(-m // INT_MM_ROWS) * INT_MM_ROWS) - m
+
+
 class IntMMLinear:
     """Linear layer on torch._int_mm (CPU or CUDA)."""
 
     def __init__(self, w: IntWeight, bias, x_scale: float, x_zp: int) -> None:
-        # CUDA's _int_mm wants M > 16 and K, N multiples of 8: the weight gets zero rows (extra outputs, sliced
-        # off) and zero columns (matched by activation columns at the zero point, so they add exactly nothing)
+        # CUDA's _int_mm wants K, N multiples of 8 (and M padded, see INT_MM_ROWS): the weight gets zero rows (extra
+        # outputs, sliced off) and zero columns (matched by activation columns at the zero point: they add nothing)
         values = w.values.reshape(w.values.shape[0], -1)
         self.n, self.k = values.shape
         values = F.pad(values, (0, (-self.k) % 8, 0, (-self.n) % 8))
@@ -234,7 +245,7 @@ class IntMMLinear:
     def matmul(self, q2d: torch.Tensor) -> torch.Tensor:
         """Σ_k (q_x − z_x)(q_w − z_w) for q2d (M, K) uint8 → (M, N) int32."""
         m = q2d.shape[0]
-        rows = max((-m) % 8, 24 - m if m <= 16 else 0)
+        rows = int_mm_row_pad(m)
         cols = self.w.values.shape[1] - self.k
         if rows or cols:
             q2d = F.pad(q2d, (0, cols, 0, rows), value=self.x_zp)

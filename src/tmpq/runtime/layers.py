@@ -62,7 +62,7 @@ class _Weight:
         self.shape, self.bits, self.resident, self.dtype = tuple(shape), bits, resident, dtype
         self.scale, self.zp = scale.float(), zp.float()
         if resident == "packed":
-            self.packed = pack_codes(codes, bits)
+            self.packed = pack_codes(codes, bits).to(codes.device)  # packed on the host: bring it back
             self.value = None
         else:
             self.packed = None
