@@ -90,3 +90,14 @@ def test_run_dir_from_before_new_options_resumes(tmp_path):
 def test_bad_training_options_are_refused(bad):
     with pytest.raises(TmpqError):
         replace(_cfg(2), **bad)
+
+
+def test_snapshot_of_a_run_equals_its_exported_weights(tmp_path):
+    from tmpq.models.train import snapshot_ema
+
+    path = train_ddpm(_images(), tmp_path / "run", _cfg(4), progress=False)
+    snap = snapshot_ema(tmp_path / "run", tmp_path / "snap.safetensors")
+    a, b = load_file(str(path)), load_file(str(snap))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TmpqError, match="no training checkpoint"):
+        snapshot_ema(tmp_path / "nothing", tmp_path / "x.safetensors")

@@ -260,6 +260,24 @@ def export_ema(
     return out
 
 
+def snapshot_ema(run_dir: Path | str, out: Path | str) -> Path:
+    """The EMA weights of a run's last checkpoint as a loadable safetensors file, without touching the run: a
+    training still in progress (in another process) can be sampled and scored at any point."""
+    run_dir = Path(run_dir)
+    cfg_path, ckpt_path = run_dir / "train_config.json", run_dir / "checkpoint.pt"
+    if not cfg_path.is_file() or not ckpt_path.is_file():
+        raise TmpqError(f"{run_dir} holds no training checkpoint yet (train_config.json + checkpoint.pt)")
+    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # replaced atomically by the trainer
+    unet_config = builtin_unet_config(cfg.block_out_channels, cfg.layers_per_block)
+    model = build_unet(unet_config)
+    model.load_state_dict(state["model"])
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    ema.load_state_dict(state["ema"])
+    loss = float(state.get("loss", float("nan")))
+    return export_ema(model, ema, unet_config, Path(out), cfg, int(state["step"]), float(state["elapsed_s"]), loss)
+
+
 def _device_name(model: torch.nn.Module) -> str:
     """The machine that trained the weights, named for the card (CPU model and vector ISA, or the GPU)."""
     dev = next(model.parameters()).device

@@ -135,7 +135,10 @@ class SearchConfig:
                 f"{self.final_top}"
             )
         if self.fid_reference != "fashion-mnist" and not Path(self.fid_reference).is_dir():
-            raise TmpqError(f"--fid-reference {self.fid_reference!r} is neither fashion-mnist nor a folder of images")
+            raise TmpqError(
+                f"--fid-reference {self.fid_reference!r} is neither 'fashion-mnist' nor a folder of images; "
+                "pass one of them"
+            )
         bounds = self.phase_bounds
         if len(set(bounds)) != len(bounds) or any(b < 1 for b in bounds):
             raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
