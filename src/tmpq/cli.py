@@ -443,7 +443,13 @@ def _search_command(full: bool) -> Callable[..., None]:
         bitops: Annotated[float | None, typer.Option(help="budget: fraction of FP BitOPs at 100 steps")] = None,
         gbitops: Annotated[float | None, typer.Option(help="budget: absolute GBitOPs per image")] = None,
         steps: Annotated[str, typer.Option(help="sampling steps K, or a range to search, e.g. 8-12")] = "10",
-        grouping: Annotated[str, typer.Option(help="timestep groups: quad | uniform | change")] = "quad",
+        grouping: Annotated[
+            str,
+            typer.Option(
+                help="timestep groups: quad | uniform | change | auto (the one whose default schedule the FP model "
+                "scores best on, under the fitness)"
+            ),
+        ] = "quad",
         phases: Annotated[str, typer.Option(help="timestep bounds of bit phases, e.g. 500 (none: one set)")] = "",
         lever: Annotated[str, typer.Option(help="joint | bits (schedule fixed) | timesteps (bits fixed)")] = "joint",
         fixed_precision: Annotated[str, typer.Option(help="precision of a timesteps-only search")] = "W6A6",

@@ -164,3 +164,24 @@ def test_run_dir_that_is_a_file_is_refused(make_tiny_unet, tmp_path):
     with pytest.raises(TmpqError, match="is a file"):
         run_search(_loaded(make_tiny_unet), _cfg(), f, progress=False)
     assert f.read_text() == "mine"
+
+
+def test_grouping_auto_picks_the_best_fp_schedule_and_searches_it(make_tiny_unet, tmp_path):
+    """auto scores the FP model on each grouping's default schedule with the search's fitness, keeps the best,
+    records why, and then searches exactly as the explicit choice would; a re-run resumes instead of refusing."""
+    auto = run_search(_loaded(make_tiny_unet), _cfg(grouping="auto"), tmp_path / "auto", progress=False)
+    summary = json.loads((tmp_path / "auto" / "search.json").read_text())
+    choice = summary["grouping_choice"]
+    assert set(choice["scores"]) == {"quad", "uniform", "change"}
+    assert choice["chosen"] == min(choice["scores"], key=choice["scores"].get) == summary["grouping"]
+    assert summary["config"]["grouping"] == "auto"
+    explicit = run_search(_loaded(make_tiny_unet), _cfg(grouping=choice["chosen"]), tmp_path / "x", progress=False)
+    assert auto.best.candidate == explicit.best.candidate and auto.best.value == explicit.best.value
+    again = run_search(_loaded(make_tiny_unet), _cfg(grouping="auto"), tmp_path / "auto", progress=False)
+    assert again.best.candidate == auto.best.candidate
+
+
+def test_final_table_shows_fp_on_every_rule_schedule(make_tiny_unet, tmp_path):
+    run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=1), tmp_path, progress=False)
+    labels = [r["label"] for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]]
+    assert "FP, 4 steps (quad)" in labels and "FP, 4 steps (uniform)" in labels

@@ -37,6 +37,9 @@ from tmpq.search.sensitivity import layer_sensitivity
 from tmpq.search.space import GROUPINGS, Candidate, SearchSpace
 
 LEVERS = ("joint", "bits", "timesteps")
+AUTO = "auto"
+"""--grouping auto: the grouping whose default schedule the FP model scores best on, under the search's fitness."""
+GROUPING_FILE = "grouping.json"
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,8 @@ class SearchConfig:
             _require_widths(
                 f"--fixed-precision {self.fixed_precision}", *_precision(self.fixed_precision), w_all, a_all
             )
-        if self.grouping not in GROUPINGS:
-            raise TmpqError(f"--grouping must be one of {list(GROUPINGS)}, got {self.grouping!r}")
+        if self.grouping not in (*GROUPINGS, AUTO):
+            raise TmpqError(f"--grouping must be one of {[*GROUPINGS, AUTO]}, got {self.grouping!r}")
         if self.final_samples < 0 or self.final_samples == 1 or self.final_top < 1:
             raise TmpqError(
                 f"--final-samples must be 0 (skip) or >= 2 and --final-top >= 1, got {self.final_samples} and "
@@ -268,6 +271,43 @@ def _fitness(sn, space, loaded: LoadedModel, metric, fcfg: FitnessConfig) -> Sam
     return SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, fcfg, cond=cond, decode=decode)
 
 
+def resolve_grouping(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, metric) -> tuple[SearchConfig, dict]:
+    """`cfg` with a concrete grouping. For --grouping auto, the FP model samples each grouping's default schedule at
+    the search's smallest step count, from the fitness seeds, and is scored by the search's own fitness; the best
+    grouping wins (ties keep the reference's quad). The scores are kept in RUN/grouping.json, so a resumed search
+    and its workers reuse the choice. Returns (config, {what: image-forwards spent now})."""
+    if cfg.grouping != AUTO:
+        return cfg, {}
+    k = min(cfg.steps)
+    spent: dict[str, int] = {}
+
+    def score() -> dict:
+        fitness, spent["proxy_reference"] = _build_fitness(sn, None, loaded, cfg, run_dir, metric)
+        scores, schedules = {}, {}
+        for g in GROUPINGS:
+            space, spent[f"change_profile:{g}"] = _build_space(sn, loaded, replace(cfg, grouping=g), run_dir)
+            ts = space.default_timesteps(k)
+            images = fitness.fp_samples(ts)
+            spent["grouping_choice"] = spent.get("grouping_choice", 0) + cfg.fitness.num_samples * len(ts)
+            value = fitness.distance(images) if cfg.fitness.kind == "proxy" else metric.score(images).fid
+            scores[g], schedules[g] = float(value), list(ts)
+        best = min(GROUPINGS, key=lambda g: (scores[g], GROUPINGS.index(g)))
+        return {"chosen": best, "scores": scores, "timesteps": schedules, "steps": k, "fitness": cfg.fitness.kind}
+
+    key = {"fingerprint": sn.fingerprint, "what": "grouping", "steps": k, "fitness": asdict(cfg.fitness)}
+    choice, _ = _cached_json(run_dir / GROUPING_FILE, key, score)
+    return replace(cfg, grouping=choice["chosen"]), {k: v for k, v in spent.items() if v}
+
+
+def read_grouping_choice(run_dir: Path) -> dict | None:
+    """What --grouping auto chose in this run directory, with the scores behind it (None: not an auto run)."""
+    path = Path(run_dir) / GROUPING_FILE
+    try:
+        return json.loads(path.read_text())["value"] if path.is_file() else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options: dict | None = None) -> SampleFitness:
     """A search worker's fitness, rebuilt from the run directory the main process has prepared (calibrated
     super-network, change profile, proxy reference): nothing is recomputed, so every worker scores alike."""
@@ -278,6 +318,7 @@ def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options
     sn, _, prep = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
     if not prep["reused"]:
         raise TmpqError(f"worker found no calibrated super-network in {run_dir}; the main process prepares it first")
+    config, _ = resolve_grouping(sn, loaded, config, run_dir, _metric(config))  # cached by the main process
     space, _ = _build_space(sn, loaded, config, run_dir)
     fitness, _ = _build_fitness(sn, space, loaded, config, run_dir, _metric(config))
     return fitness
@@ -338,6 +379,15 @@ def run_search(
     ledger.record("calibration_inputs", prep["collect_forwards"])
     ledger.record("calibration", prep["calibrate_forwards"])
     fp_key = {"fingerprint": sn.fingerprint}
+    metric = _metric(cfg)
+    user_cfg = cfg
+    cfg, spent = resolve_grouping(sn, loaded, cfg, run_dir, metric)
+    for what, forwards in spent.items():
+        ledger.record(what, forwards)
+    if user_cfg.grouping == AUTO and progress:
+        choice = read_grouping_choice(run_dir)
+        scores = ", ".join(f"{g} {v:.4g}" for g, v in choice["scores"].items())
+        print(f"grouping auto: {choice['chosen']} (FP at {choice['steps']} steps, {choice['fitness']}: {scores})")
 
     space, overhead = _build_space(sn, loaded, cfg, run_dir)
     ledger.record("change_profile", overhead)
@@ -358,7 +408,6 @@ def run_search(
                 "sensitivity", sum(cfg.sensitivity_inputs * (len(e["w"]) + len(e["a"]) + 1) for e in sens.values())
             )
 
-    metric = _metric(cfg)
     fitness, overhead = _build_fitness(sn, space, loaded, cfg, run_dir, metric)
     ledger.record("proxy_reference", overhead)
     evaluator = None
@@ -390,14 +439,14 @@ def run_search(
         repairer=repairer,
         initial=initial,
         progress=progress,
-        run_info={"search_config": cfg.to_json(), "model_fingerprint": fingerprint},
+        run_info={"search_config": user_cfg.to_json(), "model_fingerprint": fingerprint},
         evaluator=evaluator,
     )
     result = search.run(resume=resume)
     final = None
     if cfg.final_samples > 0:
         final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
-    _write_result(run_dir, loaded, cfg, space, cost, result, ledger.total, time.perf_counter() - t_start, final)
+    _write_result(run_dir, loaded, user_cfg, space, cost, result, ledger.total, time.perf_counter() - t_start, final)
     result.supernet = sn
     return result
 
@@ -484,6 +533,7 @@ PREPARED_FILES = (
     "sensitivity.json",
     "change_profile.json",
     "proxy_reference.safetensors",
+    GROUPING_FILE,
 )
 """What one run directory can lend another of the same model: each is keyed by its inputs and checked on reuse,
 so a file made under other settings is remade, never misused."""
@@ -556,6 +606,11 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
         (r.candidate.key, f"top{i + 1}", r.candidate, r.candidate.timesteps)
         for i, r in enumerate(result.top(cfg.final_top))
     ]
+    # plain step reduction on the other rule-based schedules too, so the table shows the strongest FP peer at K steps
+    for g in ("quad", "uniform"):
+        ts = tuple(make_timesteps(g, k, T))
+        if g != space.grouping and ts != space.default_timesteps(k):
+            todo.append((f"fp:{k}:{g}", f"FP, {k} steps ({g})", None, ts))
     grids = run_dir / "final"
     for row_key, label, cand, timesteps in todo:
         if row_key in done:
@@ -616,6 +671,8 @@ def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overh
         },
         "seed_searches": _seed_searches(run_dir, cfg),
         "config": cfg.to_json(),
+        "grouping": space.grouping,  # the one searched (with --grouping auto: the one chosen, see grouping_choice)
+        "grouping_choice": read_grouping_choice(run_dir) if cfg.grouping == AUTO else None,
         "model": loaded.spec,
         "model_options": loaded.options,
         "noise_schedule": loaded.schedule.to_dict(),
