@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from typing import Annotated
 
 import torch
 import typer
+
+from tmpq.device import cpu_model
 
 ROWS = {
     # name: (weights, backend mode or None for the plain model, float dtype)
@@ -35,16 +36,6 @@ ROWS = {
     "searched int8": ("searched", "int8", "float32"),
     "searched int8 + bf16": ("searched", "int8", "bfloat16"),
 }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _peak_rss_mb() -> float:
@@ -213,13 +204,13 @@ def main(
                 f"{'' if size is None else f'{size / 1024:.0f}'} | {int_share:.0%} |"
             )
     head = (
-        f"CPU: {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {threads or torch.get_num_threads()} "
+        f"CPU: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {threads or torch.get_num_threads()} "
         f"threads, torch {torch.__version__}, device {device}; searched steps {list(ts)}"
     )
     table = head + "\n\n" + "\n".join(lines) + "\n"
     (out / "speed.md").write_text(table)
     config = {"model": model, "compressed": str(compressed) if compressed else None, "full_steps": full_steps,
-              "batch": batch, "device": device, "threads": threads, "cpu": _cpu_name()}  # fmt: skip
+              "batch": batch, "device": device, "threads": threads, "cpu": cpu_model()}  # fmt: skip
     (out / "speed.json").write_text(json.dumps({"config": config, "sizes": sizes, "rows": results}, indent=2))
     typer.echo(table)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -18,17 +17,8 @@ from pathlib import Path
 import torch
 
 from tmpq.data import load_fashion_mnist
+from tmpq.device import cpu_model
 from tmpq.models.train import TrainConfig, train_ddpm
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _config(arch: str, steps: int, batch_size: int) -> TrainConfig:
@@ -71,7 +61,7 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["16,32,64"], help="channels[:layers_per_block]")
     args = ap.parse_args()
     images, _ = load_fashion_mnist("train")
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else _cpu_name()
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model()
     print(
         f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{torch.backends.cpu.get_cpu_capability()}; batch {args.batch_size}, {args.steps} steps, "

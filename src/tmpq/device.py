@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -17,3 +20,22 @@ def bf16_autocast_helps(device: torch.device | str = "cpu") -> bool:
     if device.type == "cpu":
         return "AVX512" in torch.backends.cpu.get_cpu_capability()
     return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (or what platform knows elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """The machine a figure was measured on, to print beside it: the GPU's name, or the CPU model and its ISA."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"

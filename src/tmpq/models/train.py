@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tmpq.device import bf16_autocast_helps
+from tmpq.device import bf16_autocast_helps, device_name
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import BUILTIN_SCHEDULE, build_unet, builtin_unet_config
 from tmpq.sampling.schedules import NoiseSchedule
@@ -279,17 +278,9 @@ def snapshot_ema(run_dir: Path | str, out: Path | str) -> Path:
 
 
 def _device_name(model: torch.nn.Module) -> str:
-    """The machine that trained the weights, named for the card (CPU model and vector ISA, or the GPU)."""
+    """The machine that trained the weights, named for the card."""
     dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}"
+    return device_name(dev) + ("" if dev.type == "cuda" else f", {torch.get_num_threads()} torch threads")
 
 
 def _card_intro(weights: Path) -> str:

@@ -8,28 +8,16 @@ saving in BitOPs only: sub-8-bit widths that run on the same int8 kernel as 8-bi
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from tmpq.device import device_name
 from tmpq.fileio import write_json_atomic
 from tmpq.sampling.conditioning import call_denoiser
 
 SPEED_FILE = "speed.json"
-
-
-def device_name(device: str = "cpu") -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.backends.cpu.get_cpu_capability()})"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 @torch.no_grad()
