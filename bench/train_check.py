@@ -1,9 +1,12 @@
 """Is a training run sound yet? FP FID of its current EMA weights at several uniform DDIM step counts.
 
 A sound DDPM gets better (or no worse) with more steps; the issue with the first built-in model was the opposite.
-Reads the run's last checkpoint without touching it, so it can watch a training that is still running.
+Reads the run's last checkpoint without touching it, so it can watch a training that is still running. Also prints
+the ε-prediction error by timestep on held-out images (--eps-by-t), beside the shipped model's: many-step samplers
+spend most calls at small t, where a weak ε̂ re-injects noise that the next step does not remove.
 
 .venv/bin/python bench/train_check.py --run-dir /work/train_runs/builtin_v2 --num-samples 500 --steps 10,20,50,100
+.venv/bin/python bench/train_check.py --run-dir /work/train_runs/builtin_v2 --steps "" --eps-by-t
 """
 
 from __future__ import annotations
@@ -15,8 +18,28 @@ from typing import Annotated
 import torch
 import typer
 
+from tmpq.data import load_fashion_mnist
 from tmpq.evaluate import EvalConfig, evaluate, reference_metric
+from tmpq.models.loading import load_model
 from tmpq.models.train import snapshot_ema
+
+EPS_TIMESTEPS = (0, 5, 10, 20, 50, 100, 200, 500, 900)
+
+
+@torch.no_grad()
+def eps_error_by_t(model: str, n: int = 512, seed: int = 0) -> dict[int, float]:
+    """Mean squared error of ε̂ against the true noise on n Fashion-MNIST test images, per timestep."""
+    loaded = load_model(model)
+    x0, _ = load_fashion_mnist("test", limit=n)
+    a = loaded.schedule.alphas_cumprod
+    out = {}
+    for t in EPS_TIMESTEPS:
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
+        xt = a[t].sqrt() * x0 + (1 - a[t]).sqrt() * noise
+        eps = torch.cat([loaded.denoiser(xt[i : i + 128], torch.full((len(xt[i : i + 128]),), t)) for i in
+                         range(0, n, 128)])  # fmt: skip
+        out[t] = float((eps - noise).pow(2).mean())
+    return out
 
 
 def main(
@@ -26,6 +49,7 @@ def main(
     seed: int = 0,
     schedule: str = "uniform",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    eps_by_t: Annotated[bool, typer.Option(help="also the ε̂ error by timestep, beside the shipped model's")] = False,
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -36,12 +60,20 @@ def main(
 
         with safe_open(str(weights), framework="pt") as fh:
             step = (fh.metadata() or {}).get("steps_done", "?")
+        if eps_by_t:
+            mine, shipped = eps_error_by_t(str(weights)), eps_error_by_t("builtin:fashion")
+            typer.echo("| ε̂ MSE at t | " + " | ".join(map(str, EPS_TIMESTEPS)) + " |")
+            typer.echo("|---|" + "---:|" * len(EPS_TIMESTEPS))
+            typer.echo(f"| step {step} | " + " | ".join(f"{mine[t]:.4f}" for t in EPS_TIMESTEPS) + " |")
+            typer.echo("| shipped model | " + " | ".join(f"{shipped[t]:.4f}" for t in EPS_TIMESTEPS) + " |")
         rows = []
-        for n in (int(v) for v in steps.split(",")):
+        for n in (int(v) for v in steps.split(",") if v.strip()):
             cfg = EvalConfig(model=str(weights), steps=n, schedule=schedule, num_samples=num_samples, seed=seed)
             res = evaluate(cfg, Path(tmp) / f"eval{n}", metric=metric, progress=False)
             rows.append((n, res.fid))
             typer.echo(f"step {step}: {schedule} {n} steps FID {res.fid:.2f}", err=True)
+    if not rows:
+        return
     typer.echo(f"| {run_dir} at training step {step} | " + " | ".join(f"{n} steps" for n, _ in rows) + " |")
     typer.echo("|---|" + "---:|" * len(rows))
     typer.echo(f"| FID ({num_samples} samples, {schedule}) | " + " | ".join(f"{f:.1f}" for _, f in rows) + " |")
