@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from tmpq.errors import TmpqError
+from tmpq.models.train_config import TrainConfig  # light: the defaults shown in `tmpq train --help`
 
 app = typer.Typer(
     add_completion=False,
@@ -128,18 +129,26 @@ def _load(model: str, prompts: Path | None, guidance_scale: float | None):
 def train(
     run_dir: Annotated[Path, typer.Option(help="checkpoints and logs; re-run to resume")] = Path("runs/train"),
     out: Annotated[Path | None, typer.Option(help="also copy the EMA weights here (+ a model card)")] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer steps [8000]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="[64]")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate, cosine decay [1e-3]")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="[250]")] = None,
-    ema_decay: Annotated[float | None, typer.Option(help="[0.999]")] = None,
-    channels: Annotated[str | None, typer.Option(help="UNet block widths, comma-separated [16,32,64]")] = None,
-    layers_per_block: Annotated[int | None, typer.Option(help="ResNet layers per UNet block [1]")] = None,
-    seed: Annotated[int | None, typer.Option(help="[0]")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="[250]")] = None,
-    log_every: Annotated[int | None, typer.Option(help="read the loss back (a device sync) every N steps [50]")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"optimizer steps [{TrainConfig.steps}]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"[{TrainConfig.batch_size}]")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"AdamW peak learning rate, cosine decay [{TrainConfig.lr}]")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help=f"[{TrainConfig.warmup_steps}]")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help=f"[{TrainConfig.ema_decay}]")] = None,
+    channels: Annotated[
+        str | None, typer.Option(help=f"UNet block widths, comma-separated {list(TrainConfig.block_out_channels)}")
+    ] = None,
+    layers_per_block: Annotated[
+        int | None, typer.Option(help=f"ResNet layers per UNet block [{TrainConfig.layers_per_block}]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help=f"[{TrainConfig.seed}]")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help=f"[{TrainConfig.checkpoint_every}]")] = None,
+    log_every: Annotated[
+        int | None, typer.Option(help=f"read the loss back (a device sync) every N steps [{TrainConfig.log_every}]")
+    ] = None,
     max_minutes: Annotated[float | None, typer.Option(help="stop (checkpointed) after this long")] = None,
-    autocast: Annotated[str | None, typer.Option(help="auto|bf16|off; auto uses bf16 only where it is faster")] = None,
+    autocast: Annotated[
+        str | None, typer.Option(help=f"auto|bf16|off; auto: bf16 only where faster [{TrainConfig.autocast}]")
+    ] = None,
     device: str = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (faster on GPUs)")] = False,
     threads: ThreadsOpt = None,
@@ -148,7 +157,7 @@ def train(
     defaults (in brackets)."""
     _threads(threads)
     from tmpq.data import load_fashion_mnist
-    from tmpq.models.train import TrainConfig, check_weights_target, train_ddpm, write_model_card
+    from tmpq.models.train import check_weights_target, train_ddpm, write_model_card
 
     if out is not None:
         check_weights_target(out)  # before hours of training, not after

@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,55 +23,8 @@ from tqdm.auto import tqdm
 from tmpq.device import bf16_autocast_helps, device_name
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import BUILTIN_SCHEDULE, build_unet, builtin_unet_config
+from tmpq.models.train_config import TrainConfig
 from tmpq.sampling.schedules import NoiseSchedule
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a training run's weights; stored beside its checkpoints.
-
-    How the run executes (device, `torch.compile`) is not part of it: those change speed, not the recipe.
-    """
-
-    steps: int = 8000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 250
-    ema_decay: float = 0.999
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    layers_per_block: int = 1
-    seed: int = 0
-    checkpoint_every: int = 250
-    log_every: int = 50  # the loss is read back to the host (a device sync) only this often
-    autocast: str = "auto"  # "auto" | "bf16" | "off"
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "layers_per_block"):
-            if getattr(self, name) < 1:
-                raise TmpqError(f"{name} must be positive, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TmpqError(f"lr must be a positive number, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise TmpqError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.warmup_steps < 0:
-            raise TmpqError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.autocast not in ("auto", "bf16", "off"):
-            raise TmpqError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Read a stored config; a key it lacks (written before the key existed) takes its old default."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise TmpqError(f"unknown training config keys {sorted(unknown)}; was it written by a newer tmpq?")
-        kw = dict(d)
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        return cls(**kw)
 
 
 def _autocast_ctx(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:

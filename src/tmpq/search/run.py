@@ -296,7 +296,7 @@ def resolve_grouping(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, 
 
     key = {"fingerprint": sn.fingerprint, "what": "grouping", "steps": k, "fitness": asdict(cfg.fitness)}
     choice, _ = _cached_json(run_dir / GROUPING_FILE, key, score)
-    return replace(cfg, grouping=choice["chosen"]), {k: v for k, v in spent.items() if v}
+    return replace(cfg, grouping=choice["chosen"]), {what: n for what, n in spent.items() if n}
 
 
 def read_grouping_choice(run_dir: Path) -> dict | None:
@@ -362,9 +362,8 @@ def run_search(
     seeds = seed_costs(cfg.seed_from) if seeding else None  # a bad seed fails now, before the run directory is made
     if execution.ray_address is not None:
         check_ray_address(execution.ray_address)  # now, not after calibration
-    fingerprint = model_fingerprint(loaded.denoiser)
     if resuming:  # before anything in the directory is remade under other settings
-        check_resumable(state_path, cfg, fingerprint)
+        check_resumable(state_path, cfg, model_fingerprint(loaded.denoiser))
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.staged:
         if not resuming:
@@ -439,7 +438,7 @@ def run_search(
         repairer=repairer,
         initial=initial,
         progress=progress,
-        run_info={"search_config": user_cfg.to_json(), "model_fingerprint": fingerprint},
+        run_info={"search_config": user_cfg.to_json(), "model_fingerprint": sn.fingerprint},
         evaluator=evaluator,
     )
     result = search.run(resume=resume)
