@@ -185,3 +185,19 @@ def test_final_table_shows_fp_on_every_rule_schedule(make_tiny_unet, tmp_path):
     run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=1), tmp_path, progress=False)
     labels = [r["label"] for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]]
     assert "FP, 4 steps (quad)" in labels and "FP, 4 steps (uniform)" in labels
+
+
+def test_fp_steps_advice_warns_only_when_more_steps_are_clearly_worse():
+    from tmpq.search.run import fp_steps_advice
+
+    assert fp_steps_advice({10: 155.0, 20: 113.0, 50: 126.0, 100: 197.0}, 100).endswith("--proxy-reference-steps 20")
+    assert fp_steps_advice({10: 155.0, 20: 113.0, 50: 100.0, 100: 98.0}, 100) is None  # a sound model
+    assert fp_steps_advice({10: 155.0, 20: 100.0, 100: 105.0}, 100) is None  # within the tolerance
+
+
+def test_search_records_fp_quality_by_step_count(make_tiny_unet, tmp_path):
+    cfg = _cfg(fitness=FitnessConfig(kind="proxy", proxy_space="features", num_samples=4, reference_steps=8))
+    run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    rec = json.loads((tmp_path / "search.json").read_text())["fp_steps"]
+    assert sorted(int(n) for n in rec["fid"]) == [4, 8, 20, 50] and rec["samples"] == 4
+    assert all(v > 0 for v in rec["fid"].values()) and "advice" in rec

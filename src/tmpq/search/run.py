@@ -299,6 +299,48 @@ def resolve_grouping(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, 
     return replace(cfg, grouping=choice["chosen"]), {what: n for what, n in spent.items() if n}
 
 
+FP_STEPS_FILE = "fp_steps.json"
+FP_STEPS_TOLERANCE = 0.10
+"""How much worse (relative FID) FP at the proxy's target may be than FP at its best step count before tmpq warns."""
+
+
+def fp_steps_advice(fids: dict[int, float], target: int) -> str | None:
+    """A warning when the FP model is clearly worse at the proxy's target step count than at fewer steps: the
+    proxy then rewards candidates for copying a worse sampler (measured on the first built-in model)."""
+    best = min(fids, key=lambda n: (fids[n], -n))
+    if target not in fids or fids[target] <= (1 + FP_STEPS_TOLERANCE) * fids[best]:
+        return None
+    shown = ", ".join(f"{n} steps {f:.1f}" for n, f in sorted(fids.items()))
+    return (
+        f"the FP model gets worse with more steps here (FID on the fitness seeds: {shown}), so the proxy's target, "
+        f"FP at {target} steps, is a poor one; consider --proxy-reference-steps {best}"
+    )
+
+
+def check_fp_steps(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, metric) -> tuple[dict | None, int]:
+    """FID of the FP model at a few uniform step counts on the fitness seeds (kept in RUN/fp_steps.json), and the
+    advice above; only where the classifier metric scores this model's images. Returns (record, forwards now)."""
+    if metric is None or cfg.fitness.kind != "proxy":
+        return None, 0
+    T = loaded.schedule.num_train_timesteps
+    counts = sorted({n for n in (min(cfg.steps), 20, 50, cfg.fitness.reference_steps) if 1 <= n <= T})
+    spent = {"n": 0}
+
+    def measure() -> dict:
+        fitness = _fitness(sn, None, loaded, metric, cfg.fitness)
+        fids = {}
+        for n in counts:
+            images = fitness.fp_samples(make_timesteps("uniform", n, T))
+            fids[str(n)] = float(metric.score(images, seed=cfg.fitness.seed).fid)
+            spent["n"] += cfg.fitness.num_samples * n
+        return {"fid": fids, "samples": cfg.fitness.num_samples}
+
+    key = {"fingerprint": sn.fingerprint, "what": "fp_steps", "steps": counts, "fitness": asdict(cfg.fitness)}
+    record, _ = _cached_json(run_dir / FP_STEPS_FILE, key, measure)
+    fids = {int(n): f for n, f in record["fid"].items()}
+    return record | {"advice": fp_steps_advice(fids, cfg.fitness.reference_steps)}, spent["n"]
+
+
 def read_grouping_choice(run_dir: Path) -> dict | None:
     """What --grouping auto chose in this run directory, with the scores behind it (None: not an auto run)."""
     path = Path(run_dir) / GROUPING_FILE
@@ -388,6 +430,11 @@ def run_search(
         scores = ", ".join(f"{g} {v:.4g}" for g, v in choice["scores"].items())
         print(f"grouping auto: {choice['chosen']} (FP at {choice['steps']} steps, {choice['fitness']}: {scores})")
 
+    fp_steps, forwards = check_fp_steps(sn, loaded, cfg, run_dir, metric)
+    ledger.record("fp_steps", forwards)
+    if fp_steps is not None and fp_steps["advice"] and progress:
+        print(f"warning: {fp_steps['advice']}")
+
     space, overhead = _build_space(sn, loaded, cfg, run_dir)
     ledger.record("change_profile", overhead)
     cost = CandidateCost(space, sn.cost)
@@ -445,7 +492,8 @@ def run_search(
     final = None
     if cfg.final_samples > 0:
         final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
-    _write_result(run_dir, loaded, user_cfg, space, cost, result, ledger.total, time.perf_counter() - t_start, final)
+    wall = time.perf_counter() - t_start
+    _write_result(run_dir, loaded, user_cfg, space, cost, result, ledger.total, wall, final, fp_steps)
     result.supernet = sn
     return result
 
@@ -533,6 +581,7 @@ PREPARED_FILES = (
     "change_profile.json",
     "proxy_reference.safetensors",
     GROUPING_FILE,
+    FP_STEPS_FILE,
 )
 """What one run directory can lend another of the same model: each is keyed by its inputs and checked on reuse,
 so a file made under other settings is remade, never misused."""
@@ -648,7 +697,9 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
     }
 
 
-def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overhead_forwards, wall_s, final) -> None:
+def _write_result(
+    run_dir, loaded, cfg, space, cost, result: SearchResult, overhead_forwards, wall_s, final, fp_steps=None
+) -> None:
     best = result.best
     configs = [json.loads(q.to_json()) for q in space.quant_configs(best.candidate)]
     out = {
@@ -672,6 +723,7 @@ def _write_result(run_dir, loaded, cfg, space, cost, result: SearchResult, overh
         "config": cfg.to_json(),
         "grouping": space.grouping,  # the one searched (with --grouping auto: the one chosen, see grouping_choice)
         "grouping_choice": read_grouping_choice(run_dir) if cfg.grouping == AUTO else None,
+        "fp_steps": fp_steps,  # FP FID by step count on the fitness seeds, and the advice drawn from it
         "model": loaded.spec,
         "model_options": loaded.options,
         "noise_schedule": loaded.schedule.to_dict(),
