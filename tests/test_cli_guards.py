@@ -125,3 +125,11 @@ def test_an_unreachable_ray_address_fails_at_once():
 def test_train_with_a_bad_architecture_leaves_no_run_directory(tmp_path):
     _refused(["train", "--run-dir", str(tmp_path / "t"), "--channels", "7,14"], "divisible")
     assert not (tmp_path / "t").exists()  # so the corrected command is not refused as "a different config"
+
+
+def test_repeated_channel_widths_are_a_valid_architecture():
+    from tmpq.cli import parse_ints
+
+    assert parse_ints("32,32,64", "--channels", distinct=False) == (32, 32, 64)
+    with pytest.raises(TmpqError, match="repeats"):
+        parse_ints("8,8", "--steps")

@@ -168,7 +168,7 @@ def train(
         "lr": lr,
         "warmup_steps": warmup_steps,
         "ema_decay": ema_decay,
-        "block_out_channels": None if channels is None else parse_ints(channels, "--channels"),
+        "block_out_channels": None if channels is None else parse_ints(channels, "--channels", distinct=False),
         "layers_per_block": layers_per_block,
         "seed": seed,
         "checkpoint_every": checkpoint_every,
@@ -370,9 +370,10 @@ def _parse_timesteps(text: str | None) -> tuple[int, ...] | None:
         raise TmpqError(f"--timesteps must be comma-separated integers, got {text!r}") from None
 
 
-def parse_ints(text: str, what: str) -> tuple[int, ...]:
-    """`8,10,12` or a range `8-12`, as --steps, --phases, --w-bits and --a-bits take them (`what` names the option
-    in the error)."""
+def parse_ints(text: str, what: str, distinct: bool = True) -> tuple[int, ...]:
+    """`8,10,12` or a range `8-12`, as --steps, --phases, --w-bits, --a-bits and --channels take them (`what` names
+    the option in the error). `distinct`: a repeated value is an error (not for --channels, where 32,32,64 is a
+    valid architecture)."""
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(v) for v in text.split("-"))
@@ -383,7 +384,7 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
         raise TmpqError(f"{what} must be comma-separated integers or a range like 8-12, got {text!r}") from None
     if not values:
         raise TmpqError(f"{what} {text!r} names no value; give e.g. 8,10,12 or a rising range like 8-12")
-    if len(set(values)) != len(values):
+    if distinct and len(set(values)) != len(values):
         raise TmpqError(f"{what} {text!r} repeats a value; give each once")
     return values
 
