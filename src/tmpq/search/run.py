@@ -271,13 +271,16 @@ def _fitness(sn, space, loaded: LoadedModel, metric, fcfg: FitnessConfig) -> Sam
     return SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, fcfg, cond=cond, decode=decode)
 
 
-def resolve_grouping(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, metric) -> tuple[SearchConfig, dict]:
+def resolve_grouping(
+    sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, metric
+) -> tuple[SearchConfig, dict | None, dict]:
     """`cfg` with a concrete grouping. For --grouping auto, the FP model samples each grouping's default schedule at
     the search's smallest step count, from the fitness seeds, and is scored by the search's own fitness; the best
     grouping wins (ties keep the reference's quad). The scores are kept in RUN/grouping.json, so a resumed search
-    and its workers reuse the choice. Returns (config, {what: image-forwards spent now})."""
+    and its workers reuse the choice. Returns (config, the choice with its scores or None when not auto,
+    {what: image-forwards spent now})."""
     if cfg.grouping != AUTO:
-        return cfg, {}
+        return cfg, None, {}
     k = min(cfg.steps)
     spent: dict[str, int] = {}
 
@@ -296,7 +299,7 @@ def resolve_grouping(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, 
 
     key = {"fingerprint": sn.fingerprint, "what": "grouping", "steps": k, "fitness": asdict(cfg.fitness)}
     choice, _ = _cached_json(run_dir / GROUPING_FILE, key, score)
-    return replace(cfg, grouping=choice["chosen"]), {what: n for what, n in spent.items() if n}
+    return replace(cfg, grouping=choice["chosen"]), choice, {what: n for what, n in spent.items() if n}
 
 
 FP_STEPS_FILE = "fp_steps.json"
@@ -341,15 +344,6 @@ def check_fp_steps(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, me
     return record | {"advice": fp_steps_advice(fids, cfg.fitness.reference_steps)}, spent["n"]
 
 
-def read_grouping_choice(run_dir: Path) -> dict | None:
-    """What --grouping auto chose in this run directory, with the scores behind it (None: not an auto run)."""
-    path = Path(run_dir) / GROUPING_FILE
-    try:
-        return json.loads(path.read_text())["value"] if path.is_file() else None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
 def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options: dict | None = None) -> SampleFitness:
     """A search worker's fitness, rebuilt from the run directory the main process has prepared (calibrated
     super-network, change profile, proxy reference): nothing is recomputed, so every worker scores alike."""
@@ -360,7 +354,7 @@ def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options
     sn, _, prep = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
     if not prep["reused"]:
         raise TmpqError(f"worker found no calibrated super-network in {run_dir}; the main process prepares it first")
-    config, _ = resolve_grouping(sn, loaded, config, run_dir, _metric(config))  # cached by the main process
+    config, _, _ = resolve_grouping(sn, loaded, config, run_dir, _metric(config))  # cached by the main process
     space, _ = _build_space(sn, loaded, config, run_dir)
     fitness, _ = _build_fitness(sn, space, loaded, config, run_dir, _metric(config))
     return fitness
@@ -422,11 +416,10 @@ def run_search(
     fp_key = {"fingerprint": sn.fingerprint}
     metric = _metric(cfg)
     user_cfg = cfg
-    cfg, spent = resolve_grouping(sn, loaded, cfg, run_dir, metric)
+    cfg, choice, spent = resolve_grouping(sn, loaded, cfg, run_dir, metric)
     for what, forwards in spent.items():
         ledger.record(what, forwards)
-    if user_cfg.grouping == AUTO and progress:
-        choice = read_grouping_choice(run_dir)
+    if choice is not None and progress:
         scores = ", ".join(f"{g} {v:.4g}" for g, v in choice["scores"].items())
         print(f"grouping auto: {choice['chosen']} (FP at {choice['steps']} steps, {choice['fitness']}: {scores})")
 
@@ -493,7 +486,7 @@ def run_search(
     if cfg.final_samples > 0:
         final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
     wall = time.perf_counter() - t_start
-    _write_result(run_dir, loaded, user_cfg, space, cost, result, ledger.total, wall, final, fp_steps)
+    _write_result(run_dir, loaded, user_cfg, space, cost, result, ledger.total, wall, final, fp_steps, choice)
     result.supernet = sn
     return result
 
@@ -698,7 +691,17 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
 
 
 def _write_result(
-    run_dir, loaded, cfg, space, cost, result: SearchResult, overhead_forwards, wall_s, final, fp_steps=None
+    run_dir,
+    loaded,
+    cfg,
+    space,
+    cost,
+    result: SearchResult,
+    overhead_forwards,
+    wall_s,
+    final,
+    fp_steps=None,
+    choice=None,
 ) -> None:
     best = result.best
     configs = [json.loads(q.to_json()) for q in space.quant_configs(best.candidate)]
@@ -722,7 +725,7 @@ def _write_result(
         "seed_searches": _seed_searches(run_dir, cfg),
         "config": cfg.to_json(),
         "grouping": space.grouping,  # the one searched (with --grouping auto: the one chosen, see grouping_choice)
-        "grouping_choice": read_grouping_choice(run_dir) if cfg.grouping == AUTO else None,
+        "grouping_choice": choice,
         "fp_steps": fp_steps,  # FP FID by step count on the fitness seeds, and the advice drawn from it
         "model": loaded.spec,
         "model_options": loaded.options,
