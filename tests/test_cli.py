@@ -172,3 +172,13 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
 def test_search_and_calibrate_bad_options(args, message, tmp_path):
     res = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_python_dash_m_tmpq_is_the_same_command_line():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "tmpq", "search", "--like", "W6"], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert "not of the form WxAy" in res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr

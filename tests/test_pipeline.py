@@ -181,9 +181,15 @@ def test_python_api_compress(tiny_model, tmp_path):
     [("W6A6", "like"), ("w4a8@20", "like"), (0.05, "fraction"), ("0.1", "fraction"), ("35.1G", "gbitops")],
 )
 def test_parse_budget(budget, kind):
-    assert tmpq.parse_budget(budget).kind == kind
+    assert tmpq.Budget.parse(budget).kind == kind
 
 
 def test_parse_budget_rejects_nonsense():
     with pytest.raises(TmpqError, match="not understood"):
-        tmpq.parse_budget("cheap")
+        tmpq.Budget.parse("cheap")
+
+
+def test_parse_budget_is_a_deprecated_alias_of_budget_parse():
+    with pytest.warns(DeprecationWarning, match="Budget.parse"):
+        old = tmpq.parse_budget("W12A16@20")
+    assert old == tmpq.Budget.parse("W12A16@20") == tmpq.Budget.like("W12A16", 20)

@@ -6,8 +6,8 @@ Everything is written to one run directory, so an interrupted `compress` resumes
 
 from __future__ import annotations
 
-import re
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,26 +26,9 @@ from tmpq.search.summary import read_summary
 
 
 def parse_budget(budget: Budget | str | float, steps: int = 10) -> Budget:
-    """A budget in the user's terms: a `Budget`; "W6A6" (uniform W6A6 at `steps` steps) or "W6A6@20";
-    a float in (0, 1] (that share of FP BitOPs at 100 steps); "35.1G" (absolute GBitOPs per image)."""
-    if isinstance(budget, Budget):
-        return budget
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        return Budget.fraction(float(budget))
-    text = str(budget).strip()
-    m = re.fullmatch(r"(W\d+A\d+)(?:@(\d+))?", text, flags=re.IGNORECASE)
-    if m:
-        return Budget.like(m.group(1), int(m.group(2) or steps))
-    m = re.fullmatch(r"([0-9.]+)\s*G(?:BitOPs)?", text, flags=re.IGNORECASE)
-    if m:
-        return Budget.gbitops(float(m.group(1)))
-    try:
-        return Budget.fraction(float(text))
-    except ValueError:
-        raise TmpqError(
-            f"budget {budget!r} not understood; use e.g. 'W6A6' / 'W6A6@10' (like a uniform setting), "
-            "0.05 (fraction of FP BitOPs at 100 steps) or '35G' (GBitOPs per image)"
-        ) from None
+    """Deprecated alias of `Budget.parse` (the one budget reader); kept for one release."""
+    warnings.warn("tmpq.parse_budget is deprecated; use tmpq.Budget.parse", DeprecationWarning, stacklevel=2)
+    return Budget.parse(budget, steps)
 
 
 @dataclass(frozen=True)
@@ -196,7 +179,7 @@ def compress(
         if generations is not None:
             evo = replace(evo, generations=generations)
         config = SearchConfig(
-            budget=parse_budget(budget, min(ks)),
+            budget=Budget.parse(budget, min(ks)),
             steps=ks,
             lever=lever,
             evolution=evo,

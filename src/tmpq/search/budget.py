@@ -7,7 +7,9 @@ a schedule is never changed by repair.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from tmpq.errors import TmpqError
 from tmpq.quant.cost import FP_BITS, CostModel
@@ -15,6 +17,82 @@ from tmpq.search.space import Candidate, SearchSpace
 
 Sensitivity = Mapping[str, Mapping[str, Mapping[int, float]]]
 """unit -> {"w": {bits: error}, "a": {bits: error}}: denoiser output error with only that gene quantized."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A BitOPs budget per generated image, in the user's terms.
+
+    `Budget.like("W6A6", steps=10)`: what uniform W6A6 costs at 10 steps; `Budget.fraction(0.05)`: a share of
+    FP at `full_steps`; `Budget.gbitops(12.5)`: an absolute value.
+    """
+
+    kind: str
+    value: float
+    w: int = 0
+    a: int = 0
+    steps: int = 0
+
+    @classmethod
+    def like(cls, setting: str, steps: int) -> Budget:
+        m = re.fullmatch(r"W(\d+)A(\d+)", setting.strip().upper())
+        if not m:
+            raise TmpqError(f"--like {setting!r} is not of the form WxAy (e.g. W6A6)")
+        w, a = int(m.group(1)), int(m.group(2))
+        if not (1 <= w <= 16 and 1 <= a <= 16):
+            raise TmpqError(f"--like {setting!r}: bit-widths must be between 1 and 16")
+        if steps < 1:
+            raise TmpqError(f"--budget-steps must be >= 1, got {steps}")
+        return cls("like", 0.0, w, a, steps)
+
+    @classmethod
+    def fraction(cls, frac: float, full_steps: int = 100) -> Budget:
+        if not 0 < frac <= 1:
+            raise TmpqError(f"a BitOPs fraction must be in (0, 1], got {frac}")
+        return cls("fraction", frac, steps=full_steps)
+
+    @classmethod
+    def gbitops(cls, value: float) -> Budget:
+        if value <= 0:
+            raise TmpqError(f"a GBitOPs budget must be positive, got {value}")
+        return cls("gbitops", value)
+
+    @classmethod
+    def parse(cls, budget: Budget | str | float, steps: int = 10) -> Budget:
+        """The one reader of a budget in the user's terms: a `Budget`; "W6A6" (uniform W6A6 at `steps` steps) or
+        "W6A6@20"; a float in (0, 1] (that share of FP BitOPs at 100 steps); "35.1G" (absolute GBitOPs per image)."""
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+            return cls.fraction(float(budget))
+        text = str(budget).strip()
+        m = re.fullmatch(r"(W\d+A\d+)(?:@(\d+))?", text, flags=re.IGNORECASE)
+        if m:
+            return cls.like(m.group(1), int(m.group(2) or steps))
+        m = re.fullmatch(r"([0-9.]+)\s*G(?:BitOPs)?", text, flags=re.IGNORECASE)
+        if m:
+            return cls.gbitops(float(m.group(1)))
+        try:
+            return cls.fraction(float(text))
+        except ValueError:
+            raise TmpqError(
+                f"budget {budget!r} not understood; use e.g. 'W6A6' / 'W6A6@10' (like a uniform setting), "
+                "0.05 (fraction of FP BitOPs at 100 steps) or '35G' (GBitOPs per image)"
+            ) from None
+
+    def resolve(self, cost: CandidateCost) -> int:
+        if self.kind == "like":
+            return cost.uniform_bitops(self.w, self.a, self.steps)
+        if self.kind == "fraction":
+            return int(self.value * cost.fp_bitops(self.steps))
+        return int(self.value * 1e9)
+
+    def describe(self) -> str:
+        if self.kind == "like":
+            return f"like W{self.w}A{self.a} at {self.steps} steps"
+        if self.kind == "fraction":
+            return f"{self.value:g} of FP at {self.steps} steps"
+        return f"{self.value:g} GBitOPs"
 
 
 class CandidateCost:

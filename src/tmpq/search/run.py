@@ -27,7 +27,7 @@ from tmpq.quant.config import QuantSpec
 from tmpq.quant.prepare import prepare_supernet
 from tmpq.quant.supernet import model_fingerprint
 from tmpq.sampling.schedules import make_timesteps
-from tmpq.search.budget import CandidateCost, Repairer
+from tmpq.search.budget import Budget, CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
 from tmpq.search.fitness import FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_evaluator
@@ -40,59 +40,6 @@ LEVERS = ("joint", "bits", "timesteps")
 AUTO = "auto"
 """--grouping auto: the grouping whose default schedule the FP model scores best on, under the search's fitness."""
 GROUPING_FILE = "grouping.json"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A BitOPs budget per generated image, in the user's terms.
-
-    `Budget.like("W6A6", steps=10)`: what uniform W6A6 costs at 10 steps; `Budget.fraction(0.05)`: a share of
-    FP at `full_steps`; `Budget.gbitops(12.5)`: an absolute value.
-    """
-
-    kind: str
-    value: float
-    w: int = 0
-    a: int = 0
-    steps: int = 0
-
-    @classmethod
-    def like(cls, setting: str, steps: int) -> Budget:
-        m = re.fullmatch(r"W(\d+)A(\d+)", setting.strip().upper())
-        if not m:
-            raise TmpqError(f"--like {setting!r} is not of the form WxAy (e.g. W6A6)")
-        w, a = int(m.group(1)), int(m.group(2))
-        if not (1 <= w <= 16 and 1 <= a <= 16):
-            raise TmpqError(f"--like {setting!r}: bit-widths must be between 1 and 16")
-        if steps < 1:
-            raise TmpqError(f"--budget-steps must be >= 1, got {steps}")
-        return cls("like", 0.0, w, a, steps)
-
-    @classmethod
-    def fraction(cls, frac: float, full_steps: int = 100) -> Budget:
-        if not 0 < frac <= 1:
-            raise TmpqError(f"a BitOPs fraction must be in (0, 1], got {frac}")
-        return cls("fraction", frac, steps=full_steps)
-
-    @classmethod
-    def gbitops(cls, value: float) -> Budget:
-        if value <= 0:
-            raise TmpqError(f"a GBitOPs budget must be positive, got {value}")
-        return cls("gbitops", value)
-
-    def resolve(self, cost: CandidateCost) -> int:
-        if self.kind == "like":
-            return cost.uniform_bitops(self.w, self.a, self.steps)
-        if self.kind == "fraction":
-            return int(self.value * cost.fp_bitops(self.steps))
-        return int(self.value * 1e9)
-
-    def describe(self) -> str:
-        if self.kind == "like":
-            return f"like W{self.w}A{self.a} at {self.steps} steps"
-        if self.kind == "fraction":
-            return f"{self.value:g} of FP at {self.steps} steps"
-        return f"{self.value:g} GBitOPs"
 
 
 @dataclass(frozen=True)
