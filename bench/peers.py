@@ -24,7 +24,7 @@ from typing import Annotated
 import torch
 import typer
 
-from tmpq.api import sampler_from_run
+from tmpq.api import CompressionResult
 from tmpq.compressed import CompressedSampler
 from tmpq.evaluate import EvalConfig, reference_metric
 from tmpq.fileio import write_json_atomic
@@ -72,7 +72,14 @@ def rows_spec(
     the bits-only search's fixed schedule. The reference preset keeps its own rule, the quad grouping."""
     proxy = FitnessConfig("proxy", fitness_samples, seed=seed)
     tmpq_evo = EvolutionConfig.tmpq(seed=seed, generations=generations)
-    w6 = SearchConfig(budget=Budget.like("W6A6", 10), steps=(10,), grouping=grouping, evolution=tmpq_evo, fitness=proxy)
+    w6 = SearchConfig(
+        budget=Budget.like("W6A6", 10),
+        steps=(10,),
+        grouping=grouping,
+        evolution=tmpq_evo,
+        fitness=proxy,
+        final_samples=0,  # this script re-scores every row itself
+    )
     ref = replace(
         w6,
         grouping="quad",
@@ -183,7 +190,7 @@ def quantized_sampler(row: Row, ctx: dict) -> CompressedSampler:
     if row.kind == "ptq":
         ts = make_timesteps(row.schedule, row.steps, loaded.schedule.num_train_timesteps)
         return CompressedSampler(sn, loaded.schedule, ts, [sn.uniform_config(*row.precision)], (), loaded.sample_shape)
-    return sampler_from_run(ctx["out"] / "runs" / row.name, "search")
+    return CompressionResult.open(ctx["out"] / "runs" / row.name).sampler("search")
 
 
 def timing(row: Row, ctx: dict, seed: int, time_n: int, sampler: CompressedSampler | None = None) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import typer
 
-from tmpq.api import sampler_from_run
+from tmpq.api import CompressionResult
 from tmpq.cli import parse_ints
 from tmpq.evaluate import reference_metric
 from tmpq.models.loading import load_model
@@ -72,6 +72,7 @@ def main(
             reference_steps=reference_steps,
         ),
         seed_from=tuple(str(p) for p in seed_from),
+        final_samples=0,  # this script scores the best itself
     )
     t0 = time.time()
     run_search(load_model("builtin:fashion"), cfg, run, progress=False)
@@ -97,7 +98,7 @@ def main(
 
 def _score(run: Path, which: str, metric, num_samples: int, seed: int) -> dict:
     """FID/IS (and FID of each half) of a run's candidate on `num_samples` images from seeds seed, seed+1, …"""
-    s = sampler_from_run(run, which)
+    s = CompressionResult.open(run).sampler(which)
     images = s.sample(num_samples, seed=seed, batch_size=100)
     score = metric.score(images, seed=0)
     half = num_samples // 2
@@ -118,7 +119,7 @@ def _select(run: Path, search: dict, metric, top: int, samples: int, num_samples
     top = min(top, len(search["top"]))
     rows = []
     for k in range(1, top + 1):
-        s = sampler_from_run(run, f"search:{k}")
+        s = CompressionResult.open(run).sampler(f"search:{k}")
         images = s.sample(samples, seed=held_out_seed, batch_size=100)
         rows.append({"rank": k, "proxy": search["top"][k - 1]["value"], "fid_select": metric.fid(images)})
         typer.echo(json.dumps(rows[-1]))

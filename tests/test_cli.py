@@ -182,3 +182,48 @@ def test_python_dash_m_tmpq_is_the_same_command_line():
     assert res.returncode == 2, res.stderr
     assert "not of the form WxAy" in res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_entry_points_take_their_defaults_from_the_config_classes():
+    """One default per setting: the CLI's options and compress() use the config classes' own defaults."""
+    import inspect
+
+    import tmpq
+    from tmpq.cli import app
+    from tmpq.evaluate import EvalConfig
+    from tmpq.quant.calibration import CalibConfig
+    from tmpq.quant.config import QuantSpec
+    from tmpq.search import EvolutionConfig, FitnessConfig, SearchConfig
+
+    commands = {
+        c.name or c.callback.__name__: inspect.signature(c.callback).parameters for c in app.registered_commands
+    }
+    search, fit, cfg = commands["run"], FitnessConfig(), SearchConfig()
+    expected = {
+        "fitness": fit.kind,
+        "fitness_samples": fit.num_samples,
+        "proxy_space": fit.proxy_space,
+        "proxy_stat": fit.proxy_stat,
+        "proxy_reference_steps": fit.reference_steps,
+        "grouping": cfg.grouping,
+        "lever": cfg.lever,
+        "fixed_precision": cfg.fixed_precision,
+        "final_samples": cfg.final_samples,
+        "final_top": cfg.final_top,
+        "staged": cfg.staged,
+        "fid_reference": cfg.fid_reference,
+        "budget_steps": cfg.budget.steps,
+        "calib_samples": CalibConfig().num_samples,
+        "calib_steps": CalibConfig().num_steps,
+        "w_bits": ",".join(map(str, QuantSpec().w_bits)),
+        "a_bits": ",".join(map(str, QuantSpec().a_bits)),
+    }
+    for name, value in expected.items():
+        assert search[name].default == value, name
+        assert commands["search"][name].default == value, name
+    assert commands["eval"]["num_samples"].default == EvalConfig().num_samples
+    assert cfg.evolution == EvolutionConfig() == EvolutionConfig.tmpq()
+    assert EvolutionConfig.reference().population == 50 and not EvolutionConfig.reference().repair
+    api = inspect.signature(tmpq.compress).parameters
+    assert api["fitness"].default == fit.kind and api["fitness_samples"].default == fit.num_samples
+    assert api["final_samples"].default == cfg.final_samples and api["budget"].default == cfg.budget

@@ -78,7 +78,7 @@ def test_export_then_load_then_sample_is_bit_identical_to_the_run(finished_run, 
     out = tmp_path / "exp"
     res = runner.invoke(app, ["export", "--run-dir", str(finished_run), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    rebuilt = tmpq.sampler_from_run(finished_run)
+    rebuilt = tmpq.CompressionResult.open(finished_run).sampler()
     loaded = tmpq.load(out)
     a = rebuilt.sample(5, seed=3)
     b = loaded.sample(5, seed=3)
@@ -110,13 +110,15 @@ def test_export_refuses_to_overwrite_and_names_rows(finished_run, tmp_path):
 
 def test_search_ranks_are_rebuilt_from_the_kept_top(finished_run):
     summary = json.loads((finished_run / "search.json").read_text())
-    second = tmpq.sampler_from_run(finished_run, "search:2")
+    second = tmpq.CompressionResult.open(finished_run).sampler("search:2")
     assert list(second.timesteps) == summary["top"][1]["candidate"]["timesteps"]
     assert second.info["search_fitness"] == summary["top"][1]["value"] >= summary["top"][0]["value"]
-    assert tmpq.sampler_from_run(finished_run, "search:1").info["search_fitness"] == summary["best"]["value"]
+    assert (
+        tmpq.CompressionResult.open(finished_run).sampler("search:1").info["search_fitness"] == summary["best"]["value"]
+    )
     for bad in ("search:0", "search:x", f"search:{len(summary['top']) + 1}"):
         with pytest.raises(TmpqError, match="the search kept its"):
-            tmpq.sampler_from_run(finished_run, bad)
+            tmpq.CompressionResult.open(finished_run).sampler(bad)
 
 
 def test_report_with_a_peer_and_bad_peer(finished_run, tmp_path):
@@ -193,3 +195,37 @@ def test_parse_budget_is_a_deprecated_alias_of_budget_parse():
     with pytest.warns(DeprecationWarning, match="Budget.parse"):
         old = tmpq.parse_budget("W12A16@20")
     assert old == tmpq.Budget.parse("W12A16@20") == tmpq.Budget.like("W12A16", 20)
+
+
+def test_a_run_opened_in_a_new_process_is_the_same_result(finished_run):
+    """CompressionResult.open reads config and Pareto front back from search.json: typed, equal to what ran."""
+    opened = tmpq.CompressionResult.open(finished_run)
+    summary = json.loads((finished_run / "search.json").read_text())
+    assert opened.search is None
+    assert opened.config.to_dict() == summary["config"]
+    assert tmpq.SearchConfig.from_dict(opened.config.to_dict()) == opened.config
+    assert [r.to_json() for r in opened.pareto] == summary["pareto"]
+    assert (
+        opened.best.candidate.timesteps == tuple(summary["final"]["best"]["candidate"]["timesteps"])
+        or list(opened.best.candidate.timesteps) == summary["final"]["best"]["candidate"]["timesteps"]
+    )
+    with pytest.raises(TmpqError, match="newer tmpq"):
+        tmpq.SearchConfig.from_dict({**summary["config"], "warp_drive": True})
+
+
+def test_old_spellings_warn_and_still_work(finished_run, tmp_path):
+    out = tmpq.CompressionResult.open(finished_run).export(tmp_path / "exp")
+    with pytest.warns(DeprecationWarning, match="CompressionResult.open"):
+        old = tmpq.sampler_from_run(finished_run)
+    with pytest.warns(DeprecationWarning, match=r"\.lower\(backend, inplace=True\)"):
+        lowered = tmpq.load(out, backend="fake")
+    with pytest.warns(DeprecationWarning, match=r"sampler\.lower"):
+        tmpq.lower(tmpq.load(out), "fake")
+    with pytest.warns(DeprecationWarning, match="to_diffusers"):
+        assert callable(tmpq.to_diffusers)
+    new = tmpq.load(out)
+    assert isinstance(new, tmpq.CompressedSampler)
+    assert torch.equal(old.sample(2, seed=1), new.sample(2, seed=1))
+    assert torch.equal(lowered.sample(2, seed=1), new.lower("fake").sample(2, seed=1))
+    with pytest.raises(AttributeError):
+        tmpq.no_such_name  # noqa: B018

@@ -40,7 +40,7 @@ def test_pixel_pipeline(tmp_path):
     )  # fmt: skip
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "p")
     s = _sampler(str(tmp_path / "p"), tmp_path / "run")
-    pipe = s.to_pipeline()
+    pipe = s.to_diffusers()
     assert type(pipe).__name__ == "DDPMPipeline" and isinstance(pipe.scheduler, SearchedDDIMScheduler)
     out = pipe(batch_size=1, generator=torch.Generator().manual_seed(5), output_type="np").images
     assert out.shape == (1, 8, 8, 3) and abs(out - _np(s.sample(1, seed=5))).max() < 1e-5
@@ -49,7 +49,7 @@ def test_pixel_pipeline(tmp_path):
 
 def test_latent_pipeline_decodes_like_the_sampler(tmp_path):
     s = _sampler(str(save_latent_pipeline(tmp_path / "ldm")), tmp_path / "run")
-    pipe = s.to_pipeline()
+    pipe = s.to_diffusers()
     assert type(pipe).__name__ == "LDMPipeline" and pipe.vqvae is s.parts.decoder.vae
     out = pipe(batch_size=1, generator=torch.Generator().manual_seed(5), output_type="np").images
     assert out.shape == (1, 16, 16, 3) and abs(out - _np(s.sample(1, seed=5))).max() < 1e-5
@@ -61,7 +61,7 @@ def test_text2image_pipeline_uses_the_prompt_and_the_searched_bits(tmp_path):
     x_T = per_sample_noise(seed_generators([5]), s.sample_shape)
     results = {}
     for name, sampler in (("memory", s), ("exported", exported)):
-        pipe = sampler.to_pipeline()
+        pipe = sampler.to_diffusers()
         assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
 
         def run(prompt, pipe=pipe):
@@ -74,7 +74,7 @@ def test_text2image_pipeline_uses_the_prompt_and_the_searched_bits(tmp_path):
         images = pipe("a red car", num_inference_steps=50, guidance_scale=3.0, height=16, width=16).images
         assert len(images) == 1 and images[0].size == (16, 16)  # PIL, as with the original pipeline
     assert torch.equal(results["memory"], results["exported"])
-    pipe = s.to_pipeline()  # the bits matter: without the switching hook the UNet stays at full precision
+    pipe = s.to_diffusers()  # the bits matter: without the switching hook the UNet stays at full precision
     pipe.unet._tmpq_switch.remove()
     s.supernet.set_fp()
     fp_out = pipe("a red car", latents=x_T, guidance_scale=3.0, output_type="latent", height=16, width=16).images
@@ -83,6 +83,6 @@ def test_text2image_pipeline_uses_the_prompt_and_the_searched_bits(tmp_path):
 
 def test_pipeline_refuses_a_timestep_it_was_not_compressed_for(tmp_path):
     s = _sampler(str(save_latent_pipeline(tmp_path / "ldm")), tmp_path / "run")
-    pipe = s.to_pipeline()
+    pipe = s.to_diffusers()
     with pytest.raises(tmpq.TmpqError, match="not one of this compressed model's steps"):
         pipe.unet(torch.randn(1, 4, 8, 8), 500)

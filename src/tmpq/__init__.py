@@ -8,12 +8,12 @@ timesteps and per-layer bits under a BitOPs budget (`run_search`, `tmpq search`)
 `tmpq.compress(model, budget=...)`, export of the compressed sampler and `tmpq.load`, and the report.
 """
 
-from tmpq.api import CompressionResult, compress, parse_budget, sampler_from_run
+from tmpq.api import CompressionResult, compress
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, EvalResult, evaluate
+from tmpq.export import load
 from tmpq.models.loading import load_model
-from tmpq.pipeline import to_diffusers
 from tmpq.quant import (
     CalibConfig,
     CalibrationSet,
@@ -24,7 +24,7 @@ from tmpq.quant import (
     collect_calibration,
     quantize_,
 )
-from tmpq.runtime import Backend, RuntimeSampler, load, lower
+from tmpq.runtime import Backend, RuntimeSampler
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps, quad_timesteps, uniform_timesteps
 from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, SearchSpace, run_search
@@ -33,13 +33,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionResult",
     "compress",
-    "parse_budget",
-    "sampler_from_run",
     "CompressedSampler",
     "load",
     "Backend",
     "RuntimeSampler",
-    "lower",
     "Budget",
     "EvolutionConfig",
     "FitnessConfig",
@@ -62,8 +59,26 @@ __all__ = [
     "evaluate",
     "generate",
     "load_model",
-    "to_diffusers",
     "make_timesteps",
     "quad_timesteps",
     "uniform_timesteps",
 ]
+
+# Old spellings, each with its one replacement; they warn for one release, then go.
+_DEPRECATED = {
+    "parse_budget": ("tmpq.api", "parse_budget", "tmpq.Budget.parse(text)"),
+    "sampler_from_run": ("tmpq.api", "sampler_from_run", "tmpq.CompressionResult.open(run_dir).sampler(which)"),
+    "lower": ("tmpq.runtime.lowering", "lower", "sampler.lower(backend)"),
+    "to_diffusers": ("tmpq.pipeline", "to_diffusers", "sampler.to_diffusers()"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _DEPRECATED:
+        raise AttributeError(f"module 'tmpq' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    module, attr, instead = _DEPRECATED[name]
+    warnings.warn(f"tmpq.{name} is deprecated; use {instead}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(module), attr)

@@ -1,5 +1,5 @@
 """The one-call Python API: `tmpq.compress(model, budget=...)` → a result with `.best`, `.pareto`,
-`.sampler()`, `.export()`, `.report()`; and `sampler_from_run` to rebuild a sampler from a finished run.
+`.sampler()`, `.export()`, `.report()`; `CompressionResult.open(run_dir)` is the same result in a new process.
 
 Everything is written to one run directory, so an interrupted `compress` resumes where it stopped.
 """
@@ -17,7 +17,8 @@ from tmpq.models.loading import LoadedModel, load_model
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.prepare import prepare_supernet
-from tmpq.search.evolution import EvolutionConfig, SearchResult
+from tmpq.quant.supernet import SuperNet
+from tmpq.search.evolution import EvolutionConfig, Record, SearchResult
 from tmpq.search.fitness import FitnessConfig
 from tmpq.search.parallel import Execution
 from tmpq.search.run import Budget, SearchConfig, run_search
@@ -82,18 +83,13 @@ def _sampler(sn, loaded: LoadedModel, cfg_json: dict, choice: Choice) -> Compres
 
 
 def sampler_from_run(run_dir: str | Path, which: str = "best", model: str | None = None) -> CompressedSampler:
-    """Rebuild a finished run's compressed sampler in a new process (reloads the saved super-network)."""
-    run_dir = Path(run_dir)
-    summary = read_summary(run_dir)
-    choice = _choice(summary, which)
-    loaded = load_model(model or summary["model"], **summary.get("model_options", {}))
-    cfg = summary["config"]
-    calib = CalibConfig(**cfg["calib"])
-    spec = QuantSpec.from_dict(cfg["quant"])
-    sn, _, _ = prepare_supernet(loaded, run_dir, calib, spec, progress=False)
-    s = _sampler(sn, loaded, cfg, choice)
-    s.info |= _run_info(run_dir, summary)
-    return s
+    """Deprecated: `CompressionResult.open(run_dir, model).sampler(which)`; kept for one release."""
+    warnings.warn(
+        "tmpq.sampler_from_run is deprecated; use tmpq.CompressionResult.open(run_dir).sampler(which)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return CompressionResult.open(run_dir, model).sampler(which)
 
 
 def _run_info(run_dir: Path, summary: dict) -> dict:
@@ -109,11 +105,36 @@ def _run_info(run_dir: Path, summary: dict) -> dict:
 
 
 class CompressionResult:
-    """What `compress` returns: the search result plus the objects to sample, export and report with."""
+    """What `compress` returns: the search result plus the objects to sample, export and report with.
 
-    def __init__(self, run_dir: Path, loaded: LoadedModel, config: SearchConfig, result: SearchResult) -> None:
-        self.run_dir, self.loaded, self.config, self.search = run_dir, loaded, config, result
+    `search` (the in-memory `SearchResult`) is None for a result opened from its run directory; everything
+    else is the same either way, read from RUN/search.json."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        loaded: LoadedModel,
+        config: SearchConfig,
+        result: SearchResult | None,
+        supernet: SuperNet | None = None,
+    ) -> None:
+        self.run_dir, self.loaded, self.config, self.search = Path(run_dir), loaded, config, result
+        self.supernet = supernet if supernet is not None else result.supernet
         self.summary = read_summary(run_dir)
+
+    @classmethod
+    def open(cls, run_dir: str | Path, model: str | LoadedModel | None = None) -> CompressionResult:
+        """A finished run in a new process: its config from search.json, its model (the recorded one unless
+        `model` is given) and its saved super-network (checked against the weights, not recalibrated)."""
+        run_dir = Path(run_dir)
+        summary = read_summary(run_dir)
+        config = SearchConfig.from_dict(summary["config"])
+        if isinstance(model, LoadedModel):
+            loaded = model
+        else:
+            loaded = load_model(model or summary["model"], **summary.get("model_options", {}))
+        sn, _, _ = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
+        return cls(run_dir, loaded, config, None, supernet=sn)
 
     @property
     def best(self) -> Choice:
@@ -122,10 +143,12 @@ class CompressionResult:
     @property
     def pareto(self) -> list:
         """Non-dominated (search fitness, BitOPs) records within the budget, cheapest first."""
-        return self.search.pareto
+        if self.search is not None:
+            return self.search.pareto
+        return [Record.from_json(r) for r in self.summary.get("pareto", [])]
 
     def sampler(self, which: str = "best") -> CompressedSampler:
-        s = _sampler(self.search.supernet, self.loaded, self.config.to_json(), _choice(self.summary, which))
+        s = _sampler(self.supernet, self.loaded, self.config.to_json(), _choice(self.summary, which))
         s.info |= _run_info(self.run_dir, self.summary)
         return s
 
@@ -141,16 +164,16 @@ class CompressionResult:
 
 def compress(
     model: str | LoadedModel = "builtin:fashion",
-    budget: Budget | str | float = "W6A6",
+    budget: Budget | str | float = SearchConfig.budget,
     *,
     prompts: list[str] | None = None,
     guidance_scale: float | None = None,
     steps: int | tuple[int, ...] = 10,
     run_dir: str | Path | None = None,
-    fitness: str = "proxy",
-    fitness_samples: int = 64,
-    final_samples: int = 1000,
-    lever: str = "joint",
+    fitness: str = FitnessConfig.kind,
+    fitness_samples: int = FitnessConfig.num_samples,
+    final_samples: int = SearchConfig.final_samples,
+    lever: str = SearchConfig.lever,
     generations: int | None = None,
     seed: int = 0,
     calib: CalibConfig = CalibConfig(),
@@ -175,7 +198,7 @@ def compress(
         loaded = model
     if config is None:
         ks = (steps,) if isinstance(steps, int) else tuple(steps)
-        evo = EvolutionConfig.tmpq(seed=seed)
+        evo = EvolutionConfig(seed=seed)
         if generations is not None:
             evo = replace(evo, generations=generations)
         config = SearchConfig(

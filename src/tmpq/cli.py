@@ -16,7 +16,16 @@ from typing import Annotated, Any
 import typer
 
 from tmpq.errors import TmpqError
-from tmpq.models.train_config import TrainConfig  # light: the defaults shown in `tmpq train --help`
+from tmpq.evaluate import EvalConfig
+from tmpq.models.train_config import TrainConfig
+from tmpq.quant.calibration import CalibConfig
+from tmpq.quant.config import QuantSpec
+from tmpq.search.fitness import FitnessConfig
+from tmpq.search.run import SearchConfig
+
+# Every option's default is the config class's own (one default per setting); these spell the tuple ones.
+_W_BITS = ",".join(map(str, QuantSpec.w_bits))
+_A_BITS = ",".join(map(str, QuantSpec.a_bits))
 
 app = typer.Typer(
     add_completion=False,
@@ -218,11 +227,11 @@ def eval_cmd(
     steps: Annotated[int | None, typer.Option(help="FP sampling steps [10]")] = None,
     schedule: Annotated[str | None, typer.Option(help="uniform|quad [quad]")] = None,
     timesteps: Annotated[str | None, typer.Option(help="explicit decreasing list, e.g. 999,600,300,0")] = None,
-    num_samples: int = 1000,
-    seed: int = 0,
-    eta: float = 0.0,
-    batch_size: int = 100,
-    reference: Annotated[str, typer.Option(help="fashion-mnist or a folder of real images")] = "fashion-mnist",
+    num_samples: int = EvalConfig.num_samples,
+    seed: int = EvalConfig.seed,
+    eta: float = EvalConfig.eta,
+    batch_size: int = EvalConfig.batch_size,
+    reference: Annotated[str, typer.Option(help="fashion-mnist or a folder of real images")] = EvalConfig.reference,
     compressed: Annotated[Path | None, typer.Option(help="score an exported sampler instead of --model")] = None,
     backend: BackendOpt = None,
     dtype: DtypeOpt = "float32",
@@ -295,7 +304,9 @@ def sample(
     if compressed is not None:
         from tmpq.runtime import Backend, load
 
-        s = load(compressed, backend=None if backend is None else Backend(mode=backend, dtype=dtype))
+        s = load(compressed)
+        if backend is not None:
+            s = s.lower(Backend(mode=backend, dtype=dtype), inplace=True)
         t0 = time.perf_counter()
         images = s.sample(num_samples, seed=seed, prompts=prompt or None)
         wall = time.perf_counter() - t0
@@ -397,10 +408,12 @@ def calibrate(
         typer.Option(help=MODEL_HELP),
     ] = "builtin:fashion",
     run_dir: Annotated[Path, typer.Option(help="writes calib.safetensors and supernet/ here")] = Path("runs/run"),
-    calib_samples: Annotated[int, typer.Option(help="FP DDIM trajectories")] = 128,
-    calib_steps: Annotated[int, typer.Option(help="steps per trajectory; every step's input is kept")] = 20,
-    w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = "2,3,4,5,6,8",
-    a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
+    calib_samples: Annotated[int, typer.Option(help="FP DDIM trajectories")] = CalibConfig.num_samples,
+    calib_steps: Annotated[int, typer.Option(help="steps per trajectory; every step's input is kept")] = (
+        CalibConfig.num_steps
+    ),
+    w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = _W_BITS,
+    a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = _A_BITS,
     reconstruction: ReconOpt = "none",
     recon_preset: ReconPresetOpt = "demo",
     recon_iters: ReconItersOpt = None,
@@ -449,7 +462,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         like: Annotated[
             str | None, typer.Option(help="budget: uniform WxAy at --budget-steps steps [W6A6 when no budget given]")
         ] = None,
-        budget_steps: Annotated[int, typer.Option(help="steps of the --like budget")] = 10,
+        budget_steps: Annotated[int, typer.Option(help="steps of the --like budget")] = SearchConfig.budget.steps,
         bitops: Annotated[float | None, typer.Option(help="budget: fraction of FP BitOPs at 100 steps")] = None,
         gbitops: Annotated[float | None, typer.Option(help="budget: absolute GBitOPs per image")] = None,
         steps: Annotated[str, typer.Option(help="sampling steps K, or a range to search, e.g. 8-12")] = "10",
@@ -459,36 +472,50 @@ def _search_command(full: bool) -> Callable[..., None]:
                 help="timestep groups: quad | uniform | change | auto (the one whose default schedule the FP model "
                 "scores best on, under the fitness)"
             ),
-        ] = "quad",
+        ] = SearchConfig.grouping,
         phases: Annotated[str, typer.Option(help="timestep bounds of bit phases, e.g. 500 (none: one set)")] = "",
-        lever: Annotated[str, typer.Option(help="joint | bits (schedule fixed) | timesteps (bits fixed)")] = "joint",
-        fixed_precision: Annotated[str, typer.Option(help="precision of a timesteps-only search")] = "W6A6",
-        preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
-        fitness: Annotated[str, typer.Option(help="proxy (distance to FP-100 samples, same noise) | fid")] = "proxy",
-        fitness_samples: int = 64,
-        proxy_space: Annotated[str, typer.Option(help="proxy distance in: features (classifier) | pixels")] = (
-            "features"
+        lever: Annotated[str, typer.Option(help="joint | bits (schedule fixed) | timesteps (bits fixed)")] = (
+            SearchConfig.lever
         ),
-        proxy_stat: Annotated[str, typer.Option(help="pool per-sample proxy distances: mean | median")] = "mean",
+        fixed_precision: Annotated[str, typer.Option(help="precision of a timesteps-only search")] = (
+            SearchConfig.fixed_precision
+        ),
+        preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
+        fitness: Annotated[str, typer.Option(help="proxy (distance to FP-100 samples, same noise) | fid")] = (
+            FitnessConfig.kind
+        ),
+        fitness_samples: int = FitnessConfig.num_samples,
+        proxy_space: Annotated[str, typer.Option(help="proxy distance in: features (classifier) | pixels")] = (
+            FitnessConfig.proxy_space
+        ),
+        proxy_stat: Annotated[str, typer.Option(help="pool per-sample proxy distances: mean | median")] = (
+            FitnessConfig.proxy_stat
+        ),
         proxy_reference_steps: Annotated[
             int, typer.Option(help="the proxy's target: the FP model at this many uniform DDIM steps")
-        ] = 100,
+        ] = FitnessConfig.reference_steps,
         staged: Annotated[
             bool, typer.Option(help="bits-only and timesteps-only searches first, then the joint one seeded by both")
-        ] = False,
+        ] = SearchConfig.staged,
         seed_from: Annotated[
             list[Path] | None,
             typer.Option(help="a finished search whose best seeds this one (repeatable; e.g. the single-lever runs)"),
         ] = None,
-        final_samples: Annotated[int, typer.Option(help="re-score peers + top candidates (0: skip)")] = 1000,
-        final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = 3,
+        final_samples: Annotated[int, typer.Option(help="re-score peers + top candidates (0: skip)")] = (
+            SearchConfig.final_samples
+        ),
+        final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = (
+            SearchConfig.final_top
+        ),
         generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
         population: Annotated[int | None, typer.Option(help="override the preset (children scale with it)")] = None,
         pareto: Annotated[bool, typer.Option(help="NSGA-II over (quality, BitOPs)")] = False,
-        calib_samples: Annotated[int, typer.Option(help="FP DDIM trajectories for calibration")] = 128,
-        calib_steps: Annotated[int, typer.Option(help="steps per calibration trajectory")] = 20,
-        w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = "2,3,4,5,6,8",
-        a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = "4,5,6,8",
+        calib_samples: Annotated[int, typer.Option(help="FP DDIM trajectories for calibration")] = (
+            CalibConfig.num_samples
+        ),
+        calib_steps: Annotated[int, typer.Option(help="steps per calibration trajectory")] = CalibConfig.num_steps,
+        w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = _W_BITS,
+        a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = _A_BITS,
         reconstruction: ReconOpt = "none",
         recon_preset: ReconPresetOpt = "demo",
         recon_iters: ReconItersOpt = None,
@@ -502,7 +529,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         guidance_scale: GuidanceOpt = None,
         fid_reference: Annotated[
             str, typer.Option(help="FID against: fashion-mnist or a folder of your images (1x32x32 features)")
-        ] = "fashion-mnist",
+        ] = SearchConfig.fid_reference,
         threads: ThreadsOpt = None,
     ) -> None:
         from tmpq.quant import CalibConfig
@@ -517,7 +544,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             if bitops is not None
             else Budget.gbitops(gbitops)
             if gbitops is not None
-            else Budget.like(like or "W6A6", budget_steps)
+            else Budget.like(like or f"W{SearchConfig.budget.w}A{SearchConfig.budget.a}", budget_steps)
         )
         cfg = SearchConfig(
             budget=budget,
@@ -575,7 +602,7 @@ def _evolution(preset: str, seed: int, population: int | None, generations: int 
 
     if preset not in ("tmpq", "reference"):
         raise TmpqError(f"--preset must be 'tmpq' or 'reference', got {preset!r}")
-    evo = EvolutionConfig.tmpq(seed=seed) if preset == "tmpq" else EvolutionConfig.reference(seed=seed)
+    evo = EvolutionConfig(seed=seed) if preset == "tmpq" else EvolutionConfig.reference(seed=seed)
     if population is not None:
         if population < 1:
             raise TmpqError(f"--population must be >= 1, got {population}")
@@ -645,10 +672,10 @@ def export(
     threads: ThreadsOpt = None,
 ) -> None:
     """Write a run's compressed sampler: timesteps, per-layer bits, integer weight codes + scales, card."""
-    from tmpq.api import sampler_from_run
+    from tmpq.api import CompressionResult
 
     _threads(threads)
-    s = sampler_from_run(run_dir, which)
+    s = CompressionResult.open(run_dir).sampler(which)
     path = s.export(out, info=s.info, overwrite=overwrite)
     typer.echo(f"exported {s.info['label']} ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs) to {path}")
 

@@ -8,6 +8,7 @@ bit-identically under the same seed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -143,11 +144,24 @@ class CompressedSampler:
         finally:
             self.supernet.set_fp()
 
-    def to_pipeline(self):
+    def to_diffusers(self):
         """A diffusers pipeline (`pipe()` / `pipe(prompt)`) running this sampler's quantized UNet on its timesteps."""
         from tmpq.pipeline import to_diffusers
 
         return to_diffusers(self)
+
+    def to_pipeline(self):
+        """Deprecated name of `to_diffusers`; kept for one release."""
+        warnings.warn("CompressedSampler.to_pipeline() is deprecated; use .to_diffusers()", DeprecationWarning, 2)
+        return self.to_diffusers()
+
+    def lower(self, backend="int8", inplace: bool = False):
+        """A `tmpq.runtime.RuntimeSampler` running these timesteps and bits on `backend` ('int8', 'packed',
+        'fake' or a `tmpq.runtime.Backend`). `inplace` frees the super-network's other widths (this sampler is
+        unusable afterwards): what keeps a freshly loaded export's memory small."""
+        from tmpq.runtime.lowering import lower
+
+        return lower(self, backend, inplace=inplace)
 
     def export(self, directory, **kwargs):
         """Write a self-contained directory that `tmpq.load` turns back into this sampler (see tmpq.export)."""

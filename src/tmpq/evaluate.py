@@ -93,7 +93,9 @@ def evaluate(
         from tmpq.runtime import Backend, load
 
         backend = None if cfg.backend is None else Backend(mode=cfg.backend, dtype=cfg.dtype)
-        compressed = load(cfg.compressed, backend=backend)
+        compressed = load(cfg.compressed)
+        if backend is not None:
+            compressed = compressed.lower(backend, inplace=True)
         timesteps = list(compressed.timesteps)
         inputs = {"compressed": Path(cfg.compressed) / TENSORS, "manifest": Path(cfg.compressed) / MANIFEST}
         t0 = time.time()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -235,7 +236,7 @@ def _model_card(m: dict) -> str:
     if m.get("kind", "pixel") != "pixel":
         lines.append(
             f"- model kind: {m['kind']} (`{m.get('unet_class')}`); full-precision parts: {sorted(m.get('parts', {}))}; "
-            "`sampler.sample(4, prompts=[...])` for text-to-image, `sampler.to_pipeline()` for a diffusers pipeline"
+            "`sampler.sample(4, prompts=[...])` for text-to-image, `sampler.to_diffusers()` for a diffusers pipeline"
         )
     if info.get("command"):
         lines.append(f"- produced by: `{info['command']}`")
@@ -244,9 +245,22 @@ def _model_card(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load(directory: str | Path) -> CompressedSampler:
-    """A `CompressedSampler` from an exported directory (safetensors + JSON only; checksums verified)."""
-    directory = Path(directory)
+def load(directory: str | Path, backend=None) -> CompressedSampler:
+    """`tmpq.load`: the `CompressedSampler` of an exported directory (safetensors + JSON only; checksums
+    verified). Run it on integer kernels or packed weights with `.lower(backend, inplace=True)`; the `backend`
+    argument is the deprecated spelling of that."""
+    sampler = _read(Path(directory))
+    if backend is None:
+        return sampler
+    warnings.warn(
+        "tmpq.load(dir, backend=...) is deprecated; use tmpq.load(dir).lower(backend, inplace=True)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return sampler.lower(backend, inplace=True)
+
+
+def _read(directory: Path) -> CompressedSampler:
     mpath, tpath = directory / MANIFEST, directory / TENSORS
     if not mpath.is_file():
         raise TmpqError(f"{directory} is not a tmpq export (no {MANIFEST}); create one with `tmpq export`")

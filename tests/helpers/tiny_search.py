@@ -24,5 +24,6 @@ def tiny_search_config(**kw) -> SearchConfig:
         calib=CalibConfig(num_samples=4, num_steps=4),
         quant=QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8)),
         sensitivity_inputs=4,
+        final_samples=0,
     )
     return SearchConfig(**{**base, **kw})

@@ -139,7 +139,7 @@ def test_pipeline_search_export_load_sample_end_to_end(v_pipeline, tmp_path):
     assert runner.invoke(app, ["export", "--run-dir", str(run), "--out", str(out)]).exit_code == 0
     loaded = tmpq.load(out)
     assert loaded.schedule.prediction_type == "v_prediction" and loaded.sample_shape == (3, 16, 16)
-    assert torch.equal(loaded.sample(3, seed=1), tmpq.sampler_from_run(run).sample(3, seed=1))
+    assert torch.equal(loaded.sample(3, seed=1), tmpq.CompressionResult.open(run).sampler().sample(3, seed=1))
 
 
 # --- a model directory is data: no unpickling, no imports it names, one clear error for each damage ---

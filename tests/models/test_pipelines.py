@@ -65,7 +65,7 @@ def test_latent_search_export_load_sample(latent_dir, tmp_path):
     assert manifest["kind"] == "latent" and manifest["parts"]["vqvae"]["class"] == "AutoencoderKL"
     assert any(k.startswith("vqvae/") for k in manifest["files"])
 
-    s = tmpq.sampler_from_run(run)
+    s = tmpq.CompressionResult.open(run).sampler()
     assert all(n.startswith("unet.") for n in s.supernet.units) and _no_twins(s.parts.decoder.vae)
     fresh = load_model(str(latent_dir)).decoder.vae
     assert model_fingerprint(fresh) == model_fingerprint(s.parts.decoder.vae)
@@ -82,7 +82,7 @@ def test_latent_search_export_load_sample(latent_dir, tmp_path):
 def test_damaged_fp_part_is_refused(latent_dir, tmp_path):
     run, out = tmp_path / "run", tmp_path / "exp"
     assert runner.invoke(app, ["search", "--model", str(latent_dir), "--run-dir", str(run), *SEARCH]).exit_code == 0
-    tmpq.sampler_from_run(run).export(out)
+    tmpq.CompressionResult.open(run).sampler().export(out)
     cfg = out / "vqvae" / "config.json"
     cfg.write_text(cfg.read_text().replace('"latent_channels": 4', '"latent_channels": 3'))
     with pytest.raises(TmpqError, match="checksum"):
@@ -174,7 +174,7 @@ def test_text2image_search_export_load_sample_with_prompts(t2i_dir, tmp_path):
     assert back.parts.kind == "text2image" and back.parts.prompts == ("a red car", "a blue sky")
     assert back.guidance_scale == 3.0 and _no_twins(back.parts.text_encoder.text_encoder)
     same = back.sample(2, seed=0, prompts=["a red car"])
-    assert torch.equal(same, tmpq.sampler_from_run(run).sample(2, seed=0, prompts=["a red car"]))
+    assert torch.equal(same, tmpq.CompressionResult.open(run).sampler().sample(2, seed=0, prompts=["a red car"]))
     other = back.sample(2, seed=0, prompts=["a blue sky"])
     assert same.shape == (2, 3, 16, 16) and (same - other).abs().mean() > 1e-3  # the prompt matters
     both = back.sample(2, seed=0, prompts=["a red car", "a blue sky"])  # sample i gets prompt i mod 2
@@ -216,7 +216,10 @@ def test_search_workers_rebuild_the_same_prompts(t2i_dir, tmp_path):
     cfg = SearchConfig(
         budget=Budget.like("W8A8", 3),
         steps=(3,),
-        evolution=EvolutionConfig(population=4, parents=2, mutations=2, crossovers=1, randoms=1, generations=1),
+        evolution=EvolutionConfig(
+            population=4, parents=2, mutations=2, crossovers=1, randoms=1, generations=1, repair=False
+        ),
+        final_samples=0,
         fitness=FitnessConfig(kind="proxy", proxy_space="pixels", num_samples=4, reference_steps=6),
         calib=CalibConfig(2, 3),
         quant=QuantSpec(w_bits=(4, 8), a_bits=(8,)),

@@ -1,5 +1,5 @@
 """Runtime backends: integer kernels equal the fake-quantized layers, packed/fake backends equal the super-network
-sampler bit for bit, missing kernels fall back with a warning, and export → load(backend=...) works."""
+sampler bit for bit, missing kernels fall back with a warning, and export → load(dir).lower(backend) works."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def test_load_with_backend(compressed, tmp_path):
     out = compressed.export(tmp_path / "exp")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeFallbackWarning)
-        rs = tmpq.load(out, backend="packed")
+        rs = tmpq.load(out).lower("packed", inplace=True)
     assert isinstance(rs, RuntimeSampler)
     assert torch.equal(rs.sample(3, seed=2), compressed.sample(3, seed=2))
     assert rs.timesteps == compressed.timesteps and rs.bitops() == compressed.bitops()
@@ -193,7 +193,7 @@ def test_loaded_runtime_keeps_no_super_network(compressed, tmp_path, monkeypatch
         return real(sampler, backend, inplace)
 
     monkeypatch.setattr(lower_module, "lower", spy)
-    rs = lower_module.load(compressed.export(tmp_path / "exp"), backend="int8")
+    rs = tmpq.load(compressed.export(tmp_path / "exp")).lower("int8", inplace=True)
     gc.collect()
     assert seen and seen[0]() is None
     assert rs.sample(1, seed=0).shape == (1, 1, 32, 32)

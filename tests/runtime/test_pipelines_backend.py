@@ -38,8 +38,8 @@ def latent_export(tmp_path_factory):
 
 def test_text2image_on_backends_keeps_prompts_and_guidance(t2i_export):
     ref = tmpq.load(t2i_export)
-    packed = tmpq.load(t2i_export, backend="packed")
-    int8 = tmpq.load(t2i_export, backend="int8")
+    packed = tmpq.load(t2i_export).lower("packed", inplace=True)
+    int8 = tmpq.load(t2i_export).lower("int8", inplace=True)
     a = ref.sample(2, seed=0, prompts=["a red car"])
     assert torch.equal(packed.sample(2, seed=0, prompts=["a red car"]), a)  # same arithmetic, guidance, decoder
     b = int8.sample(2, seed=0, prompts=["a red car"])
@@ -51,6 +51,6 @@ def test_text2image_on_backends_keeps_prompts_and_guidance(t2i_export):
 
 def test_latent_on_backends_decodes(latent_export):
     ref = tmpq.load(latent_export)
-    fast = tmpq.load(latent_export, backend="packed")
+    fast = tmpq.load(latent_export).lower("packed", inplace=True)
     assert torch.equal(fast.sample(2, seed=1), ref.sample(2, seed=1))
     assert fast.sample(2, seed=1, decode=False).shape[1:] == tuple(ref.sample_shape)

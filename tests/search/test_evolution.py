@@ -51,7 +51,7 @@ def test_finds_known_optimum_without_budget_pressure():
     sp = space()
     cc = cost_of(sp)
     budget = cc.uniform_bitops(8, 8, 4)
-    cfg = EvolutionConfig(generations=30, seed=0)
+    cfg = EvolutionConfig.reference(generations=30, seed=0)
     fit = ToyFitness()
     res = EvolutionarySearch(sp, fit, cc, budget, cfg, progress=False).run()
     assert res.best.candidate.timesteps == TARGET
@@ -119,7 +119,7 @@ def test_resume_with_other_settings_refused(tmp_path):
     sp = space()
     cc = cost_of(sp)
     budget = cc.uniform_bitops(8, 8, 4)
-    cfg = EvolutionConfig(population=8, parents=2, mutations=3, crossovers=2, randoms=1, generations=2)
+    cfg = EvolutionConfig(population=8, parents=2, mutations=3, crossovers=2, randoms=1, generations=2, repair=False)
     EvolutionarySearch(sp, ToyFitness(), cc, budget, cfg, tmp_path / "s.json", progress=False).run()
     with pytest.raises(TmpqError, match="another search config"):
         EvolutionarySearch(sp, ToyFitness(), cc, budget - 1, cfg, tmp_path / "s.json", progress=False).run()
@@ -129,7 +129,14 @@ def test_multi_objective_returns_non_dominated_front():
     sp = space()
     cc = cost_of(sp)
     cfg = EvolutionConfig(
-        population=20, parents=6, mutations=8, crossovers=4, randoms=2, generations=6, multi_objective=True
+        population=20,
+        parents=6,
+        mutations=8,
+        crossovers=4,
+        randoms=2,
+        generations=6,
+        multi_objective=True,
+        repair=False,
     )
     res = EvolutionarySearch(sp, ToyFitness(), cc, cc.uniform_bitops(8, 8, 4), cfg, progress=False).run()
     assert len(res.pareto) >= 3

@@ -77,7 +77,9 @@ def test_candidate_that_always_kills_its_worker_stops_with_a_clear_error(tmp_pat
 def _search(evaluator):
     sp = space()
     cc = cost_of(sp)
-    cfg = EvolutionConfig(population=8, parents=3, mutations=4, crossovers=2, randoms=1, generations=3, seed=1)
+    cfg = EvolutionConfig(
+        population=8, parents=3, mutations=4, crossovers=2, randoms=1, generations=3, seed=1, repair=False
+    )
     return EvolutionarySearch(sp, make_toy(), cc, cc.uniform_bitops(8, 8, 4), cfg, progress=False, evaluator=evaluator)
 
 
@@ -141,6 +143,7 @@ def test_run_search_with_two_workers_equals_one(tmp_path):
         budget=Budget.like("W8A8", 3),
         steps=(3,),
         evolution=EvolutionConfig.tmpq(generations=2, population=4, parents=2, mutations=2, crossovers=1, randoms=1),
+        final_samples=0,
         fitness=FitnessConfig("proxy", num_samples=4),
         calib=CalibConfig(2, 3),
         quant=QuantSpec(w_bits=(4, 8), a_bits=(8,)),

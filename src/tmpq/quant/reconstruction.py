@@ -2,7 +2,7 @@
 
 Range-only PTQ rounds each weight to its nearest code. AdaRound learns, per weight, whether to round down or up so
 that the layer's output on real inputs stays closest to the full-precision output; the result is just other integer
-codes, so export, the runtime backends and `to_pipeline` carry it unchanged. As in the paper's precision solver, the
+codes, so export, the runtime backends and `to_diffusers` carry it unchanged. As in the paper's precision solver, the
 super-network does this once per (unit, weight width) up front, and a switch between widths stays a switch.
 
 What a unit's reconstruction assumes of its neighbours: its inputs are the FP model's (every other layer in full

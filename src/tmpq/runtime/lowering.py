@@ -219,7 +219,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     """A `RuntimeSampler` running `sampler`'s timesteps and bits on `backend` (see the module doc).
 
     The super-network is left untouched unless `inplace`, which saves a copy of the float parts of the model and
-    leaves `sampler` unusable (what `tmpq.load(..., backend=...)` does with the sampler it has just read).
+    leaves `sampler` unusable (what `tmpq.load(dir).lower(backend, inplace=True)` does with a freshly read one).
     """
     backend = Backend(mode=backend) if isinstance(backend, str) else backend
     sn = sampler.supernet
@@ -277,9 +277,15 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
 
 
 def load(directory, backend: Backend | str | None = None) -> CompressedSampler | RuntimeSampler:
-    """`tmpq.load`: an exported sampler; with a `backend` ('int8', 'packed', 'fake' or a `Backend`), lowered to it
-    (in place: only the widths in use stay resident)."""
+    """Deprecated: `tmpq.load(directory)`, then `.lower(backend, inplace=True)`; kept for one release."""
+    import warnings
+
     from tmpq.export import load as load_export
 
+    warnings.warn(
+        "tmpq.runtime.load is deprecated; use tmpq.load(dir) and .lower(backend, inplace=True)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     sampler = load_export(directory)
-    return sampler if backend is None else lower(sampler, backend, inplace=True)
+    return sampler if backend is None else sampler.lower(backend, inplace=True)

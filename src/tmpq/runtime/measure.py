@@ -52,7 +52,7 @@ def measure_speed(
 
     fake = load(export_dir)
     k = len(fake.timesteps)
-    int8 = load(export_dir, backend=Backend("int8", device=device))
+    int8 = load(export_dir).lower(Backend("int8", device=device), inplace=True)
     fp = load(export_dir)
     fp_model = fp.supernet.unwrap().to(device)  # same architecture and weights (dequantized), no quantizers
     ms: dict[str, dict[int, float]] = {"fp32": {}, "fake-quant": {}, "int8": {}}

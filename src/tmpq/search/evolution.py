@@ -42,14 +42,17 @@ Fitness = Callable[[Candidate], FitnessValue]
 
 @dataclass(frozen=True)
 class EvolutionConfig:
-    population: int = 50
-    parents: int = 10
-    mutations: int = 25
-    crossovers: int = 10
-    randoms: int = 15
-    generations: int = 20
+    """The evolutionary search's settings; the defaults are tmpq's frugal preset (`tmpq()`), `reference()` the
+    authors' released ones."""
+
+    population: int = 24
+    parents: int = 8
+    mutations: int = 10
+    crossovers: int = 4
+    randoms: int = 2
+    generations: int = 10
     p_mutation: float = 0.25
-    repair: bool = False
+    repair: bool = True
     multi_objective: bool = False
     max_draws: int = 2000  # tries per generation to find feasible, unseen children
     seed: int = 0
@@ -64,22 +67,13 @@ class EvolutionConfig:
     def reference(cls, **overrides) -> EvolutionConfig:
         """The authors' released settings: population 50, top 10, 25 mutations, 10 crossovers, 15 random,
         20 generations, p = 0.25, over-budget candidates discarded."""
-        return cls(**overrides)
+        base = dict(population=50, parents=10, mutations=25, crossovers=10, randoms=15, generations=20, repair=False)
+        return cls(**{**base, **overrides})
 
     @classmethod
     def tmpq(cls, **overrides) -> EvolutionConfig:
-        """tmpq's frugal default: a smaller population over fewer generations, with repair and NSGA-II."""
-        base = dict(
-            population=24,
-            parents=8,
-            mutations=10,
-            crossovers=4,
-            randoms=2,
-            generations=10,
-            repair=True,
-            multi_objective=False,
-        )
-        return cls(**{**base, **overrides})
+        """tmpq's frugal default (the class defaults): a smaller population over fewer generations, with repair."""
+        return cls(**overrides)
 
 
 @dataclass

@@ -33,8 +33,8 @@ FITNESS_KINDS = ("fid", "proxy")
 
 @dataclass(frozen=True)
 class FitnessConfig:
-    kind: str = "fid"
-    num_samples: int = 256
+    kind: str = "proxy"  # distance to the FP model's samples from the same noise; "fid" for FID itself
+    num_samples: int = 64
     seed: int = 0
     batch_size: int = 128
     reference_steps: int = 100  # proxy target: FP DDIM at this many uniform steps

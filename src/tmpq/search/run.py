@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -50,7 +50,7 @@ class SearchConfig:
     phase_bounds: tuple[int, ...] = ()
     lever: str = "joint"  # joint | bits (schedule fixed) | timesteps (precision fixed)
     fixed_precision: str = "W6A6"  # the precision of a timesteps-only search
-    evolution: EvolutionConfig = EvolutionConfig.tmpq()
+    evolution: EvolutionConfig = EvolutionConfig()
     fitness: FitnessConfig = FitnessConfig()
     calib: CalibConfig = CalibConfig()
     quant: QuantSpec = QuantSpec()
@@ -58,7 +58,7 @@ class SearchConfig:
     seed_candidates: bool = True  # start from the default schedule at the budget's uniform precision
     seed_from: tuple[str, ...] = ()  # finished search directories whose best candidates seed this search
     staged: bool = False  # bits-only and timesteps-only searches first (RUN/stages/), then the joint one seeded
-    final_samples: int = 0  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
+    final_samples: int = 1000  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
     final_top: int = 3
     fid_reference: str = "fashion-mnist"  # FID (search and final) against this: 'fashion-mnist' or an image folder
     extra: dict = field(default_factory=dict)
@@ -95,6 +95,39 @@ class SearchConfig:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (what search.json records as `config`); `from_dict` reads it back."""
+        return self.to_json()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchConfig:
+        """The config a search.json recorded (a finished run opened in a new process)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TmpqError(
+                f"this search config has settings this tmpq does not know ({', '.join(unknown)}); it was written by "
+                "a newer tmpq: upgrade, or re-run the search with this version"
+            )
+        d = dict(d)
+        nested = {
+            "budget": lambda v: Budget(**v),
+            "evolution": lambda v: EvolutionConfig(**v),
+            "fitness": lambda v: FitnessConfig(**v),
+            "calib": lambda v: CalibConfig(**v),
+            "quant": QuantSpec.from_dict,
+        }
+        for key, make in nested.items():
+            if key in d:
+                d[key] = make(d[key])
+        for key in ("steps", "phase_bounds", "seed_from"):
+            if key in d:
+                d[key] = tuple(d[key])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise TmpqError(f"the recorded search config is incomplete or damaged ({e}); re-run the search") from None
 
 
 def _precision(setting: str) -> tuple[int, int]:
