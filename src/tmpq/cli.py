@@ -532,8 +532,9 @@ def _search_command(full: bool) -> Callable[..., None]:
         ] = SearchConfig.fid_reference,
         threads: ThreadsOpt = None,
     ) -> None:
+        from tmpq.api import compress
         from tmpq.quant import CalibConfig
-        from tmpq.search import Budget, FitnessConfig, SearchConfig, run_search
+        from tmpq.search import Budget
         from tmpq.search.parallel import Execution
 
         _threads(threads)
@@ -574,18 +575,16 @@ def _search_command(full: bool) -> Callable[..., None]:
         for note in loaded.notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         execution = Execution(workers, ray, worker_threads, candidate_timeout)
-        res = run_search(loaded, cfg, run_dir, resume=not fresh, execution=execution)
-        _print_search(run_dir, res, budget, fitness)
+        # the same path as the Python API: compress() with this config, then the result's own export and report
+        res = compress(loaded, run_dir=run_dir, config=cfg, resume=not fresh, execution=execution)
+        _print_search(run_dir, res.search, budget, fitness)
         if full:
-            from tmpq.api import CompressionResult
-            from tmpq.report import write_report
-
-            out = CompressionResult(run_dir, loaded, cfg, res).export(run_dir / "export", overwrite=True)
+            out = res.export(run_dir / "export", overwrite=True)
             typer.echo(f"  exported the best sampler to {out}  (load with tmpq.load('{out}'))")
             from tmpq.runtime.measure import SPEED_FILE, measure_speed, speed_lines
 
             typer.echo("\n".join(["measured speed:", *speed_lines(measure_speed(out, run_dir / SPEED_FILE))]))
-            html_path, md_path = write_report(run_dir)
+            html_path, md_path = res.report()
             typer.echo(f"report: {html_path}  (Markdown: {md_path})")
 
     command.__doc__ = (

@@ -359,7 +359,7 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], directory: Path) -> Comp
     all_a = sorted({b for s in a_used.values() for b in s}) or [8]
     spec = replace(QuantSpec(), w_bits=tuple(all_w), a_bits=tuple(all_a), pin=())
     sn = SuperNet(den, spec, model_fingerprint(den))
-    sn._swap(only=set(units))
+    sn.wrap_units(only=set(units))
     if set(sn.units) != set(units):
         raise ValueError("the model's quantizable layers differ from the manifest's units")
     sn.restore_units(units, qt)

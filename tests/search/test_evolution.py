@@ -146,3 +146,44 @@ def test_multi_objective_returns_non_dominated_front():
             for r in res.records
         )
     assert pareto_front(res.records) == res.pareto
+
+
+def test_ask_tell_by_hand_equals_run_and_callbacks_see_every_step(tmp_path):
+    """The loop is ask → evaluate → tell → advance; driving it by hand gives run()'s result, and a callback
+    sees each evaluation and generation (what progress, logging and checkpoints hang on)."""
+    from tmpq.search.evolution import SearchCallback, SearchState
+
+    sp = space()
+    cc = cost_of(sp)
+    budget = cc.uniform_bitops(4, 8, 4)
+    cfg = EvolutionConfig(population=10, parents=3, mutations=4, crossovers=2, randoms=2, generations=4, seed=3)
+
+    class Log(SearchCallback):
+        def __init__(self) -> None:
+            self.records, self.generations = 0, []
+
+        def on_record(self, state, record) -> None:
+            self.records += 1
+
+        def on_generation(self, state, entry) -> None:
+            self.generations.append(entry["generation"])
+
+    log = Log()
+    auto = EvolutionarySearch(sp, ToyFitness(), cc, budget, cfg, tmp_path / "s.json", progress=False).run(
+        callbacks=[log]
+    )
+    search, fit = EvolutionarySearch(sp, ToyFitness(), cc, budget, cfg, progress=False), ToyFitness()
+    state = search.start()
+    while not state.done:
+        for c in search.ask(state):
+            search.tell(state, c, fit(c), 0.0)
+        search.advance(state)
+    by_hand = search.result(state)
+    assert [r.candidate.key for r in by_hand.records] == [r.candidate.key for r in auto.records]
+    assert by_hand.best.candidate == auto.best.candidate
+    assert log.records == len(auto.records) and log.generations == list(range(cfg.generations))
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert SearchState.from_dict(saved).to_dict() == saved  # the checkpoint round-trips
+    with pytest.raises(TmpqError, match="before every asked candidate"):
+        fresh = search.start(resume=False)
+        search.advance(fresh)

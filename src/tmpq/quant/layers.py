@@ -9,6 +9,7 @@ with None, by dequantizing one weight tensor: no recalibration, no model copy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,18 @@ class QuantUnit(nn.Module):
         raise NotImplementedError
 
 
-class _QuantWeightLayer(QuantUnit):
+class WeightCodes(NamedTuple):
+    """A weight's integer codes at one width with their per-output-channel scale and zero point:
+    w ≈ (codes − zp) · scale. What runtime backends and export read from a quantized layer."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zp: torch.Tensor
+
+
+class QuantWeightLayer(QuantUnit):
+    """A Conv2d/Linear twin: per-width weight codes (calibrated once) and an activation quantizer."""
+
     def __init__(self, base: nn.Module, name: str, w_candidates: Sequence[int], a_candidates: Sequence[int]) -> None:
         super().__init__(name)
         self.base = base
@@ -154,9 +166,18 @@ class _QuantWeightLayer(QuantUnit):
                 self.register_buffer(k, v.clone(), persistent=False)
         self.act.load_qparams(act)
 
+    def weight_codes(self, bits: int) -> WeightCodes:
+        """The public read of this layer's weight at `bits` (the codes a runtime kernel or an export uses)."""
+        if bits not in self.w_candidates or not hasattr(self, f"w{bits}_codes"):
+            raise TmpqError(
+                f"layer {self.name!r} has no calibrated {bits}-bit weights (widths {list(self.w_candidates)}); "
+                "calibrate the super-network with that width"
+            )
+        return WeightCodes(*(getattr(self, f"w{bits}_{k}") for k in ("codes", "scale", "zp")))
+
     def dequantized_weight(self, bits: int) -> torch.Tensor:
         w = self.base.weight
-        codes, scale, zp = (getattr(self, f"w{bits}_{k}") for k in ("codes", "scale", "zp"))
+        codes, scale, zp = self.weight_codes(bits)
         return dequantize(codes, channel_view(scale, w.ndim), channel_view(zp, w.ndim)).to(w.dtype)
 
     def set_bits(self, w: int | None, a: int | None) -> None:
@@ -171,7 +192,7 @@ class _QuantWeightLayer(QuantUnit):
         return self.base.weight if self._w_active is None else self._w_active
 
 
-class QuantConv2d(_QuantWeightLayer):
+class QuantConv2d(QuantWeightLayer):
     kind = "conv"
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -186,7 +207,7 @@ class QuantConv2d(_QuantWeightLayer):
         return y
 
 
-class QuantLinear(_QuantWeightLayer):
+class QuantLinear(QuantWeightLayer):
     kind = "linear"
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -299,5 +320,5 @@ class QuantAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
 
-QUANT_LAYERS: dict[type[nn.Module], type[_QuantWeightLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+QUANT_LAYERS: dict[type[nn.Module], type[QuantWeightLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 """Registry from module type to its quantized twin (exact type match: subclasses may change forward)."""

@@ -70,8 +70,8 @@ def adaround_codes(
     point. Returns the codes and {"nearest": error, "learned": error} on the inputs (the codes are the nearest
     rounding's when learning did not lower the error: reconstruction is never worse than range-only)."""
     w = unit.base.weight.detach().float()
-    scale = channel_view(getattr(unit, f"w{bits}_scale"), w.ndim)
-    zp = channel_view(getattr(unit, f"w{bits}_zp"), w.ndim)
+    nearest, scale, zp = unit.weight_codes(bits)
+    scale, zp = channel_view(scale, w.ndim), channel_view(zp, w.ndim)
     top = qmax(bits)
     w_div = w * (1.0 / scale)
     w_floor = w_div.floor()
@@ -96,7 +96,7 @@ def adaround_codes(
         opt.step()
     with torch.no_grad():
         learned = (w_floor + (v >= 0).float() + zp).clamp(0, top)
-        nearest = getattr(unit, f"w{bits}_codes").float()
+        nearest = nearest.float()
         errs = {}
         for key, codes in (("nearest", nearest), ("learned", learned)):
             wq = (codes - zp) * scale

@@ -80,7 +80,7 @@ class SuperNet(nn.Module):
                 "unwrap() on the earlier super-network first"
             )
         sn = cls(model, spec, model_fingerprint(model))
-        sn._swap()
+        sn.wrap_units()
         if not sn.units:
             raise TmpqError(
                 "no quantizable layers found (Conv2d, Linear, diffusers attention) under the include/exclude "
@@ -89,7 +89,8 @@ class SuperNet(nn.Module):
         sn._trace(example)
         return sn
 
-    def _swap(self, only: set[str] | None = None) -> None:
+    def wrap_units(self, only: set[str] | None = None) -> None:
+        """Replace each quantizable layer (or those named in `only`, when reloading a saved set) by its twin."""
         spec = self.spec
         attention = _attention_type() if spec.attention_matmuls else None
         for name, module in list(self.model.named_modules()):
@@ -105,7 +106,7 @@ class SuperNet(nn.Module):
                     )
                 )
                 twin = twin_type(module, name, w_c, a_c)
-                self._set_child(name, twin)
+                self.replace_module(name, twin)
                 self.units[name] = twin
                 if pin:
                     self.pinned[name] = pin
@@ -125,7 +126,8 @@ class SuperNet(nn.Module):
                 module.set_processor(proc)
         self.units = dict(sorted(self.units.items()))
 
-    def _set_child(self, name: str, new: nn.Module) -> None:
+    def replace_module(self, name: str, new: nn.Module) -> None:
+        """Put `new` in place of the model's submodule `name` (a runtime backend installs its lowered layers)."""
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
@@ -168,7 +170,7 @@ class SuperNet(nn.Module):
             u = self.units.pop(n)
             self.pinned.pop(n, None)
             if not isinstance(u, MatmulQuant):
-                self._set_child(n, u.base)
+                self.replace_module(n, u.base)
         n_unit = sum(getattr(u, "weight_params", 0) + getattr(u, "bias_params", 0) for u in self.units.values())
         n_all = sum(p.numel() for p in self.model.parameters())
         self.cost = CostModel(
@@ -180,7 +182,7 @@ class SuperNet(nn.Module):
         """Put the original layers and attention processors back; returns the plain FP model."""
         for name, u in self.units.items():
             if not isinstance(u, MatmulQuant):
-                self._set_child(name, u.base)
+                self.replace_module(name, u.base)
         for name, proc in self._orig_processors.items():
             self.model.get_submodule(name).set_processor(proc)
         self.units, self.pinned, self._orig_processors, self._config = {}, {}, {}, None
@@ -350,7 +352,7 @@ class SuperNet(nn.Module):
                 "re-calibrate it for this model"
             )
         sn = cls(model, QuantSpec.from_dict(meta["spec"]), fp)
-        sn._swap(only=set(meta["units"]))
+        sn.wrap_units(only=set(meta["units"]))
         try:
             if set(sn.units) != set(meta["units"]):
                 raise TmpqError("the model's layers do not match the saved super-network")

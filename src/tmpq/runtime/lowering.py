@@ -28,7 +28,7 @@ from torch import nn
 
 from tmpq.compressed import CompressedSampler, sample_images
 from tmpq.errors import TmpqError
-from tmpq.quant.layers import MatmulQuant, _QuantWeightLayer
+from tmpq.quant.layers import MatmulQuant, QuantWeightLayer
 from tmpq.runtime.kernels import KERNELS, kernel_available
 from tmpq.runtime.layers import ActRange, RuntimeLayer, _Weight
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
@@ -179,11 +179,7 @@ def _act_range(q, bits: int | None) -> ActRange | None:
     return ActRange(bits, tuple(float(s) for s in scale), tuple(int(z) for z in zp))
 
 
-def _weight_codes(twin: _QuantWeightLayer, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(getattr(twin, f"w{bits}_{k}") for k in ("codes", "scale", "zp"))
-
-
-def _lower_layer(twin: _QuantWeightLayer, pairs: Sequence[tuple], backend: Backend, kernel: str | None,
+def _lower_layer(twin: QuantWeightLayer, pairs: Sequence[tuple], backend: Backend, kernel: str | None,
                  device: torch.device) -> tuple[RuntimeLayer, dict]:  # fmt: skip
     base = twin.base
     if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
@@ -199,7 +195,7 @@ def _lower_layer(twin: _QuantWeightLayer, pairs: Sequence[tuple], backend: Backe
         if w is None:
             layer.add_dequant_variant((w, a), base.weight.detach().to(device, dtype), act, dtype)
             continue
-        codes, scale, zp = (t.to(device) for t in _weight_codes(twin, w))
+        codes, scale, zp = (t.to(device) for t in twin.weight_codes(w))
         if backend.mode == "int8" and act is not None:
             groups = getattr(base, "groups", 1)
             if kernel is not None and groups == 1:
@@ -262,7 +258,7 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
         )
     if inplace:
         for name, layer in layers.items():
-            sn._set_child(name, layer)
+            sn.replace_module(name, layer)
         model = sn.model
     else:
         model = copy.deepcopy(sn.model, memo)  # the twins map to their frozen layers: candidate codes are not copied

@@ -135,6 +135,120 @@ def _nsga2_order(records: Sequence[Record]) -> list[Record]:
     return order
 
 
+@dataclass
+class SearchState:
+    """Everything a search needs to continue exactly where it stopped; plain JSON on disk (no pickle), the same
+    layout as before this class existed, so older run directories resume."""
+
+    config: dict
+    budget: int
+    run_info: dict = field(default_factory=dict)
+    generation: int = 0
+    rng: list | None = None  # random.Random state, as JSON
+    parents: list[str] = field(default_factory=list)  # candidate keys
+    pending: list[Candidate] = field(default_factory=list)  # this generation's candidates
+    records: dict[str, Record] = field(default_factory=dict)  # every evaluation, by candidate key
+    history: list[dict] = field(default_factory=list)  # one entry per finished generation
+    done: bool = False
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "config": self.config,
+            "budget": self.budget,
+            "run_info": self.run_info,
+            "generation": self.generation,
+            "rng": self.rng,
+            "parents": list(self.parents),
+            "pending": [c.to_json() for c in self.pending],
+            "records": {k: r.to_json() for k, r in self.records.items()},
+            "history": self.history,
+            "done": self.done,
+            "wall_s": self.wall_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchState:
+        try:
+            return cls(
+                config=d["config"],
+                budget=d["budget"],
+                run_info=d.get("run_info", {}),
+                generation=d["generation"],
+                rng=d["rng"],
+                parents=list(d["parents"]),
+                pending=[Candidate.from_json(c) for c in d["pending"]],
+                records={k: Record.from_json(v) for k, v in d["records"].items()},
+                history=list(d["history"]),
+                done=bool(d["done"]),
+                wall_s=float(d["wall_s"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TmpqError(f"the search state is incomplete or damaged ({e}); start over with --fresh") from None
+
+
+class SearchCallback:
+    """Hooks into the search loop (checkpoints, progress, logging); every hook does nothing by default."""
+
+    def on_start(self, state: SearchState) -> None: ...
+
+    def on_record(self, state: SearchState, record: Record) -> None: ...
+
+    def on_generation(self, state: SearchState, entry: dict) -> None: ...
+
+    def on_end(self, state: SearchState) -> None: ...
+
+
+class Checkpoint(SearchCallback):
+    """Writes the state atomically at the start, after every evaluation and after every generation."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def _save(self, state: SearchState) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, state.to_dict(), indent=None)
+
+    def on_start(self, state: SearchState) -> None:
+        self._save(state)
+
+    def on_record(self, state: SearchState, record: Record) -> None:
+        self._save(state)
+
+    def on_generation(self, state: SearchState, entry: dict) -> None:
+        self._save(state)
+
+
+class ProgressBar(SearchCallback):
+    """A tqdm bar over generations with the best value, its GBitOPs and the evaluation rate."""
+
+    def __init__(self, generations: int) -> None:
+        self.generations = generations
+        self.bar: tqdm | None = None
+
+    def on_start(self, state: SearchState) -> None:
+        self.bar = tqdm(total=self.generations, initial=len(state.history), desc="search", dynamic_ncols=True)
+        self.bar.set_postfix(evals=len(state.records))  # a resumed search shows what it already holds
+
+    def on_record(self, state: SearchState, record: Record) -> None:
+        self.bar.set_postfix(evals=len(state.records), refresh=False)
+
+    def on_generation(self, state: SearchState, entry: dict) -> None:
+        rate = entry.get("evals_per_min")
+        self.bar.update(1)
+        self.bar.set_postfix(
+            best=f"{entry['best_value']:.3f}",
+            gbitops=f"{entry['best_bitops'] / 1e9:.2f}",
+            evals=len(state.records),
+            per_min="-" if rate is None else f"{rate:.1f}",
+        )
+
+    def on_end(self, state: SearchState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class EvolutionarySearch:
     def __init__(
         self,
@@ -162,42 +276,24 @@ class EvolutionarySearch:
         cost.require_within(self.budget)
 
     # --- state ----------------------------------------------------------------------------------------
-    def _fresh_state(self) -> dict:
-        return {
-            "version": STATE_VERSION,
-            "config": asdict(self.config),
-            "budget": self.budget,
-            "run_info": self.run_info,
-            "generation": 0,
-            "rng": None,
-            "parents": [],
-            "pending": [],
-            "records": {},
-            "history": [],
-            "done": False,
-            "wall_s": 0.0,
-        }
+    def _fresh_state(self) -> SearchState:
+        return SearchState(config=asdict(self.config), budget=self.budget, run_info=self.run_info)
 
-    def _save(self, state: dict) -> None:
-        if self.state_path is None:
-            return
-        write_json_atomic(self.state_path, state, indent=None)
-
-    def _load(self) -> dict | None:
+    def _load(self) -> SearchState | None:
         if self.state_path is None or not self.state_path.is_file():
             return None
         try:
-            state = json.loads(self.state_path.read_text())
+            d = json.loads(self.state_path.read_text())
         except json.JSONDecodeError:
             raise TmpqError(f"search state {self.state_path} is damaged (not JSON); delete it to start over") from None
-        if state.get("version") != STATE_VERSION:
+        if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
             raise TmpqError(f"search state {self.state_path} has another version; start a new run directory")
-        if state["config"] != json.loads(json.dumps(asdict(self.config))) or state["budget"] != self.budget:
+        if d["config"] != json.loads(json.dumps(asdict(self.config))) or d["budget"] != self.budget:
             raise TmpqError(
                 f"search state {self.state_path} was made with another search config or budget; "
                 "resume with the same settings, or use a new run directory"
             )
-        return state
+        return SearchState.from_dict(d)
 
     # --- operators with budget handling --------------------------------------------------------------
     def _feasible(self, c: Candidate) -> Candidate | None:
@@ -229,126 +325,139 @@ class EvolutionarySearch:
             return _nsga2_order(records)[: self.config.parents]
         return sorted(records, key=lambda r: (r.value, r.bitops, r.candidate.key))[: self.config.parents]
 
-    # --- the loop --------------------------------------------------------------------------------------
-    def run(self, resume: bool = True) -> SearchResult:
+    # --- ask / tell -----------------------------------------------------------------------------------
+    def start(self, resume: bool = True) -> SearchState:
+        """The saved state when resuming (and one exists), else a fresh one holding the first population."""
         state = self._load() if resume else None
-        if state is None:
-            state = self._fresh_state()
-            rng = random.Random(self.config.seed)
-            seen: set[str] = set()
-            init: list[Candidate] = []
-            for c in self.initial:
-                self.space.validate(c)
-                fc = self._feasible(c)
-                if fc is not None and fc.key not in seen:
-                    seen.add(fc.key)
-                    init.append(fc)
-            tries = 0
-            while len(init) < self.config.population and tries < self.config.max_draws * 10:
-                tries += 1
-                c = self._feasible(self.space.random(rng))
-                if c is not None and c.key not in seen:
-                    seen.add(c.key)
-                    init.append(c)
-            if not init:
-                raise TmpqError("no feasible candidate found within the budget; raise the budget or enable repair")
-            state["pending"] = [c.to_json() for c in init]
-            state["rng"] = _rng_to_json(rng.getstate())
-            self._save(state)
-        records = {k: Record.from_json(v) for k, v in state["records"].items()}
-        cfg = self.config
-        bar = tqdm(
-            total=cfg.generations,
-            initial=state["generation"],
-            desc="search",
-            disable=not self.progress,
-            dynamic_ncols=True,
+        if state is not None:
+            return state
+        state = self._fresh_state()
+        rng = random.Random(self.config.seed)
+        seen: set[str] = set()
+        init: list[Candidate] = []
+        for c in self.initial:
+            self.space.validate(c)
+            fc = self._feasible(c)
+            if fc is not None and fc.key not in seen:
+                seen.add(fc.key)
+                init.append(fc)
+        tries = 0
+        while len(init) < self.config.population and tries < self.config.max_draws * 10:
+            tries += 1
+            c = self._feasible(self.space.random(rng))
+            if c is not None and c.key not in seen:
+                seen.add(c.key)
+                init.append(c)
+        if not init:
+            raise TmpqError("no feasible candidate found within the budget; raise the budget or enable repair")
+        state.pending = init
+        state.rng = _rng_to_json(rng.getstate())
+        return state
+
+    def ask(self, state: SearchState) -> list[Candidate]:
+        """This generation's candidates that still need a fitness (none after a kill lost nothing)."""
+        return [c for c in state.pending if c.key not in state.records]
+
+    def tell(self, state: SearchState, candidate: Candidate, fv: FitnessValue, seconds: float) -> Record:
+        """Record one evaluated candidate (in any order: records are keyed)."""
+        rec = Record(
+            candidate,
+            float(fv.value),
+            self.cost.bitops(candidate),
+            int(fv.forwards),
+            round(seconds, 3),
+            state.generation,
+            dict(fv.extra),
         )
-        bar.set_postfix(evals=len(records))  # a resumed search shows what it already holds
-        t_start = time.perf_counter() - state["wall_s"]
+        state.records[candidate.key] = rec
+        return rec
+
+    def advance(self, state: SearchState, stats: dict | None = None) -> dict:
+        """Close the generation once every asked candidate is told: select parents, log the history entry (with
+        the evaluator's `stats`), then breed the next generation's candidates or mark the search done."""
+        if self.ask(state):
+            raise TmpqError("advance() before every asked candidate was told")
+        gen, records = state.generation, state.records
+        pool = [records[k] for k in state.parents] + [records[c.key] for c in state.pending]
+        parents = self._select(pool)
+        best = min(pool, key=lambda r: (r.value, r.bitops))
+        entry = {
+            "generation": gen,
+            "best_value": best.value,
+            "best_bitops": best.bitops,
+            "best_key": best.candidate.key,
+            "evaluated": len(records),
+            "forwards": sum(r.forwards for r in records.values()),
+            **(stats or {}),
+        }
+        state.history.append(entry)
+        state.parents = [r.candidate.key for r in parents]
+        if gen + 1 >= self.config.generations:
+            state.done, state.pending = True, []
+        else:
+            rng = random.Random()
+            rng.setstate(_rng_from_json(state.rng))
+            state.pending = self._children(rng, [r.candidate for r in parents], set(records))
+            state.rng = _rng_to_json(rng.getstate())
+            state.generation = gen + 1
+        return entry
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def run(self, resume: bool = True, callbacks: Sequence[SearchCallback] = ()) -> SearchResult:
+        """ask → evaluate → tell until the last generation; the state is checkpointed after every evaluation and
+        progress shown through callbacks, so a killed search resumes exactly where it stopped."""
+        state = self.start(resume)
+        hooks: list[SearchCallback] = [Checkpoint(self.state_path), *callbacks]
+        if self.progress:
+            hooks.append(ProgressBar(self.config.generations))
         from tmpq.search.parallel import SerialEvaluator  # parallel.py imports this module
 
         evaluator = self.evaluator or SerialEvaluator(self.fitness)
+        t_start = time.perf_counter() - state.wall_s
+        for h in hooks:
+            h.on_start(state)
         try:
-            while not state["done"]:
-                gen = state["generation"]
-                pending = [Candidate.from_json(d) for d in state["pending"]]
-                todo = [c for c in pending if c.key not in records]
+            while not state.done:
+                todo = self.ask(state)
                 t_gen, busy = time.perf_counter(), 0.0
-                for c, fv, seconds in evaluator.evaluate(todo):  # in completion order; records are keyed
-                    rec = Record(
-                        c,
-                        float(fv.value),
-                        self.cost.bitops(c),
-                        int(fv.forwards),
-                        round(seconds, 3),
-                        gen,
-                        dict(fv.extra),
-                    )
+                for c, fv, seconds in evaluator.evaluate(todo):  # in completion order
+                    rec = self.tell(state, c, fv, seconds)
                     busy += seconds
-                    records[c.key] = rec
-                    state["records"][c.key] = rec.to_json()
-                    state["wall_s"] = time.perf_counter() - t_start
-                    self._save(state)
-                    bar.set_postfix(evals=len(records), refresh=False)
+                    state.wall_s = time.perf_counter() - t_start
+                    for h in hooks:
+                        h.on_record(state, rec)
                 gen_wall = time.perf_counter() - t_gen
-                pool = [records[k] for k in state["parents"]] + [records[c.key] for c in pending]
-                parents = self._select(pool)
-                best = min(pool, key=lambda r: (r.value, r.bitops))
-                state["history"].append(
+                measured = bool(todo) and gen_wall > 0
+                entry = self.advance(
+                    state,
                     {
-                        "generation": gen,
-                        "best_value": best.value,
-                        "best_bitops": best.bitops,
-                        "best_key": best.candidate.key,
-                        "evaluated": len(records),
-                        "forwards": sum(r.forwards for r in records.values()),
                         "wall_s": round(time.perf_counter() - t_start, 2),
                         "workers": evaluator.workers,
-                        "evals_per_min": round(60 * len(todo) / gen_wall, 2) if todo and gen_wall > 0 else None,
-                        "utilisation": round(busy / (evaluator.workers * gen_wall), 3)
-                        if todo and gen_wall > 0
-                        else None,
-                    }
+                        "evals_per_min": round(60 * len(todo) / gen_wall, 2) if measured else None,
+                        "utilisation": round(busy / (evaluator.workers * gen_wall), 3) if measured else None,
+                    },
                 )
-                bar.update(1)
-                rate = state["history"][-1]["evals_per_min"]
-                bar.set_postfix(
-                    best=f"{best.value:.3f}",
-                    gbitops=f"{best.bitops / 1e9:.2f}",
-                    evals=len(records),
-                    per_min="-" if rate is None else f"{rate:.1f}",
-                )
-                if gen + 1 >= cfg.generations:
-                    state["done"] = True
-                    state["parents"] = [r.candidate.key for r in parents]
-                    state["pending"] = []
-                else:
-                    rng = random.Random()
-                    rng.setstate(_rng_from_json(state["rng"]))
-                    children = self._children(rng, [r.candidate for r in parents], set(records))
-                    state["parents"] = [r.candidate.key for r in parents]
-                    state["pending"] = [c.to_json() for c in children]
-                    state["rng"] = _rng_to_json(rng.getstate())
-                    state["generation"] = gen + 1
-                state["wall_s"] = time.perf_counter() - t_start
-                self._save(state)
+                state.wall_s = time.perf_counter() - t_start
+                for h in hooks:
+                    h.on_generation(state, entry)
         finally:
-            bar.close()
+            for h in hooks:
+                h.on_end(state)
             evaluator.close()
-        return self._result(state, records)
+        return self.result(state)
 
-    def _result(self, state: dict, records: dict[str, Record]) -> SearchResult:
-        recs = list(records.values())
+    def result(self, state: SearchState) -> SearchResult:
+        """The result of a (finished or partial) state: best within budget, Pareto front, every record."""
+        recs = list(state.records.values())
         within = [r for r in recs if r.bitops <= self.budget]
         best = min(within, key=lambda r: (r.value, r.bitops))
         return SearchResult(
             best=best,
             pareto=pareto_front(within),
             records=recs,
-            history=state["history"],
+            history=state.history,
             forwards=sum(r.forwards for r in recs),
-            wall_s=round(state["wall_s"], 2),
+            wall_s=round(state.wall_s, 2),
             budget=self.budget,
         )
 
