@@ -202,3 +202,19 @@ def test_wrapping_a_wrapped_model_is_refused_until_unwrapped(make_denoiser, cali
     names = set(sn.units)
     again = build_supernet(sn.unwrap(), calib, small_spec, progress=False)
     assert set(again.units) == names
+
+
+def test_quantize_with_a_uniform_config_needs_no_layer_names(supernet, make_denoiser, calib, small_spec, probe):
+    """quantize_(model, QuantConfig.uniform(6, 6), calib) works on a bare model and equals the super-network
+    switched to the same setting (pins kept, matmuls at the activation width); named layers override."""
+    fresh = quantize_(make_denoiser(), QuantConfig.uniform(6, 6), calib, small_spec)
+    supernet.set_config(supernet.uniform_config(6, 6))
+    assert fresh.config == supernet.config
+    assert torch.equal(_out(fresh, probe), _out(supernet, probe))
+    name = next(
+        n for n in supernet.units if n not in supernet.pinned and not isinstance(supernet.units[n], MatmulQuant)
+    )
+    supernet.set_config(QuantConfig.uniform(6, 6, **{name: (8, 8)}))
+    assert supernet.config[name] == (8, 8) and sum(wa == (6, 6) for wa in supernet.config.as_dict().values()) > 1
+    with pytest.raises(TmpqError, match="not calibrated|candidate"):
+        supernet.set_config(QuantConfig.uniform(5, 6))

@@ -108,6 +108,10 @@ class QuantSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+ANY_LAYER = "*"
+"""A QuantConfig entry for every layer it does not name (see `QuantConfig.uniform`)."""
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Bits per quantizable unit: name -> (w_bits, a_bits); None is full precision.
@@ -128,6 +132,13 @@ class QuantConfig:
     @classmethod
     def from_mapping(cls, bits: Mapping[str, tuple[int | None, int | None]]) -> QuantConfig:
         return cls(tuple((k, w, a) for k, (w, a) in bits.items()))
+
+    @classmethod
+    def uniform(cls, w_bits: int | None, a_bits: int | None, **overrides: tuple[int | None, int | None]) -> QuantConfig:
+        """Every layer at WxAy without naming them: the entry `"*"` stands for each layer the config does not
+        name, resolved by the super-network it is applied to (pinned layers keep their pins, attention matmuls
+        take the activation width). `overrides` name single layers: `uniform(6, 6, **{"conv_in": (8, None)})`."""
+        return cls.from_mapping({ANY_LAYER: (w_bits, a_bits), **overrides})
 
     def as_dict(self) -> dict[str, tuple[int | None, int | None]]:
         return {n: (w, a) for n, w, a in self.bits}

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tmpq.errors import TmpqError
 from tmpq.quant.calibration import CalibrationSet
-from tmpq.quant.config import QuantConfig, QuantSpec
+from tmpq.quant.config import ANY_LAYER, QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel, UnitCost
 from tmpq.quant.layers import QUANT_LAYERS, ActQuantizer, MatmulQuant, QuantAttnProcessor, QuantUnit, _check_bits
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
@@ -242,7 +242,7 @@ class SuperNet(nn.Module):
     # --- switching --------------------------------------------------------------------------------------
     def validate(self, config: QuantConfig) -> None:
         """Clear errors for unknown or missing layers and for bit-widths that were not calibrated."""
-        given = config.as_dict()
+        given = self.resolve(config).as_dict()
         unknown = sorted(set(given) - set(self.units))
         if unknown:
             raise TmpqError(
@@ -263,9 +263,19 @@ class SuperNet(nn.Module):
                 _check_bits(w, u.w_candidates, "weight", name)
             _check_bits(a, u.a_candidates, "activation", name)
 
+    def resolve(self, config: QuantConfig) -> QuantConfig:
+        """`config` naming every unit: its `"*"` entry (QuantConfig.uniform) expanded over the units it does not
+        name, as `uniform_config` does (pins kept, matmuls at the activation width)."""
+        given = config.as_dict()
+        if ANY_LAYER not in given:
+            return config
+        w, a = given.pop(ANY_LAYER)
+        return QuantConfig.from_mapping({**self.uniform_config(w, a).as_dict(), **given})
+
     def set_config(self, config: QuantConfig) -> None:
         if not self.calibrated:
             raise TmpqError("the super-network is not calibrated; call calibrate() (or build_supernet) first")
+        config = self.resolve(config)
         self.validate(config)
         for name, (w, a) in config.as_dict().items():
             self.units[name].set_bits(w, a)
@@ -406,9 +416,13 @@ def quantize_(
     batch_size: int = 64,
     progress: bool = False,
 ) -> SuperNet:
-    """One-shot PTQ to `config`: calibrate only the widths it uses, then switch to it."""
+    """One-shot PTQ to `config`: calibrate only the widths it uses, then switch to it. `config` may be
+    `QuantConfig.uniform(w, a)`, which names no layer (the pinned layers' widths are calibrated too)."""
     ws = {w for _, w, _ in config.bits if w is not None}
     as_ = {a for _, _, a in config.bits if a is not None}
+    if ANY_LAYER in config.as_dict():
+        ws |= {w for _, w, _ in spec.pin if w is not None}
+        as_ |= {a for _, _, a in spec.pin if a is not None}
     spec = replace(spec, w_bits=tuple(ws) or spec.w_bits, a_bits=tuple(as_) or spec.a_bits)
     sn = build_supernet(model, calib, spec, batch_size=batch_size, progress=progress)
     sn.set_config(config)
