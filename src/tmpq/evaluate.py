@@ -15,10 +15,11 @@ from tmpq.models.loading import BUILTIN_SPEC, LoadedModel, load_model
 from tmpq.provenance import provenance
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import make_timesteps, validate_timesteps
+from tmpq.serialization import DictConfig
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(DictConfig):
     """One FP evaluation: which model, which schedule, how many samples from which seeds."""
 
     model: str = BUILTIN_SPEC

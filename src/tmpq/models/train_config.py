@@ -4,13 +4,14 @@ importing torch and diffusers."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from tmpq.errors import TmpqError
+from tmpq.serialization import DictConfig
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Everything that determines a training run's weights; stored beside its checkpoints.
 
     How the run executes (device, `torch.compile`) is not part of it: those change speed, not the recipe.
@@ -40,18 +41,3 @@ class TrainConfig:
             raise TmpqError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise TmpqError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Read a stored config; a key it lacks (written before the key existed) takes its old default."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise TmpqError(f"unknown training config keys {sorted(unknown)}; was it written by a newer tmpq?")
-        kw = dict(d)
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        return cls(**kw)

@@ -28,13 +28,14 @@ from tmpq.errors import TmpqError
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps
+from tmpq.serialization import DictConfig
 
 CALIBRATION_SEED = 1_000_000
 """Evaluation uses seeds 0.., so calibration trajectories start far away from them."""
 
 
 @dataclass(frozen=True)
-class CalibConfig:
+class CalibConfig(DictConfig):
     num_samples: int = 128  # trajectories
     num_steps: int = 20  # DDIM steps per trajectory; every step's input is kept
     schedule: str = "uniform"

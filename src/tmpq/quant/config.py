@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
 from tmpq.errors import TmpqError
 from tmpq.quant.primitives import MAX_BITS
+from tmpq.serialization import DictConfig
 
 CONFIG_VERSION = 1
 
@@ -31,7 +32,7 @@ RECON_PRESETS = {
 
 
 @dataclass(frozen=True)
-class QuantSpec:
+class QuantSpec(DictConfig):
     """Which layers are quantizable, their candidate bit-widths, and how ranges are calibrated.
 
     `pin` maps a layer-name pattern (fnmatch) to fixed (w_bits, a_bits), None meaning full precision. By
@@ -99,13 +100,6 @@ class QuantSpec:
             if fnmatchcase(name, p):
                 return w, a
         return None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> QuantSpec:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 ANY_LAYER = "*"

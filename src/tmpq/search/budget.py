@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from tmpq.errors import TmpqError
 from tmpq.quant.cost import FP_BITS, CostModel
 from tmpq.search.space import Candidate, SearchSpace
+from tmpq.serialization import DictConfig
 
 Sensitivity = Mapping[str, Mapping[str, Mapping[int, float]]]
 """unit -> {"w": {bits: error}, "a": {bits: error}}: denoiser output error with only that gene quantized."""
 
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(DictConfig):
     """A BitOPs budget per generated image, in the user's terms.
 
     `Budget.like("W6A6", steps=10)`: what uniform W6A6 costs at 10 steps; `Budget.fraction(0.05)`: a share of

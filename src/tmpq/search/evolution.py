@@ -26,6 +26,7 @@ from tmpq.errors import TmpqError
 from tmpq.fileio import write_json_atomic
 from tmpq.search.budget import CandidateCost, Repairer
 from tmpq.search.space import Candidate, SearchSpace
+from tmpq.serialization import DictConfig
 
 STATE_VERSION = 1
 
@@ -41,7 +42,7 @@ Fitness = Callable[[Candidate], FitnessValue]
 
 
 @dataclass(frozen=True)
-class EvolutionConfig:
+class EvolutionConfig(DictConfig):
     """The evolutionary search's settings; the defaults are tmpq's frugal preset (`tmpq()`), `reference()` the
     authors' released ones."""
 

@@ -27,12 +27,13 @@ from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import NoiseSchedule, make_timesteps
 from tmpq.search.evolution import FitnessValue
 from tmpq.search.space import Candidate, SearchSpace
+from tmpq.serialization import DictConfig
 
 FITNESS_KINDS = ("fid", "proxy")
 
 
 @dataclass(frozen=True)
-class FitnessConfig:
+class FitnessConfig(DictConfig):
     kind: str = "proxy"  # distance to the FP model's samples from the same noise; "fid" for FID itself
     num_samples: int = 64
     seed: int = 0

@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -35,6 +35,7 @@ from tmpq.search.profile import change_profile
 from tmpq.search.seeds import seed_candidates, seed_costs
 from tmpq.search.sensitivity import layer_sensitivity
 from tmpq.search.space import GROUPINGS, Candidate, SearchSpace
+from tmpq.serialization import FORMAT_VERSION, VERSION_KEY, DictConfig
 
 LEVERS = ("joint", "bits", "timesteps")
 AUTO = "auto"
@@ -43,7 +44,7 @@ GROUPING_FILE = "grouping.json"
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(DictConfig):
     budget: Budget = Budget.like("W6A6", 10)
     steps: tuple[int, ...] = (10,)
     grouping: str = "quad"
@@ -95,39 +96,6 @@ class SearchConfig:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
-
-    def to_dict(self) -> dict:
-        """Plain JSON types (what search.json records as `config`); `from_dict` reads it back."""
-        return self.to_json()
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SearchConfig:
-        """The config a search.json recorded (a finished run opened in a new process)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TmpqError(
-                f"this search config has settings this tmpq does not know ({', '.join(unknown)}); it was written by "
-                "a newer tmpq: upgrade, or re-run the search with this version"
-            )
-        d = dict(d)
-        nested = {
-            "budget": lambda v: Budget(**v),
-            "evolution": lambda v: EvolutionConfig(**v),
-            "fitness": lambda v: FitnessConfig(**v),
-            "calib": lambda v: CalibConfig(**v),
-            "quant": QuantSpec.from_dict,
-        }
-        for key, make in nested.items():
-            if key in d:
-                d[key] = make(d[key])
-        for key in ("steps", "phase_bounds", "seed_from"):
-            if key in d:
-                d[key] = tuple(d[key])
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise TmpqError(f"the recorded search config is incomplete or damaged ({e}); re-run the search") from None
 
 
 def _precision(setting: str) -> tuple[int, int]:
@@ -703,7 +671,8 @@ def _write_result(
             "this_call_wall_s": round(wall_s, 2),
         },
         "seed_searches": _seed_searches(run_dir, cfg),
-        "config": cfg.to_json(),
+        "config": cfg.to_dict(),
+        VERSION_KEY: FORMAT_VERSION,  # of this file and the configs in it
         "grouping": space.grouping,  # the one searched (with --grouping auto: the one chosen, see grouping_choice)
         "grouping_choice": choice,
         "fp_steps": fp_steps,  # FP FID by step count on the fitness seeds, and the advice drawn from it

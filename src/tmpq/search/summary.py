@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tmpq.errors import TmpqError
+from tmpq.serialization import FORMAT_VERSION, VERSION_KEY
 
 SUMMARY_FILE = "search.json"
 
@@ -26,5 +27,11 @@ def read_summary(source: str | Path, fix: str = "run `tmpq search` or `tmpq run`
     if not isinstance(d, dict) or "best" not in d or not isinstance(d.get("config"), dict):
         raise TmpqError(
             f"{path} is not a tmpq search result ({why}); re-run the same search command to rewrite it, or {fix}"
+        )
+    version = d.get(VERSION_KEY, FORMAT_VERSION)  # files from before the key existed are format 1
+    if version != FORMAT_VERSION:
+        raise TmpqError(
+            f"{path} is a search result of format {version}; this tmpq reads format {FORMAT_VERSION}: use the tmpq "
+            "version that wrote it, or re-run the search with this one"
         )
     return d
