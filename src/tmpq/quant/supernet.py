@@ -1,5 +1,8 @@
 """The quantization super-network: every quantizable layer calibrated once for every candidate width.
 
+This module holds wrapping and switching; tracing (MACs, split points) lives in quant/tracing.py, range calibration
+in quant/ranges.py, saving and reloading in quant/persistence.py.
+
 Any per-layer bit allocation is then evaluated by `set_config`, a switch in time linear in the number
 of layers (no deepcopy, no recalibration). Memory stays bounded: per candidate a layer keeps uint8
 codes and per-channel scales, plus one dequantized float weight for the active setting.
@@ -8,27 +11,19 @@ codes and per-channel scales, plus one dequantized float weight for the active s
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from tmpq.errors import TmpqError
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.config import ANY_LAYER, QuantConfig, QuantSpec
-from tmpq.quant.cost import CostModel, UnitCost
+from tmpq.quant.cost import CostModel
 from tmpq.quant.layers import QUANT_LAYERS, ActQuantizer, MatmulQuant, QuantAttnProcessor, QuantUnit, _check_bits
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
-
-SUPERNET_VERSION = 1
-JSON_NAME = "supernet.json"
-TENSORS_NAME = "supernet.safetensors"
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -134,49 +129,9 @@ class SuperNet(nn.Module):
 
     @torch.no_grad()
     def _trace(self, example: tuple) -> None:
-        x, t, *rest = example
-        cond = rest[0].select(0, 1) if rest and rest[0] is not None else None
-        hidden: dict[str, int] = {}
-        hooks = []
-        for name, m in self.model.named_modules():
-            if "UpBlock" in type(m).__name__ and isinstance(getattr(m, "resnets", None), nn.ModuleList):
+        from tmpq.quant.tracing import trace_units
 
-                def pre(mod, args, kwargs, name=name):
-                    hs = kwargs.get("hidden_states", args[0] if args else None)
-                    hidden[name] = int(hs.shape[1])
-
-                hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        for u in self.units.values():
-            u.counting = True
-        try:
-            self.set_fp()
-            call_denoiser(self.model, x[:1], t[:1], cond)
-        finally:
-            for u in self.units.values():
-                u.counting = False
-            for h in hooks:
-                h.remove()
-        if self.spec.split_concat:
-            for block_name, ch in hidden.items():
-                block = self.model.get_submodule(block_name)
-                for j, resnet in enumerate(block.resnets):
-                    split = ch if j == 0 else int(block.resnets[j - 1].out_channels)
-                    for child in ("conv1", "conv_shortcut"):
-                        unit = getattr(resnet, child, None)
-                        if unit in self.units.values() and 0 < split < unit.base.in_channels:
-                            unit.act.split = split
-        unused = [n for n, u in self.units.items() if u.macs == 0]
-        for n in unused:  # never executed: quantizing it changes nothing and it would get no calibration data
-            u = self.units.pop(n)
-            self.pinned.pop(n, None)
-            if not isinstance(u, MatmulQuant):
-                self.replace_module(n, u.base)
-        n_unit = sum(getattr(u, "weight_params", 0) + getattr(u, "bias_params", 0) for u in self.units.values())
-        n_all = sum(p.numel() for p in self.model.parameters())
-        self.cost = CostModel(
-            {n: UnitCost(u.kind, int(u.macs), int(u.weight_params), int(u.bias_params)) for n, u in self.units.items()},
-            other_params=n_all - n_unit,
-        )
+        trace_units(self, example)
 
     def unwrap(self) -> nn.Module:
         """Put the original layers and attention processors back; returns the plain FP model."""
@@ -206,38 +161,12 @@ class SuperNet(nn.Module):
         return {n: u.act.split for n, u in self.units.items() if hasattr(u, "act") and u.act.split is not None}
 
     # --- calibration ------------------------------------------------------------------------------------
-    @torch.no_grad()
     def calibrate(self, calib: CalibrationSet, batch_size: int = 64, progress: bool = True) -> dict:
-        """Weights: MSE clipping per channel and candidate. Activations: one FP pass over the calibration
-        set feeds every quantizer's observer, then each candidate's range is chosen by MSE."""
-        t0 = time.perf_counter()
-        weight_units = [u for u in self.units.values() if hasattr(u, "calibrate_weights")]
-        for u in tqdm(weight_units, desc="calibrate weights", disable=not progress, leave=False):
-            u.calibrate_weights()
-        t1 = time.perf_counter()
-        self.set_fp()
-        quantizers = [q for q in self.quantizers() if q.candidates]  # a pinned-FP input needs no ranges
-        for q in quantizers:
-            q.start_observing(self.spec.act_max_values)
-        try:
-            bar = tqdm(total=len(calib), desc="calibrate activations", disable=not progress, leave=False)
-            for x, t, cond in calib.batches(batch_size):
-                call_denoiser(self.model, x, t, cond)
-                bar.update(len(x))
-            bar.close()
-            for q in tqdm(quantizers, desc="activation ranges", disable=not progress, leave=False):
-                q.finish_observing(self.spec.act_method)
-        finally:
-            for q in quantizers:
-                q.observers = None
-        self.calibrated = True
-        self.calibration_info = {
-            "calib_config": {**calib.config.__dict__},
-            "calib_rows": len(calib),
-            "weights_s": round(t1 - t0, 3),
-            "activations_s": round(time.perf_counter() - t1, 3),
-        }
-        return self.calibration_info
+        """Ranges for every candidate width (see quant/ranges.py): weights by per-channel MSE clipping,
+        activations from one FP pass over `calib`."""
+        from tmpq.quant.ranges import calibrate_ranges
+
+        return calibrate_ranges(self, calib, batch_size=batch_size, progress=progress)
 
     # --- switching --------------------------------------------------------------------------------------
     def validate(self, config: QuantConfig) -> None:
@@ -313,76 +242,17 @@ class SuperNet(nn.Module):
 
     # --- persistence ------------------------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """supernet.json (spec, units, costs, calibration info) + supernet.safetensors (codes and scales)."""
-        if not self.calibrated:
-            raise TmpqError("nothing to save: the super-network is not calibrated yet")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{n}.{k}": v.contiguous().cpu() for n, u in self.units.items() for k, v in u.qparams().items()}
-        meta = {
-            "version": SUPERNET_VERSION,
-            "fingerprint": self.fingerprint,
-            "spec": self.spec.to_dict(),
-            "units": {
-                n: {"kind": u.kind, "split": getattr(getattr(u, "act", None), "split", None)}
-                for n, u in self.units.items()
-            },
-            "pinned": {n: list(p) for n, p in self.pinned.items()},
-            "cost": self.cost.to_dict(),
-            "calibration": self.calibration_info,
-            **(extra or {}),
-        }
-        for name, payload in ((TENSORS_NAME, None), (JSON_NAME, meta)):
-            tmp = directory / (name + ".tmp")
-            if payload is None:
-                save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint})
-            else:
-                tmp.write_text(json.dumps(payload, indent=1))
-            tmp.replace(directory / name)
-        return directory
+        """supernet.json + supernet.safetensors in `directory` (see quant/persistence.py)."""
+        from tmpq.quant.persistence import save_supernet
+
+        return save_supernet(self, directory, extra)
 
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module) -> SuperNet:
         """Rebuild the twins on `model` (the same FP weights it was calibrated on) from a saved directory."""
-        directory = Path(directory)
-        jpath, tpath = directory / JSON_NAME, directory / TENSORS_NAME
-        if not jpath.is_file() or not tpath.is_file():
-            raise TmpqError(f"{directory} holds no saved super-network ({JSON_NAME} + {TENSORS_NAME}); calibrate first")
-        try:
-            meta = json.loads(jpath.read_text())
-            tensors = load_file(str(tpath))
-        except (json.JSONDecodeError, SafetensorError, OSError) as e:
-            raise TmpqError(f"the super-network in {directory} is unreadable ({e}); re-calibrate") from None
-        if meta.get("version") != SUPERNET_VERSION:
-            raise TmpqError(f"{jpath} has version {meta.get('version')}, this tmpq reads {SUPERNET_VERSION}")
-        fp = model_fingerprint(model)
-        if fp != meta["fingerprint"]:
-            raise TmpqError(
-                f"the super-network in {directory} was calibrated for different model weights; "
-                "re-calibrate it for this model"
-            )
-        sn = cls(model, QuantSpec.from_dict(meta["spec"]), fp)
-        sn.wrap_units(only=set(meta["units"]))
-        try:
-            if set(sn.units) != set(meta["units"]):
-                raise TmpqError("the model's layers do not match the saved super-network")
-            sn.restore_units(meta["units"], tensors)
-            sn.pinned = {n: (p[0], p[1]) for n, p in meta["pinned"].items()}
-            sn.cost = CostModel.from_dict(meta["cost"])
-            sn.calibrated = True
-            sn.calibration_info = meta["calibration"]
-            sn.set_fp()
-            for u in sn.units.values():  # every candidate must be present: a truncated file fails here, not mid-search
-                for w in getattr(u, "w_candidates", ()) or (None,):
-                    for a in u.a_candidates or (None,):
-                        u.set_bits(w, a)
-            sn.set_fp()
-        except (TmpqError, AttributeError, KeyError) as e:
-            sn.unwrap()  # leave the caller's model as it was
-            raise TmpqError(
-                f"the super-network in {directory} does not fit this model or is incomplete ({e}); re-calibrate"
-            ) from None
-        return sn
+        from tmpq.quant.persistence import load_supernet
+
+        return load_supernet(directory, model)
 
 
 def build_supernet(
