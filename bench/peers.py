@@ -276,7 +276,7 @@ def proxy_check(ctx: dict, spec: list[Row], names: list[str], seed: int, fitness
 
 def row_config(row: Row, n: int, seed: int, model: str, weights_sha: str | None) -> dict:
     d = {"name": row.name, "kind": row.kind, "steps": row.steps, "schedule": row.schedule}
-    d |= {"precision": row.precision, "search": None if row.search is None else row.search.to_json()}
+    d |= {"precision": row.precision, "search": None if row.search is None else row.search.to_dict()}
     return json.loads(json.dumps(d | {"num_samples": n, "seed": seed, "model": model, "model_sha256": weights_sha}))
 
 

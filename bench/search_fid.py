@@ -78,7 +78,7 @@ def main(
     run_search(load_model("builtin:fashion"), cfg, run, progress=False)
     wall = time.time() - t0
     search = json.loads((run / "search.json").read_text())
-    config = {"num_samples": num_samples, "fid_seeds": [0, num_samples - 1], "search": cfg.to_json()}
+    config = {"num_samples": num_samples, "fid_seeds": [0, num_samples - 1], "search": cfg.to_dict()}
     metric = reference_metric("fashion-mnist")
     path = run / "fid5000.json"
     res = json.loads(path.read_text()) if path.is_file() else {}

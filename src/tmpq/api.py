@@ -66,7 +66,7 @@ def _choice(summary: dict, which: str = "best") -> Choice:
     return Choice(row["label"], Candidate.from_json(row["candidate"]), row["bitops"], row["fid"], None)
 
 
-def _sampler(sn, loaded: LoadedModel, cfg_json: dict, choice: Choice) -> CompressedSampler:
+def _sampler(sn, loaded: LoadedModel, phase_bounds: tuple[int, ...], choice: Choice) -> CompressedSampler:
     names = list(sn.units)
     configs = [QuantConfig(tuple((n, w, a) for n, (w, a) in zip(names, phase))) for phase in choice.candidate.bits]
     s = CompressedSampler(
@@ -74,7 +74,7 @@ def _sampler(sn, loaded: LoadedModel, cfg_json: dict, choice: Choice) -> Compres
         loaded.schedule,
         choice.candidate.timesteps,
         configs,
-        cfg_json["phase_bounds"],
+        phase_bounds,
         loaded.sample_shape,
         parts=loaded.parts,
     )
@@ -148,7 +148,7 @@ class CompressionResult:
         return [Record.from_json(r) for r in self.summary.get("pareto", [])]
 
     def sampler(self, which: str = "best") -> CompressedSampler:
-        s = _sampler(self.supernet, self.loaded, self.config.to_json(), _choice(self.summary, which))
+        s = _sampler(self.supernet, self.loaded, self.config.phase_bounds, _choice(self.summary, which))
         s.info |= _run_info(self.run_dir, self.summary)
         return s
 

@@ -17,7 +17,7 @@ def test_run_search_end_to_end_then_resume(make_tiny_unet, tmp_path):
     res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
     assert res.best.bitops <= res.budget
     out = json.loads((tmp_path / "search.json").read_text())
-    assert out["config"] == cfg.to_json() and "versions" in out["provenance"]
+    assert out["config"] == cfg.to_dict() and "versions" in out["provenance"]
     assert out["search_cost"]["fitness_forwards"] == 4 * 4 * len(res.records)
     assert out["search_cost"]["overhead_forwards"] > 0  # calibration, sensitivity, FP reference all counted
     assert len(out["best"]["quant_configs"]) == 1

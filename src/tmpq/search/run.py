@@ -94,8 +94,6 @@ class SearchConfig(DictConfig):
         if len(set(bounds)) != len(bounds) or any(b < 1 for b in bounds):
             raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
 
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
 
 
 def _precision(setting: str) -> tuple[int, int]:
@@ -426,7 +424,7 @@ def run_search(
         repairer=repairer,
         initial=initial,
         progress=progress,
-        run_info={"search_config": user_cfg.to_json(), "model_fingerprint": sn.fingerprint},
+        run_info={"search_config": user_cfg.to_dict(), "model_fingerprint": sn.fingerprint},
         evaluator=evaluator,
     )
     result = search.run(resume=resume)
@@ -475,7 +473,7 @@ def check_resumable(state_path: Path, cfg: SearchConfig, fingerprint: str) -> No
             "pick another --run-dir for this model"
         )
     stored = {k: v for k, v in info.get("search_config", {}).items() if k not in RESUME_FREE}
-    current = {k: v for k, v in cfg.to_json().items() if k not in RESUME_FREE}
+    current = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
     diff = _differences(stored, current)
     if diff:
         raise TmpqError(
