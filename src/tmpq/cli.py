@@ -302,7 +302,8 @@ def sample(
     if num_samples < 1:
         raise TmpqError(f"--num-samples must be >= 1, got {num_samples}")
     if compressed is not None:
-        from tmpq.runtime import Backend, load
+        from tmpq.export import load
+        from tmpq.runtime import Backend
 
         s = load(compressed)
         if backend is not None:

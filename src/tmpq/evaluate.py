@@ -90,8 +90,8 @@ def evaluate(
     """Generate cfg.num_samples images (sample i from seed cfg.seed + i), score FID/IS, write eval.json + grid."""
     metric = metric or reference_metric(cfg.reference)
     if cfg.compressed is not None:
-        from tmpq.export import MANIFEST, TENSORS
-        from tmpq.runtime import Backend, load
+        from tmpq.export import MANIFEST, TENSORS, load
+        from tmpq.runtime import Backend
 
         backend = None if cfg.backend is None else Backend(mode=cfg.backend, dtype=cfg.dtype)
         compressed = load(cfg.compressed)

@@ -48,7 +48,8 @@ def measure_speed(
 ) -> dict:
     """Time one denoiser call of an exported sampler as FP32, fake-quantized (the search's arithmetic) and on the
     int8 backend, and split the speed-up over FP at `full_steps` into steps × kernels × BitOPs-only."""
-    from tmpq.runtime.lowering import Backend, load
+    from tmpq.export import load
+    from tmpq.runtime.lowering import Backend
 
     fake = load(export_dir)
     k = len(fake.timesteps)
