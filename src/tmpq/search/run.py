@@ -95,7 +95,6 @@ class SearchConfig(DictConfig):
             raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
 
 
-
 def _precision(setting: str) -> tuple[int, int]:
     b = Budget.like(setting, 1)
     return b.w, b.a
