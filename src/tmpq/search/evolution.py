@@ -278,7 +278,7 @@ class EvolutionarySearch:
 
     # --- state ----------------------------------------------------------------------------------------
     def _fresh_state(self) -> SearchState:
-        return SearchState(config=asdict(self.config), budget=self.budget, run_info=self.run_info)
+        return SearchState(config=self.config.to_dict(), budget=self.budget, run_info=self.run_info)
 
     def _load(self) -> SearchState | None:
         if self.state_path is None or not self.state_path.is_file():
@@ -289,7 +289,7 @@ class EvolutionarySearch:
             raise TmpqError(f"search state {self.state_path} is damaged (not JSON); delete it to start over") from None
         if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
             raise TmpqError(f"search state {self.state_path} has another version; start a new run directory")
-        if d["config"] != json.loads(json.dumps(asdict(self.config))) or d["budget"] != self.budget:
+        if d["config"] != self.config.to_dict() or d["budget"] != self.budget:
             raise TmpqError(
                 f"search state {self.state_path} was made with another search config or budget; "
                 "resume with the same settings, or use a new run directory"
