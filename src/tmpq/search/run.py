@@ -20,12 +20,13 @@ from tmpq.errors import TmpqError
 from tmpq.evaluate import reference_metric
 from tmpq.fileio import write_json_atomic
 from tmpq.images import save_grid
+from tmpq.metrics.fid import QualityMetric
 from tmpq.models.loading import LoadedModel
 from tmpq.provenance import provenance
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantSpec
 from tmpq.quant.prepare import prepare_supernet
-from tmpq.quant.supernet import model_fingerprint
+from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import Budget, CandidateCost, Repairer
 from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
@@ -155,8 +156,31 @@ def _seed_bits(space: SearchSpace, cfg: SearchConfig):
     return None
 
 
-def _build_space(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path) -> tuple[SearchSpace, int]:
-    """The search space of `cfg` (and the image-forwards a fresh change profile cost; 0 when cached)."""
+@dataclass(frozen=True)
+class SearchContext:
+    """What the steps of one search share, passed as one argument: the model, the config (its grouping resolved),
+    the run directory, the calibrated super-network, the metric (None when the search does not score with the
+    classifier) and whether to print progress."""
+
+    loaded: LoadedModel
+    cfg: SearchConfig
+    run_dir: Path
+    sn: SuperNet
+    metric: QualityMetric | None
+    progress: bool = True
+
+    def fitness(self, fcfg: FitnessConfig, space: SearchSpace | None = None) -> SampleFitness:
+        """A fitness of this model: its prompts (one per sample, cycled) and its decoder go with it."""
+        cond = self.loaded.conditioning(fcfg.num_samples)
+        decode = self.loaded.decode if self.loaded.decoder is not None else None
+        return SampleFitness(
+            self.sn, space, self.loaded.schedule, self.loaded.sample_shape, self.metric, fcfg, cond=cond, decode=decode
+        )
+
+
+def _build_space(ctx: SearchContext) -> tuple[SearchSpace, int]:
+    """The search space of `ctx.cfg` (and the image-forwards a fresh change profile cost; 0 when cached)."""
+    sn, loaded, cfg, run_dir = ctx.sn, ctx.loaded, ctx.cfg, ctx.run_dir
     change, forwards = None, 0
     if cfg.grouping == "change":
         key = {"fingerprint": sn.fingerprint, "what": "change_profile", "samples": 32, "steps": 100}
@@ -185,9 +209,10 @@ def _build_space(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path) -> t
     return base, forwards
 
 
-def _build_fitness(sn, space, loaded, cfg: SearchConfig, run_dir: Path, metric) -> tuple[SampleFitness, int]:
+def _build_fitness(ctx: SearchContext, space: SearchSpace | None) -> tuple[SampleFitness, int]:
     """The fitness, with the proxy's FP reference samples loaded from RUN (or made and saved there)."""
-    fitness = _fitness(sn, space, loaded, metric, cfg.fitness)
+    sn, cfg, run_dir = ctx.sn, ctx.cfg, ctx.run_dir
+    fitness = ctx.fitness(cfg.fitness, space)
     forwards = 0
     if cfg.fitness.kind == "proxy":
         ref_path = run_dir / "proxy_reference.safetensors"
@@ -209,31 +234,23 @@ def _build_fitness(sn, space, loaded, cfg: SearchConfig, run_dir: Path, metric) 
     return fitness, forwards
 
 
-def _fitness(sn, space, loaded: LoadedModel, metric, fcfg: FitnessConfig) -> SampleFitness:
-    """The fitness of `loaded`: its prompts (one per sample, cycled) and its decoder go with it."""
-    cond = loaded.conditioning(fcfg.num_samples)
-    decode = loaded.decode if loaded.decoder is not None else None
-    return SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, fcfg, cond=cond, decode=decode)
-
-
-def resolve_grouping(
-    sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, metric
-) -> tuple[SearchConfig, dict | None, dict]:
-    """`cfg` with a concrete grouping. For --grouping auto, the FP model samples each grouping's default schedule at
+def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, dict | None, dict]:
+    """`ctx` with a concrete grouping. For --grouping auto, the FP model samples each grouping's default schedule at
     the search's smallest step count, from the fitness seeds, and is scored by the search's own fitness; the best
     grouping wins (ties keep the reference's quad). The scores are kept in RUN/grouping.json, so a resumed search
     and its workers reuse the choice. Returns (config, the choice with its scores or None when not auto,
     {what: image-forwards spent now})."""
+    sn, cfg, run_dir, metric = ctx.sn, ctx.cfg, ctx.run_dir, ctx.metric
     if cfg.grouping != AUTO:
-        return cfg, None, {}
+        return ctx, None, {}
     k = min(cfg.steps)
     spent: dict[str, int] = {}
 
     def score() -> dict:
-        fitness, spent["proxy_reference"] = _build_fitness(sn, None, loaded, cfg, run_dir, metric)
+        fitness, spent["proxy_reference"] = _build_fitness(ctx, None)
         scores, schedules = {}, {}
         for g in GROUPINGS:
-            space, spent[f"change_profile:{g}"] = _build_space(sn, loaded, replace(cfg, grouping=g), run_dir)
+            space, spent[f"change_profile:{g}"] = _build_space(replace(ctx, cfg=replace(cfg, grouping=g)))
             ts = space.default_timesteps(k)
             images = fitness.fp_samples(ts)
             spent["grouping_choice"] = spent.get("grouping_choice", 0) + cfg.fitness.num_samples * len(ts)
@@ -244,7 +261,8 @@ def resolve_grouping(
 
     key = {"fingerprint": sn.fingerprint, "what": "grouping", "steps": k, "fitness": asdict(cfg.fitness)}
     choice, _ = _cached_json(run_dir / GROUPING_FILE, key, score)
-    return replace(cfg, grouping=choice["chosen"]), choice, {what: n for what, n in spent.items() if n}
+    chosen = replace(ctx, cfg=replace(cfg, grouping=choice["chosen"]))
+    return chosen, choice, {what: n for what, n in spent.items() if n}
 
 
 FP_STEPS_FILE = "fp_steps.json"
@@ -265,9 +283,10 @@ def fp_steps_advice(fids: dict[int, float], target: int) -> str | None:
     )
 
 
-def check_fp_steps(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, metric) -> tuple[dict | None, int]:
+def check_fp_steps(ctx: SearchContext) -> tuple[dict | None, int]:
     """FID of the FP model at a few uniform step counts on the fitness seeds (kept in RUN/fp_steps.json), and the
     advice above; only where the classifier metric scores this model's images. Returns (record, forwards now)."""
+    sn, loaded, cfg, run_dir, metric = ctx.sn, ctx.loaded, ctx.cfg, ctx.run_dir, ctx.metric
     if metric is None or cfg.fitness.kind != "proxy":
         return None, 0
     T = loaded.schedule.num_train_timesteps
@@ -275,7 +294,7 @@ def check_fp_steps(sn, loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, me
     spent = {"n": 0}
 
     def measure() -> dict:
-        fitness = _fitness(sn, None, loaded, metric, cfg.fitness)
+        fitness = ctx.fitness(cfg.fitness)
         fids = {}
         for n in counts:
             images = fitness.fp_samples(make_timesteps("uniform", n, T))
@@ -299,9 +318,10 @@ def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options
     sn, _, prep = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
     if not prep["reused"]:
         raise TmpqError(f"worker found no calibrated super-network in {run_dir}; the main process prepares it first")
-    config, _, _ = resolve_grouping(sn, loaded, config, run_dir, _metric(config))  # cached by the main process
-    space, _ = _build_space(sn, loaded, config, run_dir)
-    fitness, _ = _build_fitness(sn, space, loaded, config, run_dir, _metric(config))
+    ctx = SearchContext(loaded, config, run_dir, sn, _metric(config), progress=False)
+    ctx, _, _ = resolve_grouping(ctx)  # cached by the main process
+    space, _ = _build_space(ctx)
+    fitness, _ = _build_fitness(ctx, space)
     return fitness
 
 
@@ -359,21 +379,21 @@ def run_search(
     ledger.record("calibration_inputs", prep["collect_forwards"])
     ledger.record("calibration", prep["calibrate_forwards"])
     fp_key = {"fingerprint": sn.fingerprint}
-    metric = _metric(cfg)
     user_cfg = cfg
-    cfg, choice, spent = resolve_grouping(sn, loaded, cfg, run_dir, metric)
+    ctx, choice, spent = resolve_grouping(SearchContext(loaded, cfg, run_dir, sn, _metric(cfg), progress))
+    cfg = ctx.cfg
     for what, forwards in spent.items():
         ledger.record(what, forwards)
     if choice is not None and progress:
         scores = ", ".join(f"{g} {v:.4g}" for g, v in choice["scores"].items())
         print(f"grouping auto: {choice['chosen']} (FP at {choice['steps']} steps, {choice['fitness']}: {scores})")
 
-    fp_steps, forwards = check_fp_steps(sn, loaded, cfg, run_dir, metric)
+    fp_steps, forwards = check_fp_steps(ctx)
     ledger.record("fp_steps", forwards)
     if fp_steps is not None and fp_steps["advice"] and progress:
         print(f"warning: {fp_steps['advice']}")
 
-    space, overhead = _build_space(sn, loaded, cfg, run_dir)
+    space, overhead = _build_space(ctx)
     ledger.record("change_profile", overhead)
     cost = CandidateCost(space, sn.cost)
     budget = cfg.budget.resolve(cost)
@@ -392,7 +412,7 @@ def run_search(
                 "sensitivity", sum(cfg.sensitivity_inputs * (len(e["w"]) + len(e["a"]) + 1) for e in sens.values())
             )
 
-    fitness, overhead = _build_fitness(sn, space, loaded, cfg, run_dir, metric)
+    fitness, overhead = _build_fitness(ctx, space)
     ledger.record("proxy_reference", overhead)
     evaluator = None
     if execution.workers or execution.ray_address is not None:
@@ -429,9 +449,20 @@ def run_search(
     result = search.run(resume=resume)
     final = None
     if cfg.final_samples > 0:
-        final = _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress)
+        final = _final_eval(ctx, space, cost, result, baseline)
     wall = time.perf_counter() - t_start
-    _write_result(run_dir, loaded, user_cfg, space, cost, result, ledger.total, wall, final, fp_steps, choice)
+    _write_result(
+        ctx,
+        user_cfg,
+        space,
+        cost,
+        result,
+        overhead_forwards=ledger.total,
+        wall_s=wall,
+        final=final,
+        fp_steps=fp_steps,
+        choice=choice,
+    )
     result.supernet = sn
     return result
 
@@ -561,11 +592,12 @@ FULL_STEPS = 100
 """The 'FP at full steps' reference of the final table (uniform DDIM steps)."""
 
 
-def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost, progress) -> dict:
+def _final_eval(ctx: SearchContext, space: SearchSpace, cost: CandidateCost, result: SearchResult, baseline) -> dict:
     """Re-score, on more samples and the same seeds for all: the FP model at full steps and at the search's
     step count (plain step reduction), the uniform-precision default schedule (plain PTQ), and the search's
     top candidates. The search fitness used few samples; the final ranking should not. A 64-image grid of
     every row is kept in RUN/final/ (same noise in every grid)."""
+    sn, loaded, cfg, run_dir, metric, progress = ctx.sn, ctx.loaded, ctx.cfg, ctx.run_dir, ctx.metric, ctx.progress
     path = run_dir / "final.json"
     key = {"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness), "model": sn.fingerprint}
     if cfg.fid_reference != "fashion-mnist":  # older runs' keys stay valid
@@ -579,7 +611,7 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
     fcfg = FitnessConfig(
         kind="fid", num_samples=cfg.final_samples, seed=cfg.fitness.seed, batch_size=cfg.fitness.batch_size
     )
-    fit = _fitness(sn, space, loaded, metric, fcfg)
+    fit = ctx.fitness(fcfg, space)
     k = min(space.steps)
     T = loaded.schedule.num_train_timesteps
     todo: list[tuple[str, str, Candidate | None, tuple[int, ...]]] = [
@@ -636,18 +668,20 @@ def _final_eval(run_dir, sn, space, loaded, metric, cfg, result, baseline, cost,
 
 
 def _write_result(
-    run_dir,
-    loaded,
-    cfg,
-    space,
-    cost,
+    ctx: SearchContext,
+    cfg: SearchConfig,
+    space: SearchSpace,
+    cost: CandidateCost,
     result: SearchResult,
-    overhead_forwards,
-    wall_s,
-    final,
-    fp_steps=None,
-    choice=None,
+    *,
+    overhead_forwards: int,
+    wall_s: float,
+    final: dict | None,
+    fp_steps: dict | None,
+    choice: dict | None,
 ) -> None:
+    """RUN/search.json: the result, its cost and everything that produced it (`cfg` as the user gave it)."""
+    run_dir, loaded = ctx.run_dir, ctx.loaded
     best = result.best
     configs = [json.loads(q.to_json()) for q in space.quant_configs(best.candidate)]
     out = {
