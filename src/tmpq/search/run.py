@@ -238,8 +238,8 @@ def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, dict | None, di
     """`ctx` with a concrete grouping. For --grouping auto, the FP model samples each grouping's default schedule at
     the search's smallest step count, from the fitness seeds, and is scored by the search's own fitness; the best
     grouping wins (ties keep the reference's quad). The scores are kept in RUN/grouping.json, so a resumed search
-    and its workers reuse the choice. Returns (config, the choice with its scores or None when not auto,
-    {what: image-forwards spent now})."""
+    and its workers reuse the choice. Returns (the context with that config, the choice with its scores or None when
+    not auto, {what: image-forwards spent now})."""
     sn, cfg, run_dir, metric = ctx.sn, ctx.cfg, ctx.run_dir, ctx.metric
     if cfg.grouping != AUTO:
         return ctx, None, {}
