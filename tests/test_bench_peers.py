@@ -31,8 +31,8 @@ def test_single_lever_rows_differ_from_joint_only_in_the_lever(peers) -> None:
     for name, lever in (("bits_w6a6_uniform", "bits"), ("timesteps_w6a6_uniform", "timesteps")):
         other = rows[name].search
         assert other.lever == lever
-        assert {k: v for k, v in other.to_json().items() if k != "lever"} == {
-            k: v for k, v in joint.to_json().items() if k != "lever"
+        assert {k: v for k, v in other.to_dict().items() if k != "lever"} == {
+            k: v for k, v in joint.to_dict().items() if k != "lever"
         }
     ref = rows["joint_ref_w6a6"].search
     assert (ref.grouping, ref.fitness.kind, ref.evolution.repair, ref.evolution.population) == (
