@@ -57,3 +57,9 @@ def test_search_results_from_before_the_version_key_open_and_newer_ones_are_refu
     (tmp_path / "search.json").write_text(json.dumps({**old, VERSION_KEY: 7}))
     with pytest.raises(TmpqError, match="format 7"):
         read_summary(tmp_path)
+
+
+def test_the_old_search_config_to_json_warns_and_equals_to_dict():
+    cfg = CONFIGS[0]
+    with pytest.warns(DeprecationWarning, match=r"\.to_dict\(\)"):
+        assert cfg.to_json() == cfg.to_dict()

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -94,6 +95,11 @@ class SearchConfig(DictConfig):
         bounds = self.phase_bounds
         if len(set(bounds)) != len(bounds) or any(b < 1 for b in bounds):
             raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
+
+    def to_json(self) -> dict:
+        """Deprecated name of `to_dict` (the one serialization of every config); kept for one release."""
+        warnings.warn("SearchConfig.to_json() is deprecated; use .to_dict()", DeprecationWarning, stacklevel=2)
+        return self.to_dict()
 
 
 def _precision(setting: str) -> tuple[int, int]:
