@@ -9,6 +9,8 @@ timesteps and per-layer bits under a BitOPs budget (`run_search`, `tmpq search`)
 """
 
 from tmpq.api import CompressionResult, compress
+from tmpq.api import parse_budget as parse_budget  # deprecated: warns when called
+from tmpq.api import sampler_from_run as sampler_from_run  # deprecated: warns when called
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, EvalResult, evaluate
@@ -64,10 +66,9 @@ __all__ = [
     "uniform_timesteps",
 ]
 
-# Old spellings, each with its one replacement; they warn for one release, then go.
+# Old spellings, each with its one replacement; they warn for one release, then go. (parse_budget and
+# sampler_from_run, imported above, warn when called.)
 _DEPRECATED = {
-    "parse_budget": ("tmpq.api", "parse_budget", "tmpq.Budget.parse(text)"),
-    "sampler_from_run": ("tmpq.api", "sampler_from_run", "tmpq.CompressionResult.open(run_dir).sampler(which)"),
     "lower": ("tmpq.runtime.lowering", "lower", "sampler.lower(backend)"),
     "to_diffusers": ("tmpq.pipeline", "to_diffusers", "sampler.to_diffusers()"),
 }

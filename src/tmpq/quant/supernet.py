@@ -23,6 +23,7 @@ from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.config import ANY_LAYER, QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
 from tmpq.quant.layers import QUANT_LAYERS, ActQuantizer, MatmulQuant, QuantAttnProcessor, QuantUnit, _check_bits
+from tmpq.quant.tracing import trace_units
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 
 
@@ -81,7 +82,7 @@ class SuperNet(nn.Module):
                 "no quantizable layers found (Conv2d, Linear, diffusers attention) under the include/exclude "
                 f"patterns {spec.include} / {spec.exclude}; check the patterns against the model's module names"
             )
-        sn._trace(example)
+        trace_units(sn, example)
         return sn
 
     def wrap_units(self, only: set[str] | None = None) -> None:
@@ -126,12 +127,6 @@ class SuperNet(nn.Module):
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
-
-    @torch.no_grad()
-    def _trace(self, example: tuple) -> None:
-        from tmpq.quant.tracing import trace_units
-
-        trace_units(self, example)
 
     def unwrap(self) -> nn.Module:
         """Put the original layers and attention processors back; returns the plain FP model."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from tmpq.quant.cost import CostModel, UnitCost
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from tmpq.quant.supernet import SuperNet
 
 
+@torch.no_grad()
 def trace_units(sn: SuperNet, example: tuple) -> None:
     """One FP forward on `example` with counting twins: MACs per unit (the cost model), the skip-concat split
     points of up-block inputs, and units never executed (unwrapped: they would get no calibration data)."""
