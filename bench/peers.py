@@ -37,6 +37,7 @@ from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import make_timesteps
 from tmpq.search import Budget, EvolutionConfig, Execution, FitnessConfig, SearchConfig, run_search
 from tmpq.search.run import share_prepared
+from tmpq.search.summary import RunSummary
 
 FP100_QUOTED = {"fid": 195.93, "inception_score": 5.414}
 """The FP-100 (uniform) row of the README's baseline table, 5,000 samples, seeds 0–4999, the same weights:
@@ -236,8 +237,8 @@ def compute_row(row: Row, ctx: dict, n: int, seed: int, time_n: int) -> dict:
         seed_run_dir(ctx["shared"], run_dir)
         run_search(load_model(ctx["loaded"].spec), row.search, run_dir, execution=ctx["execution"])
         keep_shared(ctx["shared"], run_dir)
-        summary = json.loads((run_dir / "search.json").read_text())
-        res["search"] = summary["search_cost"] | {"best_fitness": summary["best"]["value"], "run_dir": str(run_dir)}
+        summary = RunSummary.read(run_dir)
+        res["search"] = summary.search_cost.to_dict() | {"best_fitness": summary.best.value, "run_dir": str(run_dir)}
     sampler = quantized_sampler(row, ctx)
     t0 = time.perf_counter()
     images = sampler.sample(n, seed, batch_size=100, progress=True)

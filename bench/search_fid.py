@@ -31,6 +31,7 @@ from tmpq.models.loading import load_model
 from tmpq.provenance import provenance
 from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig, run_search
 from tmpq.search.run import share_prepared
+from tmpq.search.summary import RunSummary
 
 
 def main(
@@ -77,15 +78,15 @@ def main(
     t0 = time.time()
     run_search(load_model("builtin:fashion"), cfg, run, progress=False)
     wall = time.time() - t0
-    search = json.loads((run / "search.json").read_text())
+    search = RunSummary.read(run)
     config = {"num_samples": num_samples, "fid_seeds": [0, num_samples - 1], "search": cfg.to_dict()}
     metric = reference_metric("fashion-mnist")
     path = run / "fid5000.json"
     res = json.loads(path.read_text()) if path.is_file() else {}
     if res.get("config") != config:  # a finished run's score is reused
         res = _score(run, "search", metric, num_samples, 0) | {
-            "best_proxy": search["best"]["value"],
-            "search_cost": search["search_cost"],
+            "best_proxy": search.best.value,
+            "search_cost": search.search_cost.to_dict(),
             "wall_s": wall,
             "config": config,
             "provenance": provenance(),

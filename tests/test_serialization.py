@@ -11,9 +11,18 @@ from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig
 from tmpq.models.train_config import TrainConfig
 from tmpq.quant.calibration import CalibConfig
-from tmpq.quant.config import QuantSpec
-from tmpq.search import Budget, EvolutionConfig, FitnessConfig, SearchConfig
-from tmpq.search.summary import read_summary
+from tmpq.quant.config import QuantConfig, QuantSpec
+from tmpq.sampling.schedules import NoiseSchedule
+from tmpq.search import Budget, Candidate, EvolutionConfig, FitnessConfig, Record, SearchConfig
+from tmpq.search.summary import (
+    FinalRow,
+    FinalScores,
+    FpSteps,
+    GroupingChoice,
+    RunSummary,
+    SearchCost,
+    SeedSearch,
+)
 from tmpq.serialization import VERSION_KEY
 
 CONFIGS = [
@@ -50,13 +59,80 @@ def test_unknown_settings_and_other_versions_are_refused(config):
         type(config).from_dict({**d, VERSION_KEY: 2})
 
 
+def _summary() -> RunSummary:
+    """A search result with every part filled in (two phases, a final table, a seed search, an auto grouping)."""
+    cand = Candidate((900, 500, 100), (((6, 6), (8, None)), ((4, 8), (8, None))))
+    rec = Record(cand, 0.25, 123_456, 640, 1.5, 2, {"proxy": 0.25})
+    rows = (
+        FinalRow(
+            "FP, 100 steps", "fp", None, tuple(range(990, -1, -10)), 40.0, 10**9, 2.5, 100_000, 3.0, "final/a.png"
+        ),
+        FinalRow("baseline", "quantized", cand, cand.timesteps, 90.0, 120_000, None, 3000, 1.0, "final/b.png"),
+        FinalRow("top1", "quantized", cand, cand.timesteps, 80.0, 123_456, 2.0, 3000, 1.0, "final/c.png"),
+    )
+    return RunSummary(
+        best=rec,
+        quant_configs=(
+            QuantConfig.from_mapping({"a": (6, 6), "b": (8, None)}),
+            QuantConfig.from_mapping({"a": (4, 8), "b": (8, None)}),
+        ),
+        budget_bitops=130_000,
+        budget="W6A6@10",
+        fp_bitops_full_100=10**9,
+        config=CONFIGS[0],
+        model="builtin:fashion",
+        pareto=(rec,),
+        top=(rec,),
+        history=({"generation": 0, "best_value": 0.25},),
+        final=FinalScores(1000, rows),
+        search_cost=SearchCost(640, 64, 6000, 10, 12.5, 13.0),
+        seed_searches=(SeedSearch("runs/a", SearchCost(evaluations=3)),),
+        grouping="quad",
+        grouping_choice=GroupingChoice("quad", {"quad": 1.0, "uniform": 2.0}, {"quad": (900, 100)}, 2, "proxy"),
+        fp_steps=FpSteps({10: 150.0, 100: 90.0}, 64, None),
+        model_options={"dtype": "float32"},
+        noise_schedule=NoiseSchedule(beta_end=0.012),
+        provenance={"inputs_sha256": {"model": "abc"}},
+    )
+
+
+def test_run_summary_round_trips_through_its_file_typed(tmp_path):
+    summary = _summary()
+    path = summary.write(tmp_path)
+    back = RunSummary.read(tmp_path)
+    assert back == summary and back.to_dict() == json.loads(path.read_text())
+    assert back.final.best.label == "top1" and back.final.baseline.fid == 90.0  # derived, not stored twice
+    assert back.best.candidate.bits[1][0] == (4, 8) and back.quant_configs[1]["a"] == (4, 8)
+    assert back.model_sha256 == "abc" and back.fp_steps.fid[10] == 150.0
+    assert back.noise_schedule.beta_end == 0.012 and isinstance(back.config.budget, Budget)
+
+
 def test_search_results_from_before_the_version_key_open_and_newer_ones_are_refused(tmp_path):
-    old = {"best": {}, "config": SearchConfig().to_dict()}  # what search.json held before the key existed
+    old = _summary().to_dict()
+    for key in (VERSION_KEY, "grouping", "grouping_choice", "fp_steps", "seed_searches", "model_options", "top"):
+        del old[key]  # what search.json held before these were recorded
     (tmp_path / "search.json").write_text(json.dumps(old))
-    assert read_summary(tmp_path)["config"] == old["config"]
+    back = RunSummary.read(tmp_path)
+    assert back.config == CONFIGS[0] and back.grouping is None and back.top == () and back.model_options == {}
     (tmp_path / "search.json").write_text(json.dumps({**old, VERSION_KEY: 7}))
     with pytest.raises(TmpqError, match="format 7"):
-        read_summary(tmp_path)
+        RunSummary.read(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"best": {}}', "no best candidate or config"),
+        ("BEST", "incomplete or damaged"),
+    ],
+)
+def test_a_damaged_search_result_gets_one_clear_message(tmp_path, damage, why):
+    text = json.dumps({**_summary().to_dict(), "best": {"value": 1}}) if damage == "BEST" else damage
+    (tmp_path / "search.json").write_text(text)
+    with pytest.raises(TmpqError, match=why) as e:
+        RunSummary.read(tmp_path, "the fix")
+    assert "re-run" in str(e.value) and "the fix" in str(e.value)
 
 
 def test_the_old_search_config_to_json_warns_and_equals_to_dict():

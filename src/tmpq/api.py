@@ -18,12 +18,14 @@ from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.prepare import prepare_supernet
 from tmpq.quant.supernet import SuperNet
-from tmpq.search.evolution import EvolutionConfig, Record, SearchResult
+from tmpq.search.budget import Budget
+from tmpq.search.config import SearchConfig
+from tmpq.search.evolution import EvolutionConfig, SearchResult
 from tmpq.search.fitness import FitnessConfig
 from tmpq.search.parallel import Execution
-from tmpq.search.run import Budget, SearchConfig, run_search
+from tmpq.search.run import run_search
 from tmpq.search.space import Candidate
-from tmpq.search.summary import read_summary
+from tmpq.search.summary import RunSummary
 
 
 def parse_budget(budget: Budget | str | float, steps: int = 10) -> Budget:
@@ -43,27 +45,27 @@ class Choice:
     fitness: float | None
 
 
-def _choice(summary: dict, which: str = "best") -> Choice:
+def _choice(summary: RunSummary, which: str = "best") -> Choice:
     """`best`: the final re-scoring's best (the search's best when there was none); `baseline`, `top2`, …:
     that final row; `search`: the search's own best by its fitness; `search:K`: its K-th best (K ≤ 10)."""
-    final = summary.get("final")
-    if which == "search" or (which == "best" and not (final and final.get("best"))):
-        b = summary["best"]
-        return Choice("search", Candidate.from_json(b["candidate"]), b["bitops"], None, b["value"])
+    final = summary.final
+    if which == "search" or (which == "best" and not (final and final.best)):
+        b = summary.best
+        return Choice("search", b.candidate, b.bitops, None, b.value)
     if which.startswith("search:"):
-        top = summary.get("top", [])
+        top = summary.top
         k = which.partition(":")[2]
         if not k.isdigit() or not 1 <= int(k) <= len(top):
             raise TmpqError(f"{which!r}: the search kept its {len(top)} best; use search:1 … search:{len(top)}")
         b = top[int(k) - 1]
-        return Choice(which, Candidate.from_json(b["candidate"]), b["bitops"], None, b["value"])
+        return Choice(which, b.candidate, b.bitops, None, b.value)
     if not final:
         raise TmpqError(f"the run has no final re-scoring, so no row {which!r}; use 'best' or 'search'")
-    row = final["best"] if which == "best" else next((r for r in final["rows"] if r["label"] == which), None)
-    if row is None or row.get("candidate") is None:
-        labels = [r["label"] for r in final["rows"] if r.get("candidate")]
+    row = final.best if which == "best" else final.row(which)
+    if row is None or row.candidate is None:
+        labels = [r.label for r in final.rows if r.quantized]
         raise TmpqError(f"no quantized row {which!r} in the final re-scoring; choose one of {labels}")
-    return Choice(row["label"], Candidate.from_json(row["candidate"]), row["bitops"], row["fid"], None)
+    return Choice(row.label, row.candidate, row.bitops, row.fid, None)
 
 
 def _sampler(sn, loaded: LoadedModel, phase_bounds: tuple[int, ...], choice: Choice) -> CompressedSampler:
@@ -92,15 +94,15 @@ def sampler_from_run(run_dir: str | Path, which: str = "best", model: str | None
     return CompressionResult.open(run_dir, model).sampler(which)
 
 
-def _run_info(run_dir: Path, summary: dict) -> dict:
+def _run_info(run_dir: Path, summary: RunSummary) -> dict:
     """What an export records of the run that chose it: config, seeds, the source model's checksum."""
     return {
         "run_dir": str(run_dir),
-        "model": summary["model"],
-        "budget": summary["budget"],
-        "fid_samples": (summary.get("final") or {}).get("samples"),
-        "search_config": summary["config"],
-        "model_sha256": summary["provenance"]["inputs_sha256"].get("model"),
+        "model": summary.model,
+        "budget": summary.budget,
+        "fid_samples": summary.final.samples if summary.final else None,
+        "search_config": summary.config.to_dict(),
+        "model_sha256": summary.model_sha256,
     }
 
 
@@ -120,19 +122,19 @@ class CompressionResult:
     ) -> None:
         self.run_dir, self.loaded, self.config, self.search = Path(run_dir), loaded, config, result
         self.supernet = supernet if supernet is not None else result.supernet
-        self.summary = read_summary(run_dir)
+        self.summary = RunSummary.read(run_dir)
 
     @classmethod
     def open(cls, run_dir: str | Path, model: str | LoadedModel | None = None) -> CompressionResult:
         """A finished run in a new process: its config from search.json, its model (the recorded one unless
         `model` is given) and its saved super-network (checked against the weights, not recalibrated)."""
         run_dir = Path(run_dir)
-        summary = read_summary(run_dir)
-        config = SearchConfig.from_dict(summary["config"])
+        summary = RunSummary.read(run_dir)
+        config = summary.config
         if isinstance(model, LoadedModel):
             loaded = model
         else:
-            loaded = load_model(model or summary["model"], **summary.get("model_options", {}))
+            loaded = load_model(model or summary.model, **summary.model_options)
         sn, _, _ = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
         return cls(run_dir, loaded, config, None, supernet=sn)
 
@@ -145,7 +147,7 @@ class CompressionResult:
         """Non-dominated (search fitness, BitOPs) records within the budget, cheapest first."""
         if self.search is not None:
             return self.search.pareto
-        return [Record.from_json(r) for r in self.summary.get("pareto", [])]
+        return list(self.summary.pareto)
 
     def sampler(self, which: str = "best") -> CompressedSampler:
         s = _sampler(self.supernet, self.loaded, self.config.phase_bounds, _choice(self.summary, which))

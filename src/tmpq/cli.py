@@ -20,8 +20,8 @@ from tmpq.evaluate import EvalConfig
 from tmpq.models.train_config import TrainConfig
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantSpec
+from tmpq.search.config import SearchConfig
 from tmpq.search.fitness import FitnessConfig
-from tmpq.search.run import SearchConfig
 
 # Every option's default is the config class's own (one default per setting); these spell the tuple ones.
 _W_BITS = ",".join(map(str, QuantSpec.w_bits))
@@ -113,7 +113,11 @@ PromptsOpt = Annotated[
 ]
 GuidanceOpt = Annotated[float | None, typer.Option(help="text-to-image: classifier-free guidance scale (7.5)")]
 ReconOpt = Annotated[
-    str, typer.Option(help="weight rounding: none (nearest, in calibrated ranges) | adaround (learned per width)")
+    str,
+    typer.Option(
+        help="none (nearest rounding in calibrated ranges) | adaround (learned rounding per layer and width) | brecq "
+        "(learned rounding per block and width, and learned activation steps per width)"
+    ),
 ]
 ReconPresetOpt = Annotated[str, typer.Option(help="reconstruction cost: demo (2 CPU cores) | paper (20k iterations)")]
 ReconItersOpt = Annotated[int | None, typer.Option(help="override the preset's iterations per unit and width")]
@@ -439,8 +443,8 @@ def calibrate(
 def _quant_spec(w_bits: str, a_bits: str, reconstruction: str, preset: str, iters: int | None):
     from tmpq.quant import QuantSpec
 
-    if reconstruction not in ("none", "adaround"):
-        raise TmpqError(f"--reconstruction must be none or adaround, got {reconstruction!r}")
+    if reconstruction not in ("none", "adaround", "brecq"):
+        raise TmpqError(f"--reconstruction must be none, adaround or brecq, got {reconstruction!r}")
     spec = QuantSpec(w_bits=parse_ints(w_bits, "--w-bits"), a_bits=parse_ints(a_bits, "--a-bits"))
     if reconstruction == "none":
         return spec
@@ -620,8 +624,10 @@ def _evolution(preset: str, seed: int, population: int | None, generations: int 
 
 def _print_search(run_dir: Path, res, budget, fitness: str) -> None:
     best = res.best
-    summary = json.loads((run_dir / "search.json").read_text())
-    fp100 = summary["fp_bitops_full_100"]
+    from tmpq.search.summary import RunSummary
+
+    summary = RunSummary.read(run_dir)
+    fp100 = summary.fp_bitops_full_100
     typer.echo(
         f"best ({fitness}): {best.value:.4f}  at {best.bitops / 1e9:.2f} GBitOPs "
         f"({best.bitops / fp100:.4f} of FP-100; budget {res.budget / 1e9:.2f}, {budget.describe()})"
@@ -631,27 +637,27 @@ def _print_search(run_dir: Path, res, budget, fitness: str) -> None:
         ws = [w for w, _ in phase if w is not None]
         as_ = [a for _, a in phase if a is not None]
         typer.echo(f"  bits (phase {p}): mean W {sum(ws) / len(ws):.2f}, mean A {sum(as_) / len(as_):.2f}")
-    c = summary["search_cost"]
+    c = summary.search_cost
     typer.echo(
-        f"  search: {c['evaluations']} candidates, {c['fitness_forwards']:,} image-forwards "
-        f"(+{c['overhead_forwards']:,} calibration/sensitivity/reference), {c['search_wall_s']:.0f} s"
+        f"  search: {c.evaluations} candidates, {c.fitness_forwards:,} image-forwards "
+        f"(+{c.overhead_forwards:,} calibration/sensitivity/reference), {c.search_wall_s:.0f} s"
     )
-    seeds = [s["search_cost"] for s in summary.get("seed_searches", [])]
+    seeds = [s.search_cost for s in summary.seed_searches]
     if seeds:
         typer.echo(
             f"  seeded by {len(seeds)} earlier search{'es' if len(seeds) > 1 else ''}: "
-            f"{sum(s.get('evaluations', 0) for s in seeds)} candidates, "
-            f"{sum(s.get('fitness_forwards', 0) for s in seeds):,} image-forwards, "
-            f"{sum(s.get('search_wall_s', 0) for s in seeds):.0f} s"
+            f"{sum(s.evaluations for s in seeds)} candidates, "
+            f"{sum(s.fitness_forwards for s in seeds):,} image-forwards, "
+            f"{sum(s.search_wall_s for s in seeds):.0f} s"
         )
-    final = summary.get("final")
+    final = summary.final
     if final:
-        for r in final["rows"]:
+        for r in final.rows:
             typer.echo(
-                f"  final ({final['samples']} samples, same seeds): {r['label']:<24s} FID {r['fid']:8.2f}  "
-                f"{r['bitops'] / 1e9:10.2f} GBitOPs"
+                f"  final ({final.samples} samples, same seeds): {r.label:<24s} FID {r.fid:8.2f}  "
+                f"{r.bitops / 1e9:10.2f} GBitOPs"
             )
-        if final["best"] and final["best"]["label"] == "baseline":
+        if final.best and final.best.label == "baseline":
             typer.echo("  note: the uniform-precision baseline scored best; the search found nothing better")
     typer.echo(f"  wrote {run_dir / 'search.json'}")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +20,9 @@ matplotlib.use("Agg")  # files only, never a window; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tmpq.errors import TmpqError  # noqa: E402
-from tmpq.sampling.schedules import NoiseSchedule, make_timesteps  # noqa: E402
+from tmpq.sampling.schedules import make_timesteps  # noqa: E402
+from tmpq.search.evolution import Record  # noqa: E402
+from tmpq.search.summary import FinalRow, RunSummary  # noqa: E402
 
 REPORT_DIR = "report"
 
@@ -34,26 +37,22 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 class RunData:
-    """What one run directory holds, read once."""
+    """What one run directory holds, read once: its summary, every evaluated record, the super-network's units."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir)
-        self.search = _read_json(self.dir / "search.json", "this is not a finished search run; run `tmpq search` first")
+        self.search = RunSummary.read(self.dir, "run `tmpq search` first")
         state_path = self.dir / "search_state.json"
-        self.records = list(_read_json(state_path, "the search state is gone").get("records", {}).values())
+        records = _read_json(state_path, "the search state is gone").get("records", {}).values()
+        self.records = [Record.from_json(r) for r in records]
         sn = self.dir / "supernet" / "supernet.json"
         self.supernet = _read_json(sn, "the calibrated super-network is gone") if sn.is_file() else None
-        self.final = self.search.get("final") or None
-        sched = self.search.get("noise_schedule")
-        self.schedule = NoiseSchedule(**sched) if sched else NoiseSchedule()
+        self.final = self.search.final
+        self.schedule = self.search.noise_schedule
+        self.fitness_label = self.search.fitness_label
 
-    @property
-    def fitness_label(self) -> str:
-        f = self.search["config"]["fitness"]
-        return f"{'FID' if f['kind'] == 'fid' else 'proxy distance'} @ {f['num_samples']} samples"
-
-    def best_final(self) -> dict | None:
-        return self.final["best"] if self.final else None
+    def best_final(self) -> FinalRow | None:
+        return self.final.best if self.final else None
 
 
 def _save(fig, path: Path) -> Path:
@@ -68,50 +67,46 @@ def _pareto_plot(run: RunData, peers: Mapping[str, RunData], path: Path) -> Path
     s = run.search
     fig, axes = plt.subplots(1, 2 if run.final else 1, figsize=(12 if run.final else 6.5, 4.5), squeeze=False)
     ax = axes[0][0]
-    xs = [r["bitops"] / 1e9 for r in run.records]
-    ys = [r["value"] for r in run.records]
+    xs = [r.bitops / 1e9 for r in run.records]
+    ys = [r.value for r in run.records]
     ax.scatter(xs, ys, s=10, alpha=0.45, color="tab:blue", label=f"evaluated ({len(xs)})")
-    front = sorted(s["pareto"], key=lambda r: r["bitops"])
-    ax.plot([r["bitops"] / 1e9 for r in front], [r["value"] for r in front], "-o", ms=4, color="tab:red", label="front")
-    ax.axvline(s["budget_bitops"] / 1e9, ls="--", color="gray", lw=1, label="budget")
-    b = s["best"]
-    ax.scatter(
-        [b["bitops"] / 1e9], [b["value"]], marker="*", s=160, color="gold", edgecolor="k", zorder=5, label="best"
-    )
+    front = sorted(s.pareto, key=lambda r: r.bitops)
+    ax.plot([r.bitops / 1e9 for r in front], [r.value for r in front], "-o", ms=4, color="tab:red", label="front")
+    ax.axvline(s.budget_bitops / 1e9, ls="--", color="gray", lw=1, label="budget")
+    b = s.best
+    ax.scatter([b.bitops / 1e9], [b.value], marker="*", s=160, color="gold", edgecolor="k", zorder=5, label="best")
     ax.set_xlabel("GBitOPs per image")
     ax.set_ylabel(f"search fitness ({run.fitness_label}), lower is better")
     ax.set_title("every candidate the search evaluated")
     ax.legend(fontsize=8)
     if run.final:
         ax = axes[0][1]
-        rows = list(run.final["rows"])
+        rows = list(run.final.rows)
         for label, peer in peers.items():
             pb = peer.best_final()
             if pb:
-                rows.append(pb | {"label": label})
+                rows.append(replace(pb, label=label))
         for r in rows:
-            color = "tab:green" if r.get("kind") == "fp" else "tab:purple" if r["label"] == "baseline" else "tab:red"
-            ax.scatter([r["bitops"] / 1e9], [r["fid"]], color=color, s=40, zorder=3)
-            ax.annotate(
-                r["label"], (r["bitops"] / 1e9, r["fid"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
-            )
-        ax.axvline(s["budget_bitops"] / 1e9, ls="--", color="gray", lw=1)
-        span = max(r["bitops"] for r in rows) / max(min(r["bitops"] for r in rows), 1)
+            color = "tab:green" if not r.quantized else "tab:purple" if r.label == "baseline" else "tab:red"
+            ax.scatter([r.bitops / 1e9], [r.fid], color=color, s=40, zorder=3)
+            ax.annotate(r.label, (r.bitops / 1e9, r.fid), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axvline(s.budget_bitops / 1e9, ls="--", color="gray", lw=1)
+        span = max(r.bitops for r in rows) / max(min(r.bitops for r in rows), 1)
         if span > 10:  # FP at full steps is hundreds of times the budget: only then a log axis
             ax.set_xscale("log")
         ax.set_xlabel("GBitOPs per image" + (" (log)" if span > 10 else ""))
-        ax.set_ylabel(f"FID @ {run.final['samples']} samples, lower is better")
+        ax.set_ylabel(f"FID @ {run.final.samples} samples, lower is better")
         ax.set_title("final re-scoring: peers and the search's best")
     return _save(fig, path)
 
 
 def _bits_plot(run: RunData, path: Path) -> Path:
-    configs = run.search["best"]["quant_configs"]
-    names = sorted(configs[0]["bits"])
+    configs = [qc.as_dict() for qc in run.search.quant_configs]
+    names = sorted(configs[0])
     cols, labels = [], []
     for p, cfg in enumerate(configs):
         for j, what in enumerate(("W", "A")):
-            cols.append([cfg["bits"][n][j] for n in names])
+            cols.append([cfg[n][j] for n in names])
             labels.append(f"{what}" + (f" (phase {p})" if len(configs) > 1 else ""))
     import numpy as np
 
@@ -135,7 +130,7 @@ def _bits_plot(run: RunData, path: Path) -> Path:
 
 
 def _timesteps_plot(run: RunData, path: Path) -> Path:
-    ts = run.search["best"]["candidate"]["timesteps"]
+    ts = run.search.best.candidate.timesteps
     sched = run.schedule
     T = sched.num_train_timesteps
     sigma = (1 - sched.alphas_cumprod).sqrt().numpy()
@@ -157,11 +152,11 @@ def _timesteps_plot(run: RunData, path: Path) -> Path:
 
 
 def _progress_plot(run: RunData, path: Path) -> Path:
-    hist = run.search["history"]
+    hist = run.search.history
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     by_gen: dict[int, list[float]] = {}
     for r in run.records:
-        by_gen.setdefault(r["generation"], []).append(r["value"])
+        by_gen.setdefault(r.generation, []).append(r.value)
     for g, vals in sorted(by_gen.items()):
         ax.scatter([g] * len(vals), vals, s=8, alpha=0.35, color="tab:blue")
     ax.plot([h["generation"] for h in hist], [h["best_value"] for h in hist], "-o", color="tab:red", ms=4,
@@ -177,53 +172,66 @@ def _progress_plot(run: RunData, path: Path) -> Path:
 
 
 # --- tables -------------------------------------------------------------------------------------------------
-def peers_rows(run: RunData, peers: Mapping[str, RunData]) -> list[dict]:
+@dataclass(frozen=True)
+class PeerRow:
+    """One row of the peers table: a compared setting, its cost and quality, and what its search spent."""
+
+    method: str
+    steps: int
+    bitops: int
+    saving: float | None  # × fewer BitOPs than FP at 100 steps
+    fid: float | None = None
+    inception_score: float | None = None
+    search_forwards: int | None = None
+
+
+def peers_rows(run: RunData, peers: Mapping[str, RunData]) -> list[PeerRow]:
     """One row per compared setting: FP full steps, step reduction, uniform PTQ, the search, other runs."""
-    fp100 = run.search["fp_bitops_full_100"]
-    cost = run.search["search_cost"]
-    spent = cost["fitness_forwards"] + cost["overhead_forwards"]
+    s = run.search
+    spent = s.search_cost.fitness_forwards + s.search_cost.overhead_forwards
+
+    def row(method: str, r: FinalRow, forwards: int | None) -> PeerRow:
+        saving = s.fp_bitops_full_100 / r.bitops if r.bitops else None
+        return PeerRow(method, len(r.timesteps), r.bitops, saving, r.fid, r.inception_score, forwards)
+
     rows = []
     if run.final:
-        for r in run.final["rows"]:
-            if r["label"] == "baseline":
-                label = f"uniform PTQ ({run.search['budget']})"
-            elif r["label"].startswith("top"):
-                label = f"tmpq search, {r['label']} ({run.search['config']['lever']})"
+        for r in run.final.rows:
+            if r.label == "baseline":
+                label = f"uniform PTQ ({s.budget})"
+            elif r.label.startswith("top"):
+                label = f"tmpq search, {r.label} ({s.config.lever})"
             else:
-                label = r["label"]
-            rows.append({**r, "method": label, "search_forwards": spent if r["label"].startswith("top") else None})
+                label = r.label
+            rows.append(row(label, r, spent if r.label.startswith("top") else None))
         for name, peer in peers.items():
             pb = peer.best_final()
             if pb:
-                pc = peer.search["search_cost"]
-                rows.append({**pb, "method": name, "search_forwards": pc["fitness_forwards"] + pc["overhead_forwards"]})
+                pc = peer.search.search_cost
+                rows.append(row(name, pb, pc.fitness_forwards + pc.overhead_forwards))
     else:
-        b = run.search["best"]
-        rows.append({"method": "tmpq search, best", "timesteps": b["candidate"]["timesteps"], "bitops": b["bitops"],
-                     "fid": None, "inception_score": None, "search_forwards": spent})  # fmt: skip
-    for r in rows:
-        r["saving"] = fp100 / r["bitops"] if r["bitops"] else None
-        if "timesteps" not in r:  # rows of runs from before the final table kept them
-            r["timesteps"] = r["candidate"]["timesteps"]
+        b = s.best
+        saving = s.fp_bitops_full_100 / b.bitops if b.bitops else None
+        rows.append(PeerRow("tmpq search, best", len(b.candidate.timesteps), b.bitops, saving, search_forwards=spent))
     return rows
 
 
-def _table_md(rows: list[dict], samples: int | None) -> str:
+def _table_md(rows: list[PeerRow], samples: int | None) -> str:
     head = (
         f"| setting | steps | GBitOPs / image | × fewer BitOPs than FP-100 | FID{f' @ {samples}' if samples else ''} ↓ "
     )
     head += "| IS ↑ | search image-forwards |\n|---|---:|---:|---:|---:|---:|---:|"
     lines = [head]
     for r in rows:
-        fid = "—" if r.get("fid") is None else f"{r['fid']:.2f}"
-        is_ = "—" if r.get("inception_score") is None else f"{r['inception_score']:.3f}"
-        sf = "—" if not r.get("search_forwards") else f"{r['search_forwards']:,}"
-        cost = f"{r['bitops'] / 1e9:.2f} | {r['saving']:.1f}"
-        lines.append(f"| {r['method']} | {len(r['timesteps'])} | {cost} | {fid} | {is_} | {sf} |")
+        fid = "—" if r.fid is None else f"{r.fid:.2f}"
+        is_ = "—" if r.inception_score is None else f"{r.inception_score:.3f}"
+        sf = "—" if not r.search_forwards else f"{r.search_forwards:,}"
+        cost = f"{r.bitops / 1e9:.2f} | {r.saving:.1f}"
+        lines.append(f"| {r.method} | {r.steps} | {cost} | {fid} | {is_} | {sf} |")
     return "\n".join(lines)
 
 
-def _table_html(rows: list[dict], samples: int | None) -> str:
+def _table_html(rows: list[PeerRow], samples: int | None) -> str:
     return _md_table_html(_table_md(rows, samples).splitlines())
 
 
@@ -245,7 +253,7 @@ def _md_table_html(md: list[str]) -> str:
     return "\n".join(out)
 
 
-def _throughput(history: list[dict]) -> str:
+def _throughput(history: Sequence[dict]) -> str:
     """Evaluations per minute and worker utilisation, averaged over the generations that evaluated something."""
     rows = [h for h in history if h.get("evals_per_min")]
     if not rows:
@@ -272,31 +280,30 @@ def write_report(
     }
     grids: list[tuple[str, str]] = []
     if run.final:
-        wanted = [r for r in run.final["rows"] if r.get("kind") == "fp" and len(r["timesteps"]) >= 100]
-        wanted += [r for r in run.final["rows"] if r["label"] == "baseline"]
-        best = run.final["best"]
-        wanted += [best] if best else []
+        wanted = [r for r in run.final.rows if not r.quantized and len(r.timesteps) >= 100]
+        baseline, best = run.final.baseline, run.final.best
+        wanted += [r for r in (baseline, best) if r is not None and r not in wanted]
         for r in wanted:
-            src = run.dir / r["grid"] if r.get("grid") else None
+            src = run.dir / r.grid if r.grid else None
             if src and src.is_file():
                 dst = out / f"grid_{src.name}"
                 shutil.copyfile(src, dst)
-                title = "compressed (best)" if r is best else "uniform PTQ" if r["label"] == "baseline" else r["label"]
-                grids.append((f"{title}: FID {r['fid']:.2f}, {r['bitops'] / 1e9:.2f} GBitOPs", dst.name))
+                title = "compressed (best)" if r is best else "uniform PTQ" if r.label == "baseline" else r.label
+                grids.append((f"{title}: FID {r.fid:.2f}, {r.bitops / 1e9:.2f} GBitOPs", dst.name))
     rows = peers_rows(run, peer_runs)
     s = run.search
-    samples = run.final["samples"] if run.final else None
-    cost = s["search_cost"]
-    b = s["best"]
+    samples = run.final.samples if run.final else None
+    cost = s.search_cost
+    b = s.best
     facts = [
-        f"model: `{s['model']}`; budget: {s['budget']} = {s['budget_bitops'] / 1e9:.2f} GBitOPs per image",
-        f"search: {cost['evaluations']} candidates, {cost['fitness_forwards']:,} image-forwards for fitness "
-        f"(+{cost['overhead_forwards']:,} calibration/sensitivity/reference), {cost['search_wall_s']:.0f} s",
-        f"fitness: {run.fitness_label}; chosen: {b['bitops'] / 1e9:.2f} GBitOPs, fitness {b['value']:.4f}",
-        _throughput(s["history"]),
-        f"chosen timesteps: {b['candidate']['timesteps']}",
+        f"model: `{s.model}`; budget: {s.budget} = {s.budget_bitops / 1e9:.2f} GBitOPs per image",
+        f"search: {cost.evaluations} candidates, {cost.fitness_forwards:,} image-forwards for fitness "
+        f"(+{cost.overhead_forwards:,} calibration/sensitivity/reference), {cost.search_wall_s:.0f} s",
+        f"fitness: {run.fitness_label}; chosen: {b.bitops / 1e9:.2f} GBitOPs, fitness {b.value:.4f}",
+        _throughput(s.history),
+        f"chosen timesteps: {list(b.candidate.timesteps)}",
     ]
-    if run.final and run.final.get("best") and run.final["best"]["label"] == "baseline":
+    if run.final and run.final.best and run.final.best.label == "baseline":
         facts.append("**the uniform-precision baseline scored best in the final re-scoring: the search found no "
                      "better setting at this budget**")  # fmt: skip
     md = [

@@ -8,9 +8,10 @@ from tiny_search import tiny_loaded as _loaded
 from tiny_search import tiny_search_config as _cfg
 
 from tmpq.errors import TmpqError
-from tmpq.search import run_search
+from tmpq.quant.config import QuantConfig
+from tmpq.search import Record, RunSummary, SearchConfig, run_search
 from tmpq.search.seeds import seed_candidates
-from tmpq.search.space import SearchSpace
+from tmpq.search.space import Candidate, SearchSpace
 
 UNITS = ("a", "b", "c")
 
@@ -20,9 +21,12 @@ def _space(**kw) -> SearchSpace:
 
 
 def _write_seed(path, timesteps, phases: list[dict], bounds=()):
-    path.mkdir(parents=True)
-    best = {"candidate": {"timesteps": timesteps}, "quant_configs": [{"version": 1, "bits": b} for b in phases]}
-    (path / "search.json").write_text(json.dumps({"best": best, "config": {"phase_bounds": list(bounds)}}))
+    """A finished search whose best has these timesteps and per-phase bits (only what seeding reads is real)."""
+    configs = tuple(QuantConfig.from_mapping({n: tuple(wa) for n, wa in b.items()}) for b in phases)
+    cand = Candidate(tuple(timesteps), tuple(tuple(q.as_dict().values()) for q in configs))
+    best = Record(cand, 1.0, 1, 1, 0.0, 0)
+    summary = RunSummary(best, configs, 1, "W6A6@4", 10, SearchConfig(phase_bounds=tuple(bounds)), "builtin:fashion")
+    summary.write(path)
     return path
 
 

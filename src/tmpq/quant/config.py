@@ -24,7 +24,7 @@ def _bits_tuple(values: Iterable[int], what: str) -> tuple[int, ...]:
     return out
 
 
-RECONSTRUCTIONS = (None, "adaround")
+RECONSTRUCTIONS = (None, "adaround", "brecq")
 RECON_PRESETS = {
     "demo": {"recon_iters": 200, "recon_batch": 16, "recon_rows": 256},
     "paper": {"recon_iters": 20_000, "recon_batch": 32, "recon_rows": 1024},
@@ -51,8 +51,10 @@ class QuantSpec(DictConfig):
     split_concat: bool = True
     act_method: str = "mse"
     act_max_values: int = 1 << 16
-    reconstruction: str | None = None  # None: nearest rounding in calibrated ranges | "adaround": learned rounding
-    recon_iters: int = 200  # AdaRound optimisation steps per (unit, weight width); the `paper` preset uses 20,000
+    # None: nearest rounding in calibrated ranges | "adaround": learned rounding per layer | "brecq": learned rounding
+    # per block and learned activation steps (quant/brecq.py)
+    reconstruction: str | None = None
+    recon_iters: int = 200  # steps per (unit or block, weight width); the `paper` preset uses 20,000
     recon_batch: int = 16  # calibration inputs per step
     recon_rows: int = 256  # calibration inputs reconstructed on, spread evenly over the set (all timesteps)
 
@@ -86,8 +88,8 @@ class QuantSpec(DictConfig):
                 raise TmpqError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')})")
 
     def with_reconstruction(self, method: str | None, preset: str = "demo") -> QuantSpec:
-        """This spec with `method` ("adaround", or None for range-only) at a cost preset: `demo` fits `make demo`
-        on 2 CPU cores, `paper` is the reference's 20,000 iterations per unit and width (a GPU's job)."""
+        """This spec with `method` ("adaround", "brecq", or None for range-only) at a cost preset: `demo` fits
+        `make demo` on 2 CPU cores, `paper` is the reference's 20,000 iterations per unit and width (a GPU's job)."""
         if preset not in RECON_PRESETS:
             raise TmpqError(f"reconstruction preset must be one of {sorted(RECON_PRESETS)}, got {preset!r}")
         return replace(self, reconstruction=method, **RECON_PRESETS[preset])

@@ -42,6 +42,9 @@ class ActQuantizer(nn.Module):
         self.split = split
         self.bits: int | None = None
         self.observers: list[ActObserver] | None = None
+        # set only while block reconstruction learns the step size (brecq.py): one differentiable fake
+        # quantizer per part, used in place of the stored scale
+        self.learning: list | None = None
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.split is None:
@@ -82,6 +85,9 @@ class ActQuantizer(nn.Module):
         if self.observers is not None:
             for obs, part in zip(self.observers, self.parts(x)):
                 obs.update(part)
+        if self.learning is not None:
+            parts = [fq(p) for fq, p in zip(self.learning, self.parts(x))]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.bits is None:
             return x
         scale, zp = getattr(self, f"a{self.bits}_scale"), getattr(self, f"a{self.bits}_zp")

@@ -263,11 +263,13 @@ def build_supernet(
     killed calibration continues where it stopped."""
     sn = SuperNet.wrap(model, spec, calib.rows(slice(0, 1)))
     sn.calibrate(calib, batch_size=batch_size, progress=progress)
-    if spec.reconstruction == "adaround":
+    if spec.reconstruction is not None:
+        from tmpq.quant.brecq import reconstruct_blocks
         from tmpq.quant.reconstruction import reconstruct_weights
 
         t0 = time.perf_counter()
-        info = reconstruct_weights(sn, calib, progress_dir, progress=progress)
+        learn = reconstruct_blocks if spec.reconstruction == "brecq" else reconstruct_weights
+        info = learn(sn, calib, progress_dir, progress=progress)
         sn.calibration_info["reconstruction"] = {k: v for k, v in info.items() if k != "errors"}
         sn.calibration_info["reconstruction"]["seconds"] = round(time.perf_counter() - t0, 2)
     return sn

@@ -11,8 +11,7 @@ import json
 import re
 import shutil
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -24,100 +23,21 @@ from tmpq.images import save_grid
 from tmpq.metrics.fid import QualityMetric
 from tmpq.models.loading import LoadedModel
 from tmpq.provenance import provenance
-from tmpq.quant.calibration import CalibConfig
-from tmpq.quant.config import QuantSpec
 from tmpq.quant.prepare import prepare_supernet
 from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import Budget, CandidateCost, Repairer
-from tmpq.search.evolution import EvolutionarySearch, EvolutionConfig, SearchResult
+from tmpq.search.config import AUTO, SearchConfig, precision_of
+from tmpq.search.evolution import EvolutionarySearch, SearchResult
 from tmpq.search.fitness import FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_evaluator
 from tmpq.search.profile import change_profile
 from tmpq.search.seeds import seed_candidates, seed_costs
 from tmpq.search.sensitivity import layer_sensitivity
 from tmpq.search.space import GROUPINGS, Candidate, SearchSpace
-from tmpq.serialization import FORMAT_VERSION, VERSION_KEY, DictConfig
+from tmpq.search.summary import FinalRow, FinalScores, FpSteps, GroupingChoice, RunSummary, SearchCost, SeedSearch
 
-LEVERS = ("joint", "bits", "timesteps")
-AUTO = "auto"
-"""--grouping auto: the grouping whose default schedule the FP model scores best on, under the search's fitness."""
 GROUPING_FILE = "grouping.json"
-
-
-@dataclass(frozen=True)
-class SearchConfig(DictConfig):
-    budget: Budget = Budget.like("W6A6", 10)
-    steps: tuple[int, ...] = (10,)
-    grouping: str = "quad"
-    phase_bounds: tuple[int, ...] = ()
-    lever: str = "joint"  # joint | bits (schedule fixed) | timesteps (precision fixed)
-    fixed_precision: str = "W6A6"  # the precision of a timesteps-only search
-    evolution: EvolutionConfig = EvolutionConfig()
-    fitness: FitnessConfig = FitnessConfig()
-    calib: CalibConfig = CalibConfig()
-    quant: QuantSpec = QuantSpec()
-    sensitivity_inputs: int = 32
-    seed_candidates: bool = True  # start from the default schedule at the budget's uniform precision
-    seed_from: tuple[str, ...] = ()  # finished search directories whose best candidates seed this search
-    staged: bool = False  # bits-only and timesteps-only searches first (RUN/stages/), then the joint one seeded
-    final_samples: int = 1000  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
-    final_top: int = 3
-    fid_reference: str = "fashion-mnist"  # FID (search and final) against this: 'fashion-mnist' or an image folder
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.lever not in LEVERS:
-            raise TmpqError(f"lever must be one of {LEVERS}, got {self.lever!r}")
-        if self.staged and self.lever != "joint":
-            raise TmpqError("a staged search ends in a joint search; drop --staged or use --lever joint")
-        # checked here, before any compute: a budget or precision outside the calibrated widths would only fail
-        # after a full calibration otherwise
-        w_all, a_all = self.quant.w_bits, self.quant.a_bits
-        if self.budget.kind == "like":
-            _require_widths(f"--like W{self.budget.w}A{self.budget.a}", self.budget.w, self.budget.a, w_all, a_all)
-        if self.lever == "timesteps" or (self.staged and self.budget.kind != "like"):  # see _run_stages
-            _require_widths(
-                f"--fixed-precision {self.fixed_precision}", *_precision(self.fixed_precision), w_all, a_all
-            )
-        if self.grouping not in (*GROUPINGS, AUTO):
-            raise TmpqError(f"--grouping must be one of {[*GROUPINGS, AUTO]}, got {self.grouping!r}")
-        if self.final_samples < 0 or self.final_samples == 1 or self.final_top < 1:
-            raise TmpqError(
-                f"--final-samples must be 0 (skip) or >= 2 and --final-top >= 1, got {self.final_samples} and "
-                f"{self.final_top}"
-            )
-        if self.fid_reference != "fashion-mnist" and not Path(self.fid_reference).is_dir():
-            raise TmpqError(
-                f"--fid-reference {self.fid_reference!r} is neither 'fashion-mnist' nor a folder of images; "
-                "pass one of them"
-            )
-        bounds = self.phase_bounds
-        if len(set(bounds)) != len(bounds) or any(b < 1 for b in bounds):
-            raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
-
-    def to_json(self) -> dict:
-        """Deprecated name of `to_dict` (the one serialization of every config); kept for one release."""
-        warnings.warn("SearchConfig.to_json() is deprecated; use .to_dict()", DeprecationWarning, stacklevel=2)
-        return self.to_dict()
-
-
-def _precision(setting: str) -> tuple[int, int]:
-    b = Budget.like(setting, 1)
-    return b.w, b.a
-
-
-def _require_widths(what: str, w: int, a: int, w_all: tuple[int, ...], a_all: tuple[int, ...]) -> None:
-    if w not in w_all:
-        raise TmpqError(
-            f"{what}: {w}-bit weights are not among the candidate widths {list(w_all)}; add {w} to "
-            "--w-bits or pick another setting"
-        )
-    if a not in a_all:
-        raise TmpqError(
-            f"{what}: {a}-bit activations are not among the candidate widths {list(a_all)}; add {a} to "
-            "--a-bits or pick another setting"
-        )
 
 
 FEATURE_SHAPE = (1, 32, 32)
@@ -154,7 +74,7 @@ def _seed_bits(space: SearchSpace, cfg: SearchConfig):
         return space.uniform_bits(cfg.budget.w, cfg.budget.a)
     w_all = sorted({w for wc in space.w_choices for w in wc if w is not None}, reverse=True)
     a_all = sorted({a for ac in space.a_choices for a in ac if a is not None}, reverse=True)
-    for w, a in [_precision(cfg.fixed_precision), *((w, a) for w in w_all for a in a_all if w == a)]:
+    for w, a in [precision_of(cfg.fixed_precision), *((w, a) for w in w_all for a in a_all if w == a)]:
         try:
             return space.uniform_bits(w, a)
         except TmpqError:
@@ -210,7 +130,7 @@ def _build_space(ctx: SearchContext) -> tuple[SearchSpace, int]:
     if cfg.lever == "bits":
         return SearchSpace.from_supernet(sn, **kw, search_timesteps=False), forwards
     if cfg.lever == "timesteps":
-        fixed = base.uniform_bits(*_precision(cfg.fixed_precision))
+        fixed = base.uniform_bits(*precision_of(cfg.fixed_precision))
         return SearchSpace.from_supernet(sn, **kw, search_bits=False, fixed_bits=fixed), forwards
     return base, forwards
 
@@ -240,7 +160,7 @@ def _build_fitness(ctx: SearchContext, space: SearchSpace | None) -> tuple[Sampl
     return fitness, forwards
 
 
-def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, dict | None, dict]:
+def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, GroupingChoice | None, dict]:
     """`ctx` with a concrete grouping. For --grouping auto, the FP model samples each grouping's default schedule at
     the search's smallest step count, from the fitness seeds, and is scored by the search's own fitness; the best
     grouping wins (ties keep the reference's quad). The scores are kept in RUN/grouping.json, so a resumed search
@@ -266,8 +186,9 @@ def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, dict | None, di
         return {"chosen": best, "scores": scores, "timesteps": schedules, "steps": k, "fitness": cfg.fitness.kind}
 
     key = {"fingerprint": sn.fingerprint, "what": "grouping", "steps": k, "fitness": asdict(cfg.fitness)}
-    choice, _ = _cached_json(run_dir / GROUPING_FILE, key, score)
-    chosen = replace(ctx, cfg=replace(cfg, grouping=choice["chosen"]))
+    stored, _ = _cached_json(run_dir / GROUPING_FILE, key, score)
+    choice = GroupingChoice.from_dict(stored)
+    chosen = replace(ctx, cfg=replace(cfg, grouping=choice.chosen))
     return chosen, choice, {what: n for what, n in spent.items() if n}
 
 
@@ -289,7 +210,7 @@ def fp_steps_advice(fids: dict[int, float], target: int) -> str | None:
     )
 
 
-def check_fp_steps(ctx: SearchContext) -> tuple[dict | None, int]:
+def check_fp_steps(ctx: SearchContext) -> tuple[FpSteps | None, int]:
     """FID of the FP model at a few uniform step counts on the fitness seeds (kept in RUN/fp_steps.json), and the
     advice above; only where the classifier metric scores this model's images. Returns (record, forwards now)."""
     sn, loaded, cfg, run_dir, metric = ctx.sn, ctx.loaded, ctx.cfg, ctx.run_dir, ctx.metric
@@ -311,7 +232,7 @@ def check_fp_steps(ctx: SearchContext) -> tuple[dict | None, int]:
     key = {"fingerprint": sn.fingerprint, "what": "fp_steps", "steps": counts, "fitness": asdict(cfg.fitness)}
     record, _ = _cached_json(run_dir / FP_STEPS_FILE, key, measure)
     fids = {int(n): f for n, f in record["fid"].items()}
-    return record | {"advice": fp_steps_advice(fids, cfg.fitness.reference_steps)}, spent["n"]
+    return FpSteps(fids, record["samples"], fp_steps_advice(fids, cfg.fitness.reference_steps)), spent["n"]
 
 
 def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options: dict | None = None) -> SampleFitness:
@@ -391,13 +312,13 @@ def run_search(
     for what, forwards in spent.items():
         ledger.record(what, forwards)
     if choice is not None and progress:
-        scores = ", ".join(f"{g} {v:.4g}" for g, v in choice["scores"].items())
-        print(f"grouping auto: {choice['chosen']} (FP at {choice['steps']} steps, {choice['fitness']}: {scores})")
+        scores = ", ".join(f"{g} {v:.4g}" for g, v in choice.scores.items())
+        print(f"grouping auto: {choice.chosen} (FP at {choice.steps} steps, {choice.fitness}: {scores})")
 
     fp_steps, forwards = check_fp_steps(ctx)
     ledger.record("fp_steps", forwards)
-    if fp_steps is not None and fp_steps["advice"] and progress:
-        print(f"warning: {fp_steps['advice']}")
+    if fp_steps is not None and fp_steps.advice and progress:
+        print(f"warning: {fp_steps.advice}")
 
     space, overhead = _build_space(ctx)
     ledger.record("change_profile", overhead)
@@ -598,7 +519,9 @@ FULL_STEPS = 100
 """The 'FP at full steps' reference of the final table (uniform DDIM steps)."""
 
 
-def _final_eval(ctx: SearchContext, space: SearchSpace, cost: CandidateCost, result: SearchResult, baseline) -> dict:
+def _final_eval(
+    ctx: SearchContext, space: SearchSpace, cost: CandidateCost, result: SearchResult, baseline
+) -> FinalScores:
     """Re-score, on more samples and the same seeds for all: the FP model at full steps and at the search's
     step count (plain step reduction), the uniform-precision default schedule (plain PTQ), and the search's
     top candidates. The search fitness used few samples; the final ranking should not. A 64-image grid of
@@ -648,29 +571,22 @@ def _final_eval(ctx: SearchContext, space: SearchSpace, cost: CandidateCost, res
             bitops = cost.bitops(cand)
         scores = metric.score(images, seed=cfg.fitness.seed)
         grid = save_grid(images[:64], grids / f"{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.png", nrow=8)
-        done[row_key] = {
-            "label": label,
-            "kind": "fp" if cand is None else "quantized",
-            "candidate": None if cand is None else cand.to_json(),
-            "timesteps": list(timesteps),
-            "fid": scores.fid,
-            "inception_score": scores.inception_score,
-            "bitops": bitops,
-            "forwards": cfg.final_samples * len(timesteps),
-            "wall_s": round(time.perf_counter() - t0, 2),
-            "grid": str(grid.relative_to(run_dir)),
-        }
+        done[row_key] = FinalRow(
+            label=label,
+            kind="fp" if cand is None else "quantized",
+            candidate=cand,
+            timesteps=tuple(timesteps),
+            fid=scores.fid,
+            inception_score=scores.inception_score,
+            bitops=bitops,
+            forwards=cfg.final_samples * len(timesteps),
+            wall_s=round(time.perf_counter() - t0, 2),
+            grid=str(grid.relative_to(run_dir)),
+        ).to_dict()
         write_json_atomic(path, {"key": key, "rows": done})
         if progress:
             print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")
-    rows = list(done.values())
-    quantized = [r for r in rows if r["kind"] == "quantized"]
-    return {
-        "samples": cfg.final_samples,
-        "rows": rows,
-        "best": min(quantized, key=lambda r: r["fid"]) if quantized else None,  # may be the baseline: then say so
-        "baseline": next((r for r in rows if r["label"] == "baseline"), None),
-    }
+    return FinalScores(cfg.final_samples, tuple(FinalRow.from_dict(r) for r in done.values()))
 
 
 def _write_result(
@@ -682,48 +598,49 @@ def _write_result(
     *,
     overhead_forwards: int,
     wall_s: float,
-    final: dict | None,
-    fp_steps: dict | None,
-    choice: dict | None,
+    final: FinalScores | None,
+    fp_steps: FpSteps | None,
+    choice: GroupingChoice | None,
 ) -> None:
     """RUN/search.json: the result, its cost and everything that produced it (`cfg` as the user gave it)."""
-    run_dir, loaded = ctx.run_dir, ctx.loaded
-    best = result.best
-    configs = [json.loads(q.to_json()) for q in space.quant_configs(best.candidate)]
-    out = {
-        "best": best.to_json() | {"quant_configs": configs},
-        "budget_bitops": result.budget,
-        "budget": cfg.budget.describe(),
-        "fp_bitops_full_100": cost.fp_bitops(100),
-        "pareto": [r.to_json() for r in result.pareto],
-        "history": result.history,
-        "top": [r.to_json() for r in result.top(10)],
-        "final": final,
-        "search_cost": {
-            "fitness_forwards": result.forwards,
-            "overhead_forwards": overhead_forwards,
-            "final_forwards": sum(r["forwards"] for r in final["rows"]) if final else 0,
-            "evaluations": len(result.records),
-            "search_wall_s": result.wall_s,
-            "this_call_wall_s": round(wall_s, 2),
-        },
-        "seed_searches": _seed_searches(run_dir, cfg),
-        "config": cfg.to_dict(),
-        VERSION_KEY: FORMAT_VERSION,  # of this file and the configs in it
-        "grouping": space.grouping,  # the one searched (with --grouping auto: the one chosen, see grouping_choice)
-        "grouping_choice": choice,
-        "fp_steps": fp_steps,  # FP FID by step count on the fitness seeds, and the advice drawn from it
-        "model": loaded.spec,
-        "model_options": loaded.options,
-        "noise_schedule": loaded.schedule.to_dict(),
-        "provenance": provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
-    }
-    write_json_atomic(run_dir / "search.json", out)
+    loaded, best = ctx.loaded, result.best
+    RunSummary(
+        best=best,
+        quant_configs=tuple(space.quant_configs(best.candidate)),
+        budget_bitops=result.budget,
+        budget=cfg.budget.describe(),
+        fp_bitops_full_100=cost.fp_bitops(100),
+        config=cfg,
+        model=loaded.spec,
+        pareto=tuple(result.pareto),
+        top=tuple(result.top(10)),
+        history=tuple(result.history),
+        final=final,
+        search_cost=SearchCost(
+            fitness_forwards=result.forwards,
+            overhead_forwards=overhead_forwards,
+            final_forwards=sum(r.forwards for r in final.rows) if final else 0,
+            evaluations=len(result.records),
+            search_wall_s=result.wall_s,
+            this_call_wall_s=round(wall_s, 2),
+        ),
+        seed_searches=_seed_searches(ctx.run_dir, cfg),
+        grouping=space.grouping,
+        grouping_choice=choice,
+        fp_steps=fp_steps,
+        model_options=dict(loaded.options),
+        noise_schedule=loaded.schedule,
+        provenance=provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
+    ).write(ctx.run_dir)
 
 
-def _seed_searches(run_dir: Path, cfg: SearchConfig) -> list[dict]:
+def _seed_searches(run_dir: Path, cfg: SearchConfig) -> tuple[SeedSearch, ...]:
     path = run_dir / SEEDS_FILE
-    return json.loads(path.read_text()) if cfg.seed_from and path.is_file() else []
+    if not (cfg.seed_from and path.is_file()):
+        return ()
+    return tuple(
+        SeedSearch(s["run_dir"], SearchCost.from_dict(s.get("search_cost", {}))) for s in json.loads(path.read_text())
+    )
 
 
 __all__ = ["Budget", "SearchConfig", "run_search", "share_prepared"]

@@ -15,25 +15,19 @@ from typing import TypeVar
 from tmpq.errors import TmpqError
 from tmpq.sampling.schedules import phase_of
 from tmpq.search.space import Bits, Candidate, SearchSpace
-from tmpq.search.summary import read_summary
+from tmpq.search.summary import RunSummary, SeedSearch
 
 T = TypeVar("T")
 
 
-def _load_search(source: str | Path) -> dict:
-    """The search.json of a finished seed search, checked to be one."""
-    return read_summary(source, "finish it or drop it from --seed-from")
-
-
-def read_best(source: str | Path) -> tuple[dict, tuple[int, ...]]:
-    """(best record, phase bounds) of a finished search: a run directory or its search.json."""
-    d = _load_search(source)
-    return d["best"], tuple(d["config"].get("phase_bounds", ()))
+def _load_search(source: str | Path) -> RunSummary:
+    """The summary of a finished seed search, checked to be one."""
+    return RunSummary.read(source, "finish it or drop it from --seed-from")
 
 
 def seed_costs(sources: Sequence[str | Path]) -> list[dict]:
     """Each seed search's directory and `search_cost` (checking that each holds a finished search)."""
-    return [{"run_dir": str(s), "search_cost": _load_search(s).get("search_cost", {})} for s in sources]
+    return [SeedSearch(str(s), _load_search(s).search_cost).to_dict() for s in sources]
 
 
 def _phase_lows(bounds: Sequence[int]) -> list[int]:
@@ -42,10 +36,11 @@ def _phase_lows(bounds: Sequence[int]) -> list[int]:
     return [*b, 0]
 
 
-def _allocation(best: dict, bounds: tuple[int, ...], space: SearchSpace, source) -> tuple[tuple[Bits, ...], ...]:
+def _allocation(summary: RunSummary, space: SearchSpace, source: str | Path) -> tuple[tuple[Bits, ...], ...]:
     """The seed's per-phase allocation mapped onto this space's units and phases: each phase of this space takes
     the seed's phase that holds its lowest timestep (a one-phase seed fills every phase)."""
-    seed_phases = [qc["bits"] for qc in best["quant_configs"]]
+    bounds = summary.config.phase_bounds
+    seed_phases = [qc.as_dict() for qc in summary.quant_configs]
     out = []
     for low in _phase_lows(space.phase_bounds):
         bits = seed_phases[phase_of(low, bounds)] if len(seed_phases) > 1 else seed_phases[0]
@@ -79,9 +74,9 @@ def seed_candidates(
     allocations: list[tuple[tuple[Bits, ...], ...]] = []
     defaults = (default_bits,) * space.num_phases if default_bits is not None else None
     for source in sources:
-        best, bounds = read_best(source)
-        timesteps = tuple(int(t) for t in best["candidate"]["timesteps"])
-        alloc = _allocation(best, bounds, space, source)
+        summary = _load_search(source)
+        timesteps = summary.best.candidate.timesteps
+        alloc = _allocation(summary, space, source)
         used = False
         if space.search_timesteps and _passes(space.validate_timesteps, timesteps):
             schedules.append(timesteps)

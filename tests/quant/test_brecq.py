@@ -1,0 +1,130 @@
+"""Block reconstruction (BRECQ) per candidate width: better block outputs for weights and activations, still a switch,
+saved with the super-network, resumable by block."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tmpq.quant import QuantConfig, QuantSpec, SuperNet, brecq, build_supernet
+
+
+def _spec(small_spec: QuantSpec, **kw) -> QuantSpec:
+    return replace(small_spec, reconstruction="brecq", recon_iters=40, recon_batch=8, recon_rows=24, **kw)
+
+
+@pytest.fixture(scope="module")
+def pair(make_denoiser, calib, small_spec):
+    plain = build_supernet(make_denoiser(), calib, small_spec, progress=False)
+    learned = build_supernet(make_denoiser(), calib, _spec(small_spec), progress=False)
+    return plain, learned
+
+
+def _block_errors(sn: SuperNet, calib, w: int | None, a: int | None) -> float:
+    """Summed output error of every block against FP, on FP block inputs, with every unit that offers `w` (weights)
+    / `a` (activations) at it: what BRECQ targets."""
+    idx = torch.arange(0, len(calib), 2)
+    modules = dict(sn.model.named_modules())
+    sn.set_fp()
+    data = {b: brecq._capture(sn, modules[b], calib, idx, 16) for b in brecq.reconstruction_blocks(sn)}
+    bits = {n: (w if w in u.w_candidates else None, a if a in u.a_candidates else None) for n, u in sn.units.items()}
+    sn.set_config(QuantConfig.from_mapping(bits))
+    total = sum(brecq._block_error(modules[b], d) for b, d in data.items())
+    sn.set_fp()
+    return total
+
+
+def test_blocks_are_the_unets_blocks_and_every_unit_is_in_one(pair):
+    _, learned = pair
+    blocks = brecq.reconstruction_blocks(learned)
+    assert sorted(n for names in blocks.values() for n in names) == sorted(learned.units)
+    kinds = {type(dict(learned.model.named_modules())[b]).__name__ for b in blocks}
+    assert {"ResnetBlock2D", "Attention"} <= kinds
+    attn = next(names for b, names in blocks.items() if b.endswith("attentions.0"))
+    assert any(n.endswith("to_q") for n in attn) and any(n.endswith(".qk") for n in attn)  # projections + matmuls
+
+
+def test_learned_rounding_and_steps_lower_the_block_error_at_every_width(pair, calib, small_spec):
+    plain, learned = pair
+    for w in small_spec.w_bits:
+        assert _block_errors(learned, calib, w, None) < _block_errors(plain, calib, w, None), f"W{w}"
+    for a in small_spec.a_bits:
+        assert _block_errors(learned, calib, None, a) < _block_errors(plain, calib, None, a), f"A{a}"
+    info = learned.calibration_info["reconstruction"]
+    assert info["method"] == "brecq" and info["blocks"] > 0 and info["median_error_ratio"] >= 1.0
+    assert info["act_iters"] == 10  # a quarter of the weight iterations, as the reference's 5,000 / 20,000
+
+
+def test_codes_move_one_step_at_most_and_scales_stay_positive(pair, small_spec):
+    plain, learned = pair
+    moved_any = False
+    for n, u in learned.units.items():
+        for b in u.w_candidates:
+            codes, ref = getattr(u, f"w{b}_codes"), getattr(plain.units[n], f"w{b}_codes")
+            assert codes.dtype == torch.uint8 and int(codes.max()) < 2**b
+            assert int((codes.int() - ref.int()).abs().max()) <= 1
+            moved_any |= not torch.equal(codes, ref)
+    assert moved_any
+    quantizers = brecq._quantizers(learned, list(learned.units)).values()
+    scales = [s for q in quantizers for k, s in q.qparams().items() if k.endswith("_scale")]
+    assert scales and all(bool((s > 0).all()) for s in scales)
+
+
+def test_a_width_learns_the_same_parameters_whatever_the_other_candidates(pair, make_denoiser, calib, small_spec):
+    """Any mix stays valid: a block's W6 codes and A8 steps do not depend on which other widths were calibrated, and a
+    switch to a config equals the super-network built for that config alone, bit for bit."""
+    _, learned = pair
+    only = build_supernet(make_denoiser(), calib, _spec(small_spec, w_bits=(6,), a_bits=(8,)), progress=False)
+    for n, u in only.units.items():
+        for k, v in u.qparams().items():
+            if k.startswith(("w6_", "act.a8_", "left.a8_", "right.a8_")):
+                assert torch.equal(v, learned.units[n].qparams()[k]), (n, k)
+    x, t = calib.x[:4], calib.t[:4]
+    cfg = only.uniform_config(6, 8)
+    outs = []
+    for sn in (learned, only):
+        sn.set_config(cfg)
+        with torch.no_grad():
+            outs.append(sn(x, t))
+    assert torch.equal(*outs)
+
+
+def test_saved_super_network_keeps_the_learned_parameters(pair, make_denoiser, tmp_path):
+    _, learned = pair
+    learned.save(tmp_path / "sn")
+    back = SuperNet.load(tmp_path / "sn", make_denoiser())
+    for n, u in learned.units.items():
+        for k, v in u.qparams().items():
+            assert torch.equal(v, back.units[n].qparams()[k]), (n, k)
+
+
+def test_killed_reconstruction_resumes_by_block_to_the_same_result(
+    pair, make_denoiser, calib, small_spec, tmp_path, monkeypatch
+):
+    _, learned = pair
+    real, calls = brecq.learn_block_weights, {"n": 0}
+
+    def dies_after_six(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(brecq, "learn_block_weights", dies_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        build_supernet(make_denoiser(), calib, _spec(small_spec), progress=False, progress_dir=tmp_path)
+    kept = list(tmp_path.glob("*.safetensors"))
+    assert 0 < len(kept) < len(brecq.reconstruction_blocks(learned))
+    monkeypatch.setattr(brecq, "learn_block_weights", real)
+    resumed = build_supernet(make_denoiser(), calib, _spec(small_spec), progress=False, progress_dir=tmp_path)
+    for n, u in resumed.units.items():
+        for k, v in u.qparams().items():
+            assert torch.equal(v, learned.units[n].qparams()[k]), (n, k)
+
+
+def test_brecq_is_a_reconstruction_with_presets():
+    spec = QuantSpec().with_reconstruction("brecq", "paper")
+    assert spec.reconstruction == "brecq" and spec.recon_iters == 20_000
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
