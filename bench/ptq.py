@@ -80,7 +80,7 @@ def main(
     calib_samples: int = 128,
     calib_steps: int = 20,
     model: str = "builtin:fashion",
-    reconstruction: Annotated[str, typer.Option(help="none | adaround (learned rounding per weight width)")] = "none",
+    reconstruction: Annotated[str, typer.Option(help="none | adaround (per layer) | brecq (per block)")] = "none",
     recon_preset: Annotated[str, typer.Option(help="demo | paper")] = "demo",
     recon_iters: Annotated[int | None, typer.Option(help="override the preset's iterations")] = None,
     out: Path = Path("runs/ptq"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tmpq.compressed import CompressedSampler
+from tmpq.device import resolve_device
 from tmpq.errors import TmpqError
 from tmpq.models.loading import LoadedModel, load_model
 from tmpq.quant.calibration import CalibConfig
@@ -125,9 +126,11 @@ class CompressionResult:
         self.summary = RunSummary.read(run_dir)
 
     @classmethod
-    def open(cls, run_dir: str | Path, model: str | LoadedModel | None = None) -> CompressionResult:
+    def open(
+        cls, run_dir: str | Path, model: str | LoadedModel | None = None, device: str = "cpu"
+    ) -> CompressionResult:
         """A finished run in a new process: its config from search.json, its model (the recorded one unless
-        `model` is given) and its saved super-network (checked against the weights, not recalibrated)."""
+        `model` is given) on `device`, and its saved super-network (checked against the weights, not recalibrated)."""
         run_dir = Path(run_dir)
         summary = RunSummary.read(run_dir)
         config = summary.config
@@ -135,6 +138,7 @@ class CompressionResult:
             loaded = model
         else:
             loaded = load_model(model or summary.model, **summary.model_options)
+        loaded.to(resolve_device(device))
         sn, _, _ = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
         return cls(run_dir, loaded, config, None, supernet=sn)
 
@@ -184,6 +188,7 @@ def compress(
     resume: bool = True,
     progress: bool = True,
     execution: Execution = Execution(),
+    device: str = "auto",
 ) -> CompressionResult:
     """Search timesteps and per-layer bits jointly under `budget`; calibration, search and the final
     re-scoring all live in `run_dir` (a temporary directory when None) and resume after an interruption.
@@ -191,13 +196,17 @@ def compress(
     `prompts` and `guidance_scale` (text-to-image pipelines) condition calibration, search and the sampler.
     `config` overrides everything but `model`, `run_dir`, `resume`, `progress` and `execution` (where candidates
     are evaluated: `Execution(workers=4)` for local processes, `Execution(ray_address="auto")` for Ray).
+    `device`: where the model runs — calibration, search, final scoring (`auto`: CUDA when available); a loaded model
+    is moved there.
     """
+    target = resolve_device(device)
     if isinstance(model, str):
         loaded = load_model(model, prompts=prompts, guidance_scale=guidance_scale)
     elif prompts is not None or guidance_scale is not None:
         raise TmpqError("pass prompts / guidance_scale to load_model when giving a loaded model")
     else:
         loaded = model
+    loaded.to(target)
     if config is None:
         ks = (steps,) if isinstance(steps, int) else tuple(steps)
         evo = EvolutionConfig(seed=seed)

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tmpq.device import resolve_device
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig
 from tmpq.models.train_config import TrainConfig
@@ -108,6 +109,7 @@ MODEL_HELP = (
     "builtin:fashion, a .safetensors from `tmpq train`, a diffusers pipeline/model (dir or hub id), module:factory"
 )
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")]
+DeviceOpt = Annotated[str, typer.Option(help="where the model runs: auto (CUDA when available) | cpu | cuda | cuda:N")]
 PromptsOpt = Annotated[
     Path | None, typer.Option(help="text-to-image: prompt file, one per line (default: the shipped list)")
 ]
@@ -241,9 +243,11 @@ def eval_cmd(
     dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="directory for eval.json and samples.png")] = Path("runs/eval"),
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Sample the FP model on a schedule (or an exported compressed sampler) and report FID/IS (JSON + grid)."""
     _threads(threads)
+    target = resolve_device(device)
     from tmpq.evaluate import EvalConfig, evaluate
 
     _schedule_options(compressed, backend, steps, schedule, timesteps)
@@ -264,7 +268,7 @@ def eval_cmd(
         backend=backend,
         dtype=dtype,
     )
-    res = evaluate(cfg, out)
+    res = evaluate(cfg, out, device=str(target))
     typer.echo(
         f"FID {res.fid:.3f}  IS {res.inception_score:.3f} ± {res.inception_score_std:.3f}  "
         f"({cfg.num_samples} samples, {len(res.timesteps)} steps, {res.sample_wall_s:.1f} s sampling)"
@@ -294,9 +298,11 @@ def sample(
     backend: BackendOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Write a grid of samples from the FP model, or from an exported compressed sampler."""
     _threads(threads)
+    target = resolve_device(device)
     from tmpq.images import save_grid
 
     _schedule_options(compressed, backend, steps, schedule, timesteps)
@@ -311,7 +317,9 @@ def sample(
 
         s = load(compressed)
         if backend is not None:
-            s = s.lower(Backend(mode=backend, dtype=dtype), inplace=True)
+            s = s.lower(Backend(mode=backend, dtype=dtype, device=str(target)), inplace=True)
+        else:
+            s.to(target)
         t0 = time.perf_counter()
         images = s.sample(num_samples, seed=seed, prompts=prompt or None)
         wall = time.perf_counter() - t0
@@ -327,7 +335,7 @@ def sample(
         from tmpq.sampling.schedules import make_timesteps
 
         kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
-        loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {}))
+        loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {})).to(target)
         T = loaded.schedule.num_train_timesteps
         ts = _parse_timesteps(timesteps) or make_timesteps(schedule or "quad", 10 if steps is None else steps, T)
         images = generate(
@@ -425,6 +433,7 @@ def calibrate(
     prompts: PromptsOpt = None,
     guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Calibrate the quantization super-network once for every candidate bit-width (reused by search)."""
     from tmpq.quant import CalibConfig
@@ -432,7 +441,7 @@ def calibrate(
 
     _threads(threads)
     spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters)
-    loaded = _load(model, prompts, guidance_scale)
+    loaded = _load(model, prompts, guidance_scale).to(resolve_device(device))
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
     typer.echo(f"super-network: {len(sn.units)} quantizable units, {len(calib)} calibration inputs, {what}")
@@ -536,6 +545,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             str, typer.Option(help="FID against: fashion-mnist or a folder of your images (1x32x32 features)")
         ] = SearchConfig.fid_reference,
         threads: ThreadsOpt = None,
+        device: DeviceOpt = "auto",
     ) -> None:
         from tmpq.api import compress
         from tmpq.quant import CalibConfig
@@ -581,14 +591,15 @@ def _search_command(full: bool) -> Callable[..., None]:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         execution = Execution(workers, ray, worker_threads, candidate_timeout)
         # the same path as the Python API: compress() with this config, then the result's own export and report
-        res = compress(loaded, run_dir=run_dir, config=cfg, resume=not fresh, execution=execution)
+        res = compress(loaded, run_dir=run_dir, config=cfg, resume=not fresh, execution=execution, device=device)
         _print_search(run_dir, res.search, budget, fitness)
         if full:
             out = res.export(run_dir / "export", overwrite=True)
             typer.echo(f"  exported the best sampler to {out}  (load with tmpq.load('{out}'))")
             from tmpq.runtime.measure import SPEED_FILE, measure_speed, speed_lines
 
-            typer.echo("\n".join(["measured speed:", *speed_lines(measure_speed(out, run_dir / SPEED_FILE))]))
+            speed = measure_speed(out, run_dir / SPEED_FILE, device=loaded.device.type)
+            typer.echo("\n".join(["measured speed:", *speed_lines(speed)]))
             html_path, md_path = res.report()
             typer.echo(f"report: {html_path}  (Markdown: {md_path})")
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.models.parts import PipelineParts
 from tmpq.quant.config import QuantConfig
@@ -126,12 +127,24 @@ class CompressedSampler:
         )
         return Conditioning.cycle(text(prompts), num_samples)
 
+    def to(self, device: torch.device | str) -> CompressedSampler:
+        """This sampler on `device`: the quantized denoiser and its FP parts move (in place; returns self)."""
+        self.supernet.to(device)
+        for part in (self.parts.decoder, self.parts.text_encoder):
+            if part is not None:
+                part.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.supernet)
+
     @torch.no_grad()
     def sample(
         self,
         num_samples: int = 64,
         seed: int = 0,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         progress: bool = False,
         prompts: str | Sequence[str] | None = None,
         decode: bool = True,
@@ -175,11 +188,11 @@ def sample_images(
     denoiser,
     num_samples: int,
     seed: int,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool,
     prompts: str | Sequence[str] | None,
     decode: bool,
-    device: str = "cpu",
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """What every compressed sampler's `sample` does around its denoiser (the super-network's, or a runtime
     backend's): prompts to conditioning, DDIM from the per-sample seeds, decoding by the FP autoencoder."""

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
 from tmpq.fileio import write_json_atomic
 from tmpq.images import save_grid
@@ -86,23 +87,28 @@ def evaluate(
     loaded: LoadedModel | None = None,
     metric: QualityMetric | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> EvalResult:
-    """Generate cfg.num_samples images (sample i from seed cfg.seed + i), score FID/IS, write eval.json + grid."""
+    """Generate cfg.num_samples images (sample i from seed cfg.seed + i) on `device`, score FID/IS, write eval.json
+    + grid. The device is recorded with the result: samples differ across devices by float rounding."""
     metric = metric or reference_metric(cfg.reference)
+    target = resolve_device(device)
     if cfg.compressed is not None:
         from tmpq.export import MANIFEST, TENSORS, load
         from tmpq.runtime import Backend
 
-        backend = None if cfg.backend is None else Backend(mode=cfg.backend, dtype=cfg.dtype)
+        backend = None if cfg.backend is None else Backend(mode=cfg.backend, dtype=cfg.dtype, device=str(target))
         compressed = load(cfg.compressed)
         if backend is not None:
             compressed = compressed.lower(backend, inplace=True)
+        else:
+            compressed.to(target)
         timesteps = list(compressed.timesteps)
         inputs = {"compressed": Path(cfg.compressed) / TENSORS, "manifest": Path(cfg.compressed) / MANIFEST}
         t0 = time.time()
         images = compressed.sample(cfg.num_samples, cfg.seed, cfg.batch_size, progress=progress)
     else:
-        loaded = loaded or load_model(cfg.model)
+        loaded = (loaded or load_model(cfg.model)).to(target)
         timesteps = cfg.resolved_timesteps(loaded.schedule.num_train_timesteps)
         sampler = DDIMSampler(loaded.schedule, timesteps, eta=cfg.eta)
         inputs = {"model": loaded.weights_path} if loaded.weights_path else {}
@@ -122,7 +128,7 @@ def evaluate(
         sample_wall_s=round(t1 - t0, 2),
         score_wall_s=round(t2 - t1, 2),
         image_forwards=cfg.num_samples * len(timesteps),
-        provenance=provenance(inputs) | {"feature_space": scores.feature_space},
+        provenance=provenance(inputs) | {"feature_space": scores.feature_space, "device": device_name(target)},
     )
     if out_dir is not None:
         out = Path(out_dir)

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import BUILTIN_SCHEDULE, BUILTIN_UNET, load_builtin_unet, load_unet_safetensors
 from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
@@ -84,6 +85,21 @@ class LoadedModel:
     @property
     def conditional(self) -> bool:
         return self.text_encoder is not None
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.denoiser)
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        """This model with its denoiser and FP parts on `device` (moved in place; returns self for chaining)."""
+        device = torch.device(device)
+        self.denoiser.to(device)
+        for part in (self.decoder, self.text_encoder):
+            if part is not None:
+                part.to(device)
+        if self._table is not None:
+            self._table = self._table.to(device)
+        return self
 
     @property
     def parts(self) -> PipelineParts:

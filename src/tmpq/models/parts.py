@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import ASSETS
 
@@ -31,11 +32,16 @@ class LatentDecoder:
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.batch_size = batch_size
 
+    def to(self, device: torch.device | str) -> LatentDecoder:
+        self.vae.to(device)
+        return self
+
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         out = []
+        device = module_device(self.vae)
         for i in range(0, len(latents), self.batch_size):  # a large VAE decodes a few images at a time
-            z = latents[i : i + self.batch_size] / self.scaling_factor + self.shift_factor
+            z = latents[i : i + self.batch_size].to(device) / self.scaling_factor + self.shift_factor
             out.append(self.vae.decode(z).sample.clamp(-1, 1).cpu())
         return torch.cat(out)
 
@@ -49,6 +55,10 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.eval()
 
+    def to(self, device: torch.device | str) -> TextEncoder:
+        self.text_encoder.to(device)
+        return self
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str) or not prompts:
@@ -60,7 +70,7 @@ class TextEncoder:
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return self.text_encoder(ids)[0].float()
+        return self.text_encoder(ids.to(module_device(self.text_encoder)))[0].float()
 
 
 @dataclass(frozen=True)

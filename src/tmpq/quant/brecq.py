@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.layers import ActQuantizer, MatmulQuant, QuantWeightLayer
@@ -109,7 +110,7 @@ def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, bat
     try:
         with torch.no_grad():
             for i in range(0, len(idx), batch_size):
-                call_denoiser(sn.model, *calib.rows(idx[i : i + batch_size]))
+                call_denoiser(sn.model, *calib.rows(idx[i : i + batch_size], module_device(sn.model)))
     finally:
         h1.remove()
         h2.remove()

@@ -87,13 +87,21 @@ class CalibrationSet:
             return None
         return Conditioning(self.cond_table, self.cond_ids[idx])
 
-    def rows(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, Conditioning | None]:
-        """(x, t, cond) of the given rows: what the denoiser is called with."""
-        return self.x[idx], self.t[idx], self.cond(idx)
+    def rows(
+        self, idx: torch.Tensor | slice, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Conditioning | None]:
+        """(x, t, cond) of the given rows: what the denoiser is called with, on `device` (the set stays on the CPU,
+        or in its file, and only the rows in use move)."""
+        x, t, cond = self.x[idx], self.t[idx], self.cond(idx)
+        if device is None:
+            return x, t, cond
+        return x.to(device), t.to(device), None if cond is None else cond.to(device)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Conditioning | None]]:
+    def batches(
+        self, batch_size: int, device: torch.device | str | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Conditioning | None]]:
         for i in range(0, len(self), batch_size):
-            yield self.rows(slice(i, i + batch_size))
+            yield self.rows(slice(i, i + batch_size), device)
 
     def save(self, path: str | Path) -> None:
         if isinstance(self.x, FileRows):

@@ -17,7 +17,7 @@ from torch import nn
 
 from tmpq.errors import TmpqError
 from tmpq.quant.observers import ActObserver, act_qparams, weight_qparams
-from tmpq.quant.primitives import channel_view, dequantize, fake_quantize_, quantize
+from tmpq.quant.primitives import channel_view, dequantize, fake_quantize_, fake_quantize_fused, quantize
 
 
 def _check_bits(bits: int | None, candidates: Sequence[int], what: str, name: str) -> None:
@@ -70,6 +70,15 @@ class ActQuantizer(nn.Module):
             self.register_buffer(f"a{b}_zp", torch.tensor([z for _, z in qp]), persistent=False)
         self.observers = None
 
+    def _host_qparams(self, scale: torch.Tensor, zp: torch.Tensor) -> tuple[list[float], list[int]]:
+        """The range as Python numbers, read from the device once per switch (not once per call: no host sync in the
+        sampling loop)."""
+        cached = self.__dict__.get("_host_cache")
+        if cached is None or cached[0] is not scale or cached[1] is not zp:
+            cached = (scale, zp, [float(s) for s in scale.tolist()], [int(z) for z in zp.tolist()])
+            self.__dict__["_host_cache"] = cached
+        return cached[2], cached[3]
+
     def qparams(self) -> dict[str, torch.Tensor]:
         out = {}
         for b in self.candidates:
@@ -91,6 +100,8 @@ class ActQuantizer(nn.Module):
         if self.bits is None:
             return x
         scale, zp = getattr(self, f"a{self.bits}_scale"), getattr(self, f"a{self.bits}_zp")
+        if x.device.type != "cpu":  # one fused kernel per quantizer (launch-bound devices)
+            return fake_quantize_fused(x, *self._host_qparams(scale, zp), self.bits, self.split)
         out = x.clone()
         for i, part in enumerate(self.parts(out)):  # views of the copy: no split/cat round trip
             fake_quantize_(part, scale[i], zp[i], self.bits)
@@ -183,7 +194,7 @@ class QuantWeightLayer(QuantUnit):
 
     def dequantized_weight(self, bits: int) -> torch.Tensor:
         w = self.base.weight
-        codes, scale, zp = self.weight_codes(bits)
+        codes, scale, zp = (t.to(w.device) for t in self.weight_codes(bits))
         return dequantize(codes, channel_view(scale, w.ndim), channel_view(zp, w.ndim)).to(w.dtype)
 
     def set_bits(self, w: int | None, a: int | None) -> None:

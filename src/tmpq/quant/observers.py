@@ -51,13 +51,14 @@ class ActObserver:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().reshape(-1).cpu()
-        self.min = min(self.min, float(flat.min()))
-        self.max = max(self.max, float(flat.max()))
+        flat = x.detach().reshape(-1)  # on the activation's device: only the subsample travels to the CPU
+        lo, hi = torch.aminmax(flat)
+        self.min = min(self.min, float(lo))
+        self.max = max(self.max, float(hi))
         self.count += 1
         k = min(self.per_batch, flat.numel())
         idx = torch.randint(flat.numel(), (k,), generator=self.gen)
-        self.chunks.append(flat[idx])
+        self.chunks.append(flat[idx.to(flat.device)].float().cpu())
 
     def values(self) -> torch.Tensor:
         """The subsample: the same every call (each candidate width is scored on the same values)."""

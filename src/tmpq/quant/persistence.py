@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.quant.config import QuantSpec
 from tmpq.quant.cost import CostModel
@@ -57,7 +58,7 @@ def load_supernet(directory: str | Path, model: nn.Module) -> SuperNet:
         raise TmpqError(f"{directory} holds no saved super-network ({JSON_NAME} + {TENSORS_NAME}); calibrate first")
     try:
         meta = json.loads(jpath.read_text())
-        tensors = load_file(str(tpath))
+        tensors = load_file(str(tpath), device=str(module_device(model)))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise TmpqError(f"the super-network in {directory} is unreadable ({e}); re-calibrate") from None
     if meta.get("version") != SUPERNET_VERSION:

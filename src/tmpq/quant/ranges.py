@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from tmpq.device import module_device
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.sampling.conditioning import call_denoiser
 
@@ -31,7 +32,7 @@ def calibrate_ranges(sn: SuperNet, calib: CalibrationSet, batch_size: int = 64, 
         q.start_observing(sn.spec.act_max_values)
     try:
         bar = tqdm(total=len(calib), desc="calibrate activations", disable=not progress, leave=False)
-        for x, t, cond in calib.batches(batch_size):
+        for x, t, cond in calib.batches(batch_size, module_device(sn.model)):
             call_denoiser(sn.model, x, t, cond)
             bar.update(len(x))
         bar.close()

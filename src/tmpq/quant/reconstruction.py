@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.primitives import channel_view, qmax
@@ -87,7 +88,7 @@ def adaround_codes(
     for i in range(iters):
         idx = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)
         h = _soft(v)
-        loss = _output_error(unit, inputs[idx], weight(h), w)
+        loss = _output_error(unit, inputs[idx].to(w.device), weight(h), w)
         if i >= warm:
             beta = BETA_END + (BETA_START - BETA_END) * (1 - (i - warm) / max(1, iters - warm))
             loss = loss + REG_WEIGHT * (1 - (2 * h - 1).abs().pow(beta)).sum()
@@ -100,7 +101,9 @@ def adaround_codes(
         errs = {}
         for key, codes in (("nearest", nearest), ("learned", learned)):
             wq = (codes - zp) * scale
-            errs[key] = float(sum(_output_error(unit, inputs[i : i + 64], wq, w) for i in range(0, len(inputs), 64)))
+            errs[key] = float(
+                sum(_output_error(unit, inputs[i : i + 64].to(w.device), wq, w) for i in range(0, len(inputs), 64))
+            )
     best = learned if errs["learned"] <= errs["nearest"] else nearest
     return best.to(torch.uint8), errs
 
@@ -135,7 +138,7 @@ def _input_bytes(sn, units: dict, calib: CalibrationSet) -> dict[str, int]:
     """Bytes of one calibration row's input to each unit (one probe forward)."""
     cap = _Capture(units, 1)
     try:
-        call_denoiser(sn.model, *calib.rows(slice(0, 1)))
+        call_denoiser(sn.model, *calib.rows(slice(0, 1), module_device(sn.model)))
     finally:
         cap.close()
     return {n: t[0].numel() * 4 for n, t in cap.store.items()}
@@ -192,7 +195,7 @@ def reconstruct_weights(
             cap = _Capture({n: units[n] for n in chunk}, len(idx))
             try:
                 for i in range(0, len(idx), batch_size):
-                    call_denoiser(sn.model, *calib.rows(idx[i : i + batch_size]))
+                    call_denoiser(sn.model, *calib.rows(idx[i : i + batch_size], module_device(sn.model)))
             finally:
                 cap.close()
             for name in chunk:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.config import ANY_LAYER, QuantConfig, QuantSpec
@@ -261,7 +262,7 @@ def build_supernet(
     """Wrap `model` and calibrate every candidate bit-width once on `calib`: ranges, then, with
     `spec.reconstruction`, learned rounding per (unit, weight width), kept unit by unit in `progress_dir` so that a
     killed calibration continues where it stopped."""
-    sn = SuperNet.wrap(model, spec, calib.rows(slice(0, 1)))
+    sn = SuperNet.wrap(model, spec, calib.rows(slice(0, 1), module_device(model)))
     sn.calibrate(calib, batch_size=batch_size, progress=progress)
     if spec.reconstruction is not None:
         from tmpq.quant.brecq import reconstruct_blocks

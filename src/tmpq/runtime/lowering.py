@@ -138,7 +138,7 @@ class RuntimeSampler:
         self,
         num_samples: int = 64,
         seed: int = 0,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         progress: bool = False,
         prompts: str | Sequence[str] | None = None,
         decode: bool = True,

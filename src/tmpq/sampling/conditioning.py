@@ -43,6 +43,10 @@ class Conditioning:
     def select(self, start: int, stop: int) -> Conditioning:
         return Conditioning(self.table, self.ids[start:stop])
 
+    def to(self, device: torch.device | str) -> Conditioning:
+        """The embeddings table on `device` (the ids index it from anywhere)."""
+        return Conditioning(self.table.to(device), self.ids)
+
     def embeddings(self) -> torch.Tensor:
         return self.table[self.ids]
 

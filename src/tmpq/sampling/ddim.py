@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from tmpq.device import default_batch_size, module_device
 from tmpq.errors import TmpqError
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.schedules import NoiseSchedule, validate_timesteps
@@ -131,13 +132,16 @@ def generate(
     num_samples: int,
     shape: Sequence[int],
     seed: int = 0,
-    batch_size: int = 64,
-    device: str = "cpu",
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
     progress: bool = True,
     cond: Conditioning | None = None,
 ) -> torch.Tensor:
-    """Sample `num_samples` images; sample i uses seed `seed + i` (and `cond` entry i), so the batch size changes
-    only float rounding."""
+    """Sample `num_samples` images (returned on the CPU); sample i uses seed `seed + i` (and `cond` entry i), so the
+    batch size changes only float rounding. `device`: where the noise is made, by default the model's; `batch_size`:
+    by default what suits that device (`tmpq.device.default_batch_size`)."""
+    device = module_device(model) if device is None else torch.device(device)
+    batch_size = batch_size or default_batch_size(device)
     if num_samples < 1:
         raise TmpqError(f"num_samples must be >= 1, got {num_samples}")
     if cond is not None and len(cond) != num_samples:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from queue import Empty
 
 from tmpq.errors import TmpqError
@@ -68,6 +68,18 @@ class WorkerSpec:
         except (ImportError, AttributeError) as e:
             raise TmpqError(f"worker factory {self.factory!r} cannot be imported ({e})") from None
         return fn(**self.kwargs)
+
+
+def lane_spec(spec: WorkerSpec, lane: int) -> WorkerSpec:
+    """Local worker `lane`'s spec: with several CUDA devices, worker i uses device i mod count (Ray assigns its actors
+    their own GPU instead); on one device or the CPU every worker shares it."""
+    device = str(spec.kwargs.get("device", "cpu"))
+    if device != "cuda":
+        return spec
+    import torch
+
+    count = torch.cuda.device_count()
+    return replace(spec, kwargs=spec.kwargs | {"device": f"cuda:{lane % count}"}) if count > 1 else spec
 
 
 def _next_attempt(queue: list[Candidate], attempts: dict[str, int], max_attempts: int, hint: str) -> Candidate:
@@ -170,7 +182,7 @@ class ProcessEvaluator:
         if workers < 1:
             raise TmpqError(f"workers must be >= 1, got {workers}")
         self.spec, self.workers, self.timeout_s, self.max_attempts = spec, workers, timeout_s, max_attempts
-        self._lanes = [_Lane(spec) for _ in range(workers)]
+        self._lanes = [_Lane(lane_spec(spec, i)) for i in range(workers)]
         self.restarts = 0
 
     def _restart(self, lane: _Lane) -> None:

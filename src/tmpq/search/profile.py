@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tmpq.device import module_device
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.ddim import DDIMSampler, per_sample_noise, seed_generators
 from tmpq.sampling.schedules import NoiseSchedule, uniform_timesteps
@@ -34,13 +35,14 @@ def change_profile(
     T = schedule.num_train_timesteps
     ts = uniform_timesteps(num_steps, T)
     sampler = DDIMSampler(schedule, ts)
-    x = per_sample_noise(seed_generators(range(seed, seed + num_samples)), sample_shape)
+    device = module_device(model)
+    x = per_sample_noise(seed_generators(range(seed, seed + num_samples)), sample_shape, device)
     a = schedule.alphas_cumprod.double()
     sigma = ((1 - a) / a).sqrt()
     eps_prev, t_prev = None, None
     rate = [0.0] * T
     for i, t in enumerate(ts):
-        eps = call_denoiser(model, x, torch.full((num_samples,), t, dtype=torch.long), cond)
+        eps = call_denoiser(model, x, torch.full((num_samples,), t, dtype=torch.long, device=device), cond)
         if eps_prev is not None:
             d_eps = float((eps - eps_prev).pow(2).mean().sqrt()) / (t_prev - t)
             d_sigma = float(sigma[t_prev] - sigma[t]) / (t_prev - t)

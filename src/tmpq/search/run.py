@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
 from tmpq.evaluate import reference_metric
 from tmpq.fileio import write_json_atomic
@@ -235,12 +236,15 @@ def check_fp_steps(ctx: SearchContext) -> tuple[FpSteps | None, int]:
     return FpSteps(fids, record["samples"], fp_steps_advice(fids, cfg.fitness.reference_steps)), spent["n"]
 
 
-def worker_fitness(model: str, run_dir: str, config: SearchConfig, model_options: dict | None = None) -> SampleFitness:
+def worker_fitness(
+    model: str, run_dir: str, config: SearchConfig, model_options: dict | None = None, device: str = "cpu"
+) -> SampleFitness:
     """A search worker's fitness, rebuilt from the run directory the main process has prepared (calibrated
-    super-network, change profile, proxy reference): nothing is recomputed, so every worker scores alike."""
+    super-network, change profile, proxy reference): nothing is recomputed, so every worker scores alike. `device`:
+    the main process's device type (a local worker's own GPU is chosen by `parallel.lane_spec`)."""
     from tmpq.models.loading import load_model
 
-    loaded = load_model(model, **(model_options or {}))
+    loaded = load_model(model, **(model_options or {})).to(resolve_device(device))
     run_dir = Path(run_dir)
     sn, _, prep = prepare_supernet(loaded, run_dir, config.calib, config.quant, progress=False)
     if not prep["reused"]:
@@ -345,7 +349,13 @@ def run_search(
     if execution.workers or execution.ray_address is not None:
         spec = WorkerSpec(
             "tmpq.search.run:worker_fitness",
-            {"model": loaded.spec, "run_dir": str(run_dir), "config": cfg, "model_options": loaded.options},
+            {
+                "model": loaded.spec,
+                "run_dir": str(run_dir),
+                "config": cfg,
+                "model_options": loaded.options,
+                "device": loaded.device.type,
+            },
             threads=execution.threads,
         )
         evaluator = make_evaluator(None, spec, execution.workers, execution.ray_address, execution.timeout_s)
@@ -630,7 +640,8 @@ def _write_result(
         fp_steps=fp_steps,
         model_options=dict(loaded.options),
         noise_schedule=loaded.schedule,
-        provenance=provenance({"model": loaded.weights_path} if loaded.weights_path else {}),
+        provenance=provenance({"model": loaded.weights_path} if loaded.weights_path else {})
+        | {"device": device_name(loaded.device)},  # results are per device (float rounding differs)
     ).write(ctx.run_dir)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from tmpq.device import module_device
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.layers import MatmulQuant
 from tmpq.quant.supernet import SuperNet
@@ -21,7 +22,7 @@ def layer_sensitivity(
     """
     idx = torch.linspace(0, len(calib) - 1, min(num_inputs, len(calib))).round().long()
     # calibration rows are ordered trajectory by trajectory; a strided pick covers every timestep
-    x, t, c = calib.rows(idx)
+    x, t, c = calib.rows(idx, module_device(supernet))
     supernet.set_fp()
     ref = supernet(x, t, c)
     out: dict[str, dict[str, dict[int, float]]] = {}
