@@ -506,7 +506,11 @@ def _search_command(full: bool) -> Callable[..., None]:
             FitnessConfig.proxy_stat
         ),
         proxy_reference_steps: Annotated[
-            int, typer.Option(help="the proxy's target: the FP model at this many uniform DDIM steps")
+            int | None,
+            typer.Option(
+                help="the proxy's target: the FP model at this many uniform DDIM steps [auto: where the FP model "
+                "scores best on the fitness seeds, measured first]"
+            ),
         ] = FitnessConfig.reference_steps,
         staged: Annotated[
             bool, typer.Option(help="bits-only and timesteps-only searches first, then the joint one seeded by both")

@@ -195,6 +195,32 @@ def test_fp_steps_advice_warns_only_when_more_steps_are_clearly_worse():
     assert fp_steps_advice({10: 155.0, 20: 100.0, 100: 105.0}, 100) is None  # within the tolerance
 
 
+def test_the_automatic_proxy_target_is_where_fp_scores_best():
+    from tmpq.search.run import proxy_target
+
+    assert proxy_target({10: 155.0, 20: 113.0, 50: 126.0, 100: 197.0}) == 20  # degrades with steps: its peak
+    assert proxy_target({10: 155.0, 20: 113.0, 50: 100.0, 100: 98.0}) == 100  # a sound model: full steps
+    assert proxy_target({10: 155.0, 20: 100.0, 100: 105.0}) == 100  # within the tolerance: the more steps
+
+
+def test_a_search_left_to_choose_its_proxy_target_measures_and_records_it(make_tiny_unet, tmp_path):
+    from tmpq.search.run import proxy_target
+
+    cfg = _cfg(fitness=FitnessConfig(kind="proxy", proxy_space="features", num_samples=4))
+    assert cfg.fitness.reference_steps is None  # the default: chosen by the search
+    run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    out = json.loads((tmp_path / "search.json").read_text())
+    rec = out["fp_steps"]
+    fids = {int(n): f for n, f in rec["fid"].items()}
+    assert sorted(fids) == [4, 20, 50, 100] and rec["target"] == proxy_target(fids) and rec["advice"] is None
+    assert out["config"]["fitness"]["reference_steps"] is None  # the config as given; the choice sits beside it
+    # the proxy reference was made at the chosen target (its file is keyed on the concrete fitness config)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "proxy_reference.safetensors"), framework="pt") as fh:
+        assert json.loads(fh.metadata()["fitness"])["reference_steps"] == rec["target"]
+
+
 def test_search_records_fp_quality_by_step_count(make_tiny_unet, tmp_path):
     cfg = _cfg(fitness=FitnessConfig(kind="proxy", proxy_space="features", num_samples=4, reference_steps=8))
     run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)

@@ -30,6 +30,8 @@ from tmpq.search.space import Candidate, SearchSpace
 from tmpq.serialization import DictConfig
 
 FITNESS_KINDS = ("fid", "proxy")
+FULL_STEPS = 100
+"""FP 'at full steps': the proxy's target when nothing was measured, and the final table's FP reference."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class FitnessConfig(DictConfig):
     num_samples: int = 64
     seed: int = 0
     batch_size: int = 128
-    reference_steps: int = 100  # proxy target: FP DDIM at this many uniform steps
+    # proxy target: FP DDIM at this many uniform steps. None: a search picks the step count at which the FP model
+    # scores best on the fitness seeds (RUN/fp_steps.json); outside a search (no measurement) FULL_STEPS
+    reference_steps: int | None = None
     proxy_space: str = "features"  # 'features' (classifier space) or 'pixels'
     proxy_stat: str = "mean"  # how per-sample distances are pooled: 'mean' or 'median' (robust to a few outliers)
 
@@ -51,7 +55,7 @@ class FitnessConfig(DictConfig):
             raise TmpqError(f"proxy_stat must be 'mean' or 'median', got {self.proxy_stat!r}")
         if self.num_samples < 2:
             raise TmpqError("fitness needs at least 2 samples")
-        if self.reference_steps < 1:
+        if self.reference_steps is not None and self.reference_steps < 1:
             raise TmpqError(f"the proxy's reference steps must be >= 1, got {self.reference_steps}")
 
 
@@ -84,7 +88,8 @@ class SampleFitness:
         """FP samples from the fitness seeds at `reference_steps` (computed once; pass `reference` to reuse)."""
         if self.reference is None:
             cfg = self.config
-            ts = make_timesteps("uniform", cfg.reference_steps, self.schedule.num_train_timesteps)
+            T = self.schedule.num_train_timesteps
+            ts = make_timesteps("uniform", min(cfg.reference_steps or FULL_STEPS, T), T)
             self.reference = self.fp_samples(ts)
             self.reference_forwards = cfg.num_samples * len(ts)
         if self.reference.shape[0] != self.config.num_samples:

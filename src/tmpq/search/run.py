@@ -30,7 +30,7 @@ from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import Budget, CandidateCost, Repairer
 from tmpq.search.config import AUTO, SearchConfig, precision_of
 from tmpq.search.evolution import EvolutionarySearch, SearchResult
-from tmpq.search.fitness import FitnessConfig, SampleFitness
+from tmpq.search.fitness import FULL_STEPS, FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_evaluator
 from tmpq.search.profile import change_profile
 from tmpq.search.seeds import seed_candidates, seed_costs
@@ -211,14 +211,29 @@ def fp_steps_advice(fids: dict[int, float], target: int) -> str | None:
     )
 
 
-def check_fp_steps(ctx: SearchContext) -> tuple[FpSteps | None, int]:
-    """FID of the FP model at a few uniform step counts on the fitness seeds (kept in RUN/fp_steps.json), and the
-    advice above; only where the classifier metric scores this model's images. Returns (record, forwards now)."""
+def proxy_target(fids: dict[int, float]) -> int:
+    """The proxy's automatic target: the most steps among the counts whose FP FID is within FP_STEPS_TOLERANCE of the
+    best (a sound model: full steps; one that degrades with steps: where it peaks)."""
+    best = min(fids.values())
+    return max(n for n, f in fids.items() if f <= (1 + FP_STEPS_TOLERANCE) * best)
+
+
+def check_fp_steps(ctx: SearchContext) -> tuple[SearchContext, FpSteps | None, int]:
+    """FID of the FP model at a few uniform step counts on the fitness seeds (kept in RUN/fp_steps.json); with the
+    proxy's target left to the search (`reference_steps` None), the target is chosen from it (`proxy_target`),
+    otherwise the advice above. Only where the classifier metric scores this model's images; elsewhere an automatic
+    target is FP at full steps. Returns (the context with a concrete target, the record, forwards spent now)."""
     sn, loaded, cfg, run_dir, metric = ctx.sn, ctx.loaded, ctx.cfg, ctx.run_dir, ctx.metric
-    if metric is None or cfg.fitness.kind != "proxy":
-        return None, 0
     T = loaded.schedule.num_train_timesteps
-    counts = sorted({n for n in (min(cfg.steps), 20, 50, cfg.fitness.reference_steps) if 1 <= n <= T})
+    auto = cfg.fitness.reference_steps is None
+
+    def with_target(n: int) -> SearchContext:
+        return replace(ctx, cfg=replace(cfg, fitness=replace(cfg.fitness, reference_steps=n)))
+
+    if metric is None or cfg.fitness.kind != "proxy":
+        return (with_target(min(FULL_STEPS, T)) if auto else ctx), None, 0
+    target = FULL_STEPS if auto else cfg.fitness.reference_steps
+    counts = sorted({n for n in (min(cfg.steps), 20, 50, target) if 1 <= n <= T})
     spent = {"n": 0}
 
     def measure() -> dict:
@@ -233,7 +248,11 @@ def check_fp_steps(ctx: SearchContext) -> tuple[FpSteps | None, int]:
     key = {"fingerprint": sn.fingerprint, "what": "fp_steps", "steps": counts, "fitness": asdict(cfg.fitness)}
     record, _ = _cached_json(run_dir / FP_STEPS_FILE, key, measure)
     fids = {int(n): f for n, f in record["fid"].items()}
-    return FpSteps(fids, record["samples"], fp_steps_advice(fids, cfg.fitness.reference_steps)), spent["n"]
+    if auto:
+        chosen = proxy_target(fids)
+        return with_target(chosen), FpSteps(fids, record["samples"], None, chosen), spent["n"]
+    advice = fp_steps_advice(fids, cfg.fitness.reference_steps)
+    return ctx, FpSteps(fids, record["samples"], advice, cfg.fitness.reference_steps), spent["n"]
 
 
 def worker_fitness(
@@ -250,7 +269,8 @@ def worker_fitness(
     if not prep["reused"]:
         raise TmpqError(f"worker found no calibrated super-network in {run_dir}; the main process prepares it first")
     ctx = SearchContext(loaded, config, run_dir, sn, _metric(config), progress=False)
-    ctx, _, _ = resolve_grouping(ctx)  # cached by the main process
+    ctx, _, _ = check_fp_steps(ctx)  # both cached by the main process
+    ctx, _, _ = resolve_grouping(ctx)
     space, _ = _build_space(ctx)
     fitness, _ = _build_fitness(ctx, space)
     return fitness
@@ -311,18 +331,22 @@ def run_search(
     ledger.record("calibration", prep["calibrate_forwards"])
     fp_key = {"fingerprint": sn.fingerprint}
     user_cfg = cfg
-    ctx, choice, spent = resolve_grouping(SearchContext(loaded, cfg, run_dir, sn, _metric(cfg), progress))
+    ctx, fp_steps, forwards = check_fp_steps(SearchContext(loaded, cfg, run_dir, sn, _metric(cfg), progress))
+    ledger.record("fp_steps", forwards)
+    if fp_steps is not None and progress:
+        shown = ", ".join(f"{n} steps {f:.1f}" for n, f in sorted(fp_steps.fid.items()))
+        if fp_steps.advice:
+            print(f"warning: {fp_steps.advice}")
+        elif user_cfg.fitness.reference_steps is None:
+            print(f"proxy target: FP at {fp_steps.target} steps (FP FID on the fitness seeds: {shown})")
+
+    ctx, choice, spent = resolve_grouping(ctx)
     cfg = ctx.cfg
     for what, forwards in spent.items():
         ledger.record(what, forwards)
     if choice is not None and progress:
         scores = ", ".join(f"{g} {v:.4g}" for g, v in choice.scores.items())
         print(f"grouping auto: {choice.chosen} (FP at {choice.steps} steps, {choice.fitness}: {scores})")
-
-    fp_steps, forwards = check_fp_steps(ctx)
-    ledger.record("fp_steps", forwards)
-    if fp_steps is not None and fp_steps.advice and progress:
-        print(f"warning: {fp_steps.advice}")
 
     space, overhead = _build_space(ctx)
     ledger.record("change_profile", overhead)
@@ -523,10 +547,6 @@ def _run_stages(loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, resume, p
         res = run_search(loaded, stage_cfg, stage_dir, resume=resume, progress=progress, execution=execution)
         res.supernet.unwrap()  # the next stage wraps the same model again
         share_prepared(stage_dir, run_dir)
-
-
-FULL_STEPS = 100
-"""The 'FP at full steps' reference of the final table (uniform DDIM steps)."""
 
 
 def _final_eval(

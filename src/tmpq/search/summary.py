@@ -182,13 +182,20 @@ class FpSteps:
     fid: dict[int, float]
     samples: int
     advice: str | None = None
+    target: int | None = None  # the proxy's target step count the search used (chosen here when left to it)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FpSteps:
-        return cls({int(n): float(f) for n, f in d["fid"].items()}, int(d["samples"]), d.get("advice"))
+        fids = {int(n): float(f) for n, f in d["fid"].items()}
+        return cls(fids, int(d["samples"]), d.get("advice"), d.get("target"))
 
     def to_dict(self) -> dict:
-        return {"fid": {str(n): f for n, f in self.fid.items()}, "samples": self.samples, "advice": self.advice}
+        return {
+            "fid": {str(n): f for n, f in self.fid.items()},
+            "samples": self.samples,
+            "advice": self.advice,
+            "target": self.target,
+        }
 
 
 @dataclass(frozen=True)
