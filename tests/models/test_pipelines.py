@@ -4,6 +4,7 @@ load → calibrate → search → export → load → sample, the FP parts left 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,6 +155,35 @@ def test_cross_attention_is_quantized_and_exact_in_fp(t2i_dir):
     assert not torch.equal(q, ref) and (q - ref).pow(2).mean() < 0.05 * ref.pow(2).mean()
     assert _no_twins(m.text_encoder.text_encoder)
     assert calib.cond_table.shape[0] == 2 and calib.cond_ids.tolist() == [0, 1] * 3  # table once, ids per row
+
+
+def test_text2image_reconstructs_blocks_on_its_prompted_calibration(t2i_dir):
+    """BRECQ on a text-to-image UNet: transformer, attention and ResNet blocks (fed the guidance-doubled batch and
+    the text embeddings) each learn rounding and activation steps, and the quantized model is no further from FP."""
+    from tmpq.quant.brecq import reconstruction_blocks
+
+    prompts = ["a red car", "a blue sky"]
+    m = load_model(str(t2i_dir), prompts=prompts)
+    cond = m.conditioning(2)
+    calib = tmpq.collect_calibration(
+        m.denoiser, m.schedule, m.sample_shape, CalibConfig(2, 3, conditioning=cond.digest()), progress=False, cond=cond
+    )
+    spec = QuantSpec(w_bits=(4,), a_bits=(8,))
+    plain = tmpq.build_supernet(load_model(str(t2i_dir), prompts=prompts).denoiser, calib, spec, progress=False)
+    learned = replace(spec, reconstruction="brecq", recon_iters=20, recon_rows=6)
+    sn = tmpq.build_supernet(m.denoiser, calib, learned, progress=False)
+    kinds = {type(dict(sn.model.named_modules())[b]).__name__ for b in reconstruction_blocks(sn)}
+    assert {"ResnetBlock2D", "Attention", "BasicTransformerBlock"} <= kinds
+    assert sn.calibration_info["reconstruction"]["method"] == "brecq"
+    x, t, c = calib.rows(slice(0, 6))
+    errs = []
+    with torch.no_grad():
+        for s in (plain, sn):
+            s.set_fp()
+            ref = s(x, t, c)
+            s.set_config(s.uniform_config(4, 8))
+            errs.append(float((s(x, t, c) - ref).pow(2).mean()))
+    assert errs[1] <= errs[0] * 1.05
 
 
 def test_text2image_search_export_load_sample_with_prompts(t2i_dir, tmp_path):

@@ -128,3 +128,37 @@ def test_brecq_is_a_reconstruction_with_presets():
     spec = QuantSpec().with_reconstruction("brecq", "paper")
     assert spec.reconstruction == "brecq" and spec.recon_iters == 20_000
     assert QuantSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_learned_parameters_travel_through_export_load_and_the_backends(pair, tmp_path):
+    """Learned codes and steps are just other codes and scales: an export loads back to the same samples, the
+    packed backend equals the super-network bit for bit, and every int8 layer equals its fake-quantized twin."""
+    import random
+
+    import tmpq
+    from tmpq.compressed import CompressedSampler
+    from tmpq.runtime import Backend
+    from tmpq.runtime.lowering import lower
+    from tmpq.sampling.schedules import NoiseSchedule
+    from tmpq.search import SearchSpace
+
+    _, learned = pair
+    space = SearchSpace.from_supernet(learned, steps=(3,))
+    cand = space.random(random.Random(5))
+    s = CompressedSampler.from_candidate(learned, space, cand, NoiseSchedule(), (1, 32, 32))
+    ref = s.sample(3, seed=1)
+    assert torch.equal(tmpq.load(s.export(tmp_path / "export")).sample(3, seed=1), ref)
+    assert torch.equal(lower(s, "packed").sample(3, seed=1), ref)
+    rs = lower(s, Backend("int8", exact_rounding=True))
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in rs.denoiser.layers.items():
+        twin = learned.units[name]
+        c = twin.base.weight.shape[1]
+        for key in layer.variants:
+            x = torch.randn(2, c, 8, 8, generator=gen) if layer.kind == "conv" else torch.randn(2, 3, c, generator=gen)
+            twin.set_bits(*key)
+            layer.active = key
+            with torch.no_grad():
+                a, b = twin(x), layer(x)
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, (name, key)
+    learned.set_fp()

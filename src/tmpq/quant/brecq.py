@@ -116,11 +116,9 @@ def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, bat
         h2.remove()
     if not calls:
         raise TmpqError("a reconstruction block saw no calibration data; is it used by the model's forward?")
+    # each call is a valid (input, output) sample of the block, however many there are per model call: with
+    # classifier-free guidance a block sees the doubled batch [unconditional; conditional]
     per_call = [c[2].shape[0] for c in calls]
-    if sum(per_call) != len(idx):  # called more than once per model forward: not a block to reconstruct alone
-        raise TmpqError(
-            "a block runs more than once per model call; reconstruct this model with --reconstruction adaround"
-        )
 
     def join(values: list):
         first = values[0]
