@@ -113,6 +113,9 @@ DeviceOpt = Annotated[str, typer.Option(help="where the model runs: auto (CUDA w
 PromptsOpt = Annotated[
     Path | None, typer.Option(help="text-to-image: prompt file, one per line (default: the shipped list)")
 ]
+ClassesOpt = Annotated[
+    str | None, typer.Option(help="class-conditional (DiT): label ids, e.g. 207,360 (default: every class)")
+]
 GuidanceOpt = Annotated[float | None, typer.Option(help="text-to-image: classifier-free guidance scale (7.5)")]
 ReconOpt = Annotated[
     str,
@@ -130,12 +133,14 @@ BackendOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option(help="with --backend: float arithmetic float32|bfloat16|float16")]
 
 
-def _load(model: str, prompts: Path | None, guidance_scale: float | None):
-    """load_model with the text-to-image options, only when given (other models refuse them)."""
+def _load(model: str, prompts: Path | None, guidance_scale: float | None, classes: str | None = None):
+    """load_model with the conditional options, only when given (other models refuse them)."""
     from tmpq.models.loading import load_model
     from tmpq.models.parts import read_prompts
 
     kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+    if classes is not None:
+        kw["classes"] = parse_ints(classes, "--classes", distinct=False)
     return load_model(model, **kw, **({"prompts": read_prompts(prompts)} if prompts is not None else {}))
 
 
@@ -295,6 +300,7 @@ def sample(
         list[str] | None, typer.Option(help="text-to-image: a prompt (repeatable; sample i gets prompt i mod n)")
     ] = None,
     guidance_scale: GuidanceOpt = None,
+    classes: ClassesOpt = None,
     backend: BackendOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -321,7 +327,8 @@ def sample(
         else:
             s.to(target)
         t0 = time.perf_counter()
-        images = s.sample(num_samples, seed=seed, prompts=prompt or None)
+        labels = None if classes is None else list(parse_ints(classes, "--classes", distinct=False))
+        images = s.sample(num_samples, seed=seed, prompts=prompt or None, classes=labels)
         wall = time.perf_counter() - t0
         what = f"compressed sampler ({len(s.timesteps)} steps, {s.bitops() / 1e9:.2f} GBitOPs"
         if backend is not None:
@@ -335,6 +342,8 @@ def sample(
         from tmpq.sampling.schedules import make_timesteps
 
         kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+        if classes is not None:
+            kw["classes"] = parse_ints(classes, "--classes", distinct=False)
         loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {})).to(target)
         T = loaded.schedule.num_train_timesteps
         ts = _parse_timesteps(timesteps) or make_timesteps(schedule or "quad", 10 if steps is None else steps, T)
@@ -431,6 +440,7 @@ def calibrate(
     recon_preset: ReconPresetOpt = "demo",
     recon_iters: ReconItersOpt = None,
     prompts: PromptsOpt = None,
+    classes: ClassesOpt = None,
     guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -441,7 +451,7 @@ def calibrate(
 
     _threads(threads)
     spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters)
-    loaded = _load(model, prompts, guidance_scale).to(resolve_device(device))
+    loaded = _load(model, prompts, guidance_scale, classes).to(resolve_device(device))
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
     typer.echo(f"super-network: {len(sn.units)} quantizable units, {len(calib)} calibration inputs, {what}")
@@ -544,6 +554,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         worker_threads: Annotated[int, typer.Option(help="torch threads per worker")] = 1,
         candidate_timeout: Annotated[float | None, typer.Option(help="re-queue a candidate after S seconds")] = None,
         prompts: PromptsOpt = None,
+        classes: ClassesOpt = None,
         guidance_scale: GuidanceOpt = None,
         fid_reference: Annotated[
             str, typer.Option(help="FID against: fashion-mnist or a folder of your images (1x32x32 features)")
@@ -590,7 +601,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             seed_from=tuple(str(p) for p in seed_from or ()),
             staged=staged,
         )
-        loaded = _load(model, prompts, guidance_scale)
+        loaded = _load(model, prompts, guidance_scale, classes)
         for note in loaded.notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         execution = Execution(workers, ray, worker_threads, candidate_timeout)

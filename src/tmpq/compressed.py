@@ -115,8 +115,23 @@ class CompressedSampler:
         for the same layer ship those codes too, which this does not add)."""
         return max(self.supernet.cost.size_bits(c) for c in self.phase_configs) if self.phase_configs else 0
 
-    def conditioning(self, num_samples: int, prompts: str | Sequence[str] | None = None) -> Conditioning | None:
-        """Sample i gets prompt i mod len(prompts) (default: the prompts the search used); None when unconditional."""
+    def conditioning(
+        self, num_samples: int, prompts: str | Sequence[str] | None = None, classes: Sequence[int] | None = None
+    ) -> Conditioning | None:
+        """Sample i gets prompt i mod len(prompts) (default: the prompts the search used), or for a class-conditional
+        model label i mod len(classes) (default: the labels the search used); None when unconditional."""
+        if self.parts.class_labels:
+            if prompts is not None:
+                raise TmpqError(
+                    "this sampler is class-conditional: give classes (label ids: --classes 1,2 or classes=[1, 2]), "
+                    "not prompts"
+                )
+            labels = list(classes) if classes is not None else list(self.parts.class_labels)
+            if not labels or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in labels):
+                raise TmpqError(f"classes must be a non-empty list of label ids (ints >= 0), got {classes!r}")
+            return Conditioning.cycle(torch.tensor(labels, dtype=torch.long), num_samples)
+        if classes is not None:
+            raise TmpqError("this sampler is not class-conditional; it takes no classes")
         text = self.parts.text_encoder
         if text is None:
             if prompts is not None:
@@ -148,12 +163,15 @@ class CompressedSampler:
         progress: bool = False,
         prompts: str | Sequence[str] | None = None,
         decode: bool = True,
+        classes: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1], shape (N, C, H, W); sample i comes from seed `seed + i` (and, text-to-image, from
-        prompt i mod len(prompts)). A latent model's samples are decoded by its FP autoencoder unless `decode`
-        is False (then: latents of `sample_shape`)."""
+        prompt i mod len(prompts); class-conditional, from label i mod len(classes)). A latent model's samples are
+        decoded by its FP autoencoder unless `decode` is False (then: latents of `sample_shape`)."""
         try:
-            return sample_images(self, self.denoiser, num_samples, seed, batch_size, progress, prompts, decode)
+            return sample_images(
+                self, self.denoiser, num_samples, seed, batch_size, progress, prompts, decode, classes=classes
+            )
         finally:
             self.supernet.set_fp()
 
@@ -193,10 +211,11 @@ def sample_images(
     prompts: str | Sequence[str] | None,
     decode: bool,
     device: torch.device | str | None = None,
+    classes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """What every compressed sampler's `sample` does around its denoiser (the super-network's, or a runtime
     backend's): prompts to conditioning, DDIM from the per-sample seeds, decoding by the FP autoencoder."""
-    cond = sampler.conditioning(num_samples, prompts)
+    cond = sampler.conditioning(num_samples, prompts, classes)
     out = generate(
         denoiser, sampler.ddim(), num_samples, sampler.sample_shape, seed, batch_size, device, progress, cond=cond
     )

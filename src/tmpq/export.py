@@ -206,6 +206,7 @@ def export_sampler(
     manifest["unet_class"] = type(sn.model.unet).__name__
     manifest["pipeline_class"] = sampler.parts.pipeline_class
     manifest["prompts"] = list(sampler.parts.prompts)
+    manifest["class_labels"] = list(sampler.parts.class_labels)
     manifest["parts"] = _save_parts(sampler, directory)
     manifest["files"] |= _part_files(directory, manifest["parts"])
     write_json_atomic(directory / MANIFEST, manifest)
@@ -315,7 +316,14 @@ def _load_parts(m: dict, directory: Path) -> PipelineParts:
     vae_key = next((k for k in ("vae", "vqvae") if k in loaded), None)
     decoder = LatentDecoder(loaded[vae_key], key=vae_key) if vae_key else None
     text = TextEncoder(loaded["tokenizer"], loaded["text_encoder"]) if "text_encoder" in loaded else None
-    return PipelineParts(m.get("kind", "pixel"), decoder, text, tuple(m.get("prompts", ())), m.get("pipeline_class"))
+    return PipelineParts(
+        m.get("kind", "pixel"),
+        decoder,
+        text,
+        tuple(m.get("prompts", ())),
+        m.get("pipeline_class"),
+        tuple(int(c) for c in m.get("class_labels", ())),
+    )
 
 
 def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule):
@@ -323,11 +331,14 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
     import diffusers
 
     from tmpq.models.builtin import build_unet
-    from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
+    from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, UNetDenoiser
 
     unet_class = m.get("unet_class", "UNet2DModel")
     if unet_class == "UNet2DModel":
         return UNetDenoiser(build_unet(m["unet_config"]), schedule).eval()
+    if unet_class == "DiTTransformer2DModel":
+        dit = diffusers.DiTTransformer2DModel.from_config(m["unet_config"])
+        return ClassDenoiser(dit, schedule, float(tensors["fp.guidance_scale"])).eval()
     if unet_class != "UNet2DConditionModel":
         raise ValueError(f"unknown UNet class {unet_class!r}")
     unet = diffusers.UNet2DConditionModel.from_config(m["unet_config"])

@@ -1,4 +1,5 @@
-"""Hand a compressed sampler back as a diffusers pipeline: its quantized UNet, its timesteps, its FP parts.
+"""Hand a compressed sampler back as a diffusers pipeline: its quantized denoiser (UNet or DiT), its timesteps, its FP
+parts.
 
 The pipeline's `unet` is the very module the super-network quantized in place (its layers are the quantized
 twins); a forward pre-hook switches it to the bit allocation of the timestep it is called at, as
@@ -16,7 +17,14 @@ import torch
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 
-DEFAULT_PIPELINES = {"pixel": "DDIMPipeline", "latent": "LDMPipeline", "text2image": "StableDiffusionPipeline"}
+DEFAULT_PIPELINES = {
+    "pixel": "DDIMPipeline",
+    "latent": "LDMPipeline",
+    "text2image": "StableDiffusionPipeline",
+    "class2image": "DiTPipeline",
+}
+DENOISER_KEYS = {"class2image": "transformer"}
+"""The pipeline component that holds the denoiser, where it is not `unet`."""
 """The pipeline class for a model that did not come as a pipeline (a tmpq-trained or bare UNet)."""
 
 
@@ -54,7 +62,8 @@ def to_diffusers(sampler: CompressedSampler):
     if handle is not None:
         handle.remove()
     unet._tmpq_switch = unet.register_forward_pre_hook(_switch_hook(sampler), with_kwargs=True)
-    components = {"unet": unet, "scheduler": SearchedDDIMScheduler.from_searched(sampler.schedule, sampler.timesteps)}
+    key = DENOISER_KEYS.get(parts.kind, "unet")
+    components = {key: unet, "scheduler": SearchedDDIMScheduler.from_searched(sampler.schedule, sampler.timesteps)}
     if parts.decoder is not None:
         components[parts.decoder.key] = parts.decoder.vae
     if parts.text_encoder is not None:

@@ -135,3 +135,32 @@ if __name__ == "__main__":  # python tests/helpers/tiny_pipelines.py OUT_DIR: th
         save(out / name)
     save_text2image_pipeline(out / "t2i")
     print(f"wrote {out}/pixel, {out}/latent, {out}/t2i")
+
+
+def tiny_dit():
+    """A class-conditional DiT (2 blocks, 2 heads × 8 dims, 2×2 patches) on 8×8×4 latents with learned sigma, the
+    1,000-class label table (+ the null class DiTPipeline guides with)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
+
+
+def save_dit_pipeline(directory: Path) -> Path:
+    """DiTPipeline: the tiny DiT, the tiny AutoencoderKL and a DDIM scheduler that does not clip."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    sched = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=sched, id2label={0: "cat", 1: "dog"}).save_pretrained(
+        directory
+    )
+    return directory

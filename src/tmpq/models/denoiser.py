@@ -102,3 +102,41 @@ class GuidedDenoiser(_DiffusersDenoiser):
             out_u, out_c = both.chunk(2)
             out = out_u + g * (out_c - out_u)
         return self._to_epsilon(out, x, t)
+
+
+class ClassDenoiser(_DiffusersDenoiser):
+    """A class-conditional diffusers DiT (`DiTTransformer2DModel`) with classifier-free guidance, as DiTPipeline
+    runs it: one pass on the doubled batch [conditional; null class], ε = ε(x, ∅) + g · (ε(x, c) − ε(x, ∅)) on the
+    first `in_channels` outputs (the rest is the learned variance, which DDIM does not use).
+
+    The class labels arrive per batch in `cond` (a `Conditioning` whose table holds label ids); the null label and g
+    are buffers, so they belong to the fingerprint and travel with an export."""
+
+    def __init__(self, transformer: nn.Module, schedule, guidance_scale: float = 4.0) -> None:
+        from diffusers import DiTTransformer2DModel
+
+        if not isinstance(transformer, DiTTransformer2DModel):
+            raise TmpqError(f"expected a diffusers DiTTransformer2DModel, got {type(transformer).__name__}")
+        if guidance_scale < 1.0:
+            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
+        super().__init__(transformer, schedule)
+        classes = transformer.config.num_embeds_ada_norm
+        self.num_classes = int(classes)
+        self.register_buffer("null_label", torch.tensor(self.num_classes))  # DiTPipeline's null class: the last id
+        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        if cond is None:
+            raise TmpqError("this class-conditional denoiser needs class labels: call it as model(x, t, cond)")
+        self._check(x)
+        labels = cond.embeddings().to(device=x.device, dtype=torch.long).reshape(-1)
+        g = float(self.guidance_scale)
+        if g == 1.0:
+            out = self.unet(x, timestep=t, class_labels=labels).sample
+        else:
+            null = self.null_label.expand(len(x))
+            both = self.unet(torch.cat([x, x]), timestep=torch.cat([t, t]), class_labels=torch.cat([labels, null]))
+            eps = both.sample[:, : x.shape[1]]
+            out_c, out_u = eps.chunk(2)
+            out = out_u + g * (out_c - out_u)
+        return self._to_epsilon(out, x, t)

@@ -39,15 +39,18 @@ BUILTIN_SPEC = "builtin:fashion"
 SUPPORTED = (
     f"{BUILTIN_SPEC!r}, a .safetensors UNet from `tmpq train`, a diffusers pipeline (directory or hub id) whose "
     "denoiser is a UNet2DModel (pixel space, or latent with a vae/vqvae) or a text-conditioned UNet2DConditionModel "
-    "(with vae, tokenizer and text_encoder, Stable Diffusion 1.x/2.x style), a bare UNet2DModel, or "
-    "'package.module:factory'"
+    "(with vae, tokenizer and text_encoder, Stable Diffusion 1.x/2.x style), a class-conditional DiTPipeline "
+    "(DiTTransformer2DModel with a vae), a bare UNet2DModel, or 'package.module:factory'"
 )
 DEFAULT_GUIDANCE = 7.5
 """StableDiffusionPipeline's default guidance scale."""
-KINDS = ("pixel", "latent", "text2image")
+DEFAULT_CLASS_GUIDANCE = 4.0
+"""DiTPipeline's default guidance scale."""
+KINDS = ("pixel", "latent", "text2image", "class2image")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unet": ("diffusers", ("UNet2DModel", "UNet2DConditionModel")),
+    "transformer": ("diffusers", ("DiTTransformer2DModel",)),
     "vae": ("diffusers", ("AutoencoderKL", "VQModel")),
     "vqvae": ("diffusers", ("AutoencoderKL", "VQModel")),
     "text_encoder": ("transformers", ("CLIPTextModel",)),
@@ -80,11 +83,12 @@ class LoadedModel:
     prompts: tuple[str, ...] = ()
     pipeline_class: str | None = None
     options: dict = field(default_factory=dict)  # load_model keyword arguments that reload this model exactly
+    class_labels: tuple[int, ...] = ()  # class-conditional models: sample i gets label i mod len(class_labels)
     _table: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def conditional(self) -> bool:
-        return self.text_encoder is not None
+        return self.text_encoder is not None or bool(self.class_labels)
 
     @property
     def device(self) -> torch.device:
@@ -103,10 +107,15 @@ class LoadedModel:
 
     @property
     def parts(self) -> PipelineParts:
-        return PipelineParts(self.kind, self.decoder, self.text_encoder, self.prompts, self.pipeline_class)
+        return PipelineParts(
+            self.kind, self.decoder, self.text_encoder, self.prompts, self.pipeline_class, self.class_labels
+        )
 
     def prompt_table(self) -> torch.Tensor | None:
-        """Embeddings of `prompts` (P, tokens, width), encoded once."""
+        """Embeddings of `prompts` (P, tokens, width), encoded once; for a class-conditional model its label ids
+        (P,), which the denoiser reads as class labels."""
+        if self.class_labels:
+            return torch.tensor(self.class_labels, dtype=torch.long)
         if self.text_encoder is None:
             return None
         if self._table is None:
@@ -133,17 +142,22 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str = BUILTIN_SPEC, *, prompts: Sequence[str] | None = None, guidance_scale: float | None = None
+    spec: str = BUILTIN_SPEC,
+    *,
+    prompts: Sequence[str] | None = None,
+    guidance_scale: float | None = None,
+    classes: Sequence[int] | None = None,
 ) -> LoadedModel:
     """Load any supported model spec (see the module doc); a clear error names what is supported.
 
     `prompts` (text-to-image only; default: the shipped list) condition calibration and fitness samples;
-    `guidance_scale` is the classifier-free guidance the sampler applies (default 7.5)."""
+    `classes` (class-conditional DiT only; default: every class) likewise, as label ids; `guidance_scale` is the
+    classifier-free guidance the sampler applies (default 7.5 for text, 4.0 for classes, as their pipelines)."""
     is_factory = _FACTORY.fullmatch(spec) is not None and not Path(spec).exists()
     if not (spec.startswith("builtin:") or is_factory or spec.endswith(".safetensors") or Path(spec).is_file()):
-        return _from_diffusers(spec, prompts, guidance_scale)
-    if prompts is not None or guidance_scale is not None:
-        raise TmpqError(f"prompts and a guidance scale apply to text-to-image pipelines only, not to {spec!r}")
+        return _from_diffusers(spec, prompts, guidance_scale, classes)
+    if prompts is not None or guidance_scale is not None or classes is not None:
+        raise TmpqError(f"prompts, classes and a guidance scale apply to conditional pipelines only, not to {spec!r}")
     if spec == BUILTIN_SPEC:
         unet, path, schedule = load_builtin_unet(), BUILTIN_UNET, BUILTIN_SCHEDULE
     elif spec.startswith("builtin:"):
@@ -254,7 +268,9 @@ def _probe_factory(spec: str, loaded: LoadedModel) -> None:
         )
 
 
-def _from_diffusers(spec: str, prompts: Sequence[str] | None, guidance_scale: float | None) -> LoadedModel:
+def _from_diffusers(
+    spec: str, prompts: Sequence[str] | None, guidance_scale: float | None, classes: Sequence[int] | None = None
+) -> LoadedModel:
     """A diffusers pipeline (model_index.json) or a bare UNet2DModel, local or from the hub."""
     local = Path(spec)
     cache_only: str | None = None  # why a hub id is read from the local cache only (None: local, or online)
@@ -271,6 +287,10 @@ def _from_diffusers(spec: str, prompts: Sequence[str] | None, guidance_scale: fl
         index = _hub_json(spec, "model_index.json", cache_only)
         cfg = None if index is not None else _hub_json(spec, "config.json", cache_only)
     if index is not None:
+        if isinstance(index, dict) and index.get("_class_name") == "DiTPipeline":
+            return _from_dit_pipeline(spec, index, prompts, guidance_scale, classes, cache_only)
+        if classes is not None:
+            raise TmpqError(f"classes apply to class-conditional (DiT) pipelines only, not to {spec!r}")
         return _from_pipeline(spec, index, prompts, guidance_scale, cache_only)
     if cfg is None:
         if cache_only is not None:
@@ -430,6 +450,54 @@ def _from_pipeline(
     den = GuidedDenoiser(unet, schedule, text([""]), g).eval()
     options = {"prompts": list(prompts), "guidance_scale": g}
     return LoadedModel(den, schedule, den.sample_shape, **common, text_encoder=text, prompts=prompts, options=options)
+
+
+def _from_dit_pipeline(
+    spec: str,
+    index: dict,
+    prompts: Sequence[str] | None,
+    guidance_scale: float | None,
+    classes: Sequence[int] | None,
+    cache_only: str | None,
+) -> LoadedModel:
+    """A class-conditional DiTPipeline: the transformer is the denoiser (with DiTPipeline's guidance), the VAE stays
+    at full precision; calibration and fitness cycle over `classes` (default: every class the model knows)."""
+    from tmpq.models.denoiser import ClassDenoiser
+
+    parts = _index_parts(spec, index)
+    if set(parts) != {"transformer", "vae", "scheduler"}:
+        raise TmpqError(
+            f"{spec!r} is a DiTPipeline with components {sorted(parts)}; tmpq loads a DiTPipeline of transformer, "
+            f"vae and scheduler. Supported: {SUPPORTED}"
+        )
+    if prompts is not None:
+        raise TmpqError(f"{spec!r} is class-conditional (a DiTPipeline): give classes (label ids), not prompts")
+    _check_components(spec, parts)
+    schedule, notes = _schedule(spec, "scheduler", cache_only)
+    transformer = _component(spec, "transformer", *parts["transformer"], cache_only).eval()
+    vae = _component(spec, "vae", *parts["vae"], cache_only)
+    g = DEFAULT_CLASS_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    den = ClassDenoiser(transformer, schedule, g).eval()
+    labels = tuple(range(den.num_classes)) if classes is None else tuple(classes)
+    bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < den.num_classes]
+    if not labels or bad:
+        raise TmpqError(
+            f"classes for {spec!r} must be label ids in [0, {den.num_classes}); got {list(labels)[:8] or 'none'}"
+        )
+    options = {"guidance_scale": g, **({"classes": list(labels)} if classes is not None else {})}
+    return LoadedModel(
+        den,
+        schedule,
+        den.sample_shape,
+        spec=spec,
+        weights_path=_weights(Path(spec), "transformer"),
+        notes=notes + _cache_note(cache_only),
+        kind="class2image",
+        decoder=LatentDecoder(vae, key="vae"),
+        pipeline_class="DiTPipeline",
+        options=options,
+        class_labels=labels,
+    )
 
 
 def _index_parts(spec: str, index) -> dict[str, tuple[str, str]]:

@@ -82,6 +82,7 @@ class PipelineParts:
     text_encoder: TextEncoder | None = None
     prompts: tuple[str, ...] = ()  # the default prompts (calibration and search used these)
     pipeline_class: str | None = None  # the diffusers pipeline class the model came in, if any
+    class_labels: tuple[int, ...] = ()  # a class-conditional model's default labels (calibration and search used these)
 
 
 def read_prompts(path: str | Path | None = None) -> tuple[str, ...]:

@@ -220,7 +220,7 @@ class QuantConv2d(QuantWeightLayer):
         y = self.apply_weight(self.act(x), self.weight())
         if self.counting:
             k = self.base.weight[0].numel()  # (C_in / groups) * kh * kw MACs per output element
-            self.macs = y[0].numel() * k
+            self.macs += y.numel() * k  # the whole call: tracing runs one image (both halves of a guided batch)
         return y
 
 
@@ -233,8 +233,7 @@ class QuantLinear(QuantWeightLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.apply_weight(self.act(x), self.weight())
         if self.counting:
-            per_sample = y.numel() // y.shape[0] if y.ndim > 1 else y.numel()
-            self.macs = per_sample * self.base.in_features
+            self.macs += y.numel() * self.base.in_features  # tokens × out × in, over the whole call
         return y
 
 
@@ -274,7 +273,7 @@ class MatmulQuant(QuantUnit):
         if self.counting:
             n, inner = a.shape[-2], a.shape[-1]
             m = b.shape[-2] if transpose_b else b.shape[-1]
-            self.macs = a[..., 0, 0].numel() // batch_size * n * inner * m
+            self.macs += a[..., 0, 0].numel() * n * inner * m  # every (batch × head) product of the call
         return self.left(a), self.right(b)
 
 

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def trace_units(sn: SuperNet, example: tuple) -> None:
-    """One FP forward on `example` with counting twins: MACs per unit (the cost model), the skip-concat split
-    points of up-block inputs, and units never executed (unwrapped: they would get no calibration data)."""
+    """One FP forward of one image of `example` with counting twins: MACs per unit and image (the cost model; a
+    guided model's doubled batch and a unit called twice both count), the skip-concat split points of up-block
+    inputs, and units never executed (unwrapped: they would get no calibration data)."""
     x, t, *rest = example
     cond = rest[0].select(0, 1) if rest and rest[0] is not None else None
     hidden: dict[str, int] = {}
@@ -33,7 +34,7 @@ def trace_units(sn: SuperNet, example: tuple) -> None:
 
             hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     for u in sn.units.values():
-        u.counting = True
+        u.counting, u.macs = True, 0  # MACs of one image's call, summed over every call of the unit
     try:
         sn.set_fp()
         call_denoiser(sn.model, x[:1], t[:1], cond)

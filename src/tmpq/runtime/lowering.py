@@ -142,10 +142,11 @@ class RuntimeSampler:
         progress: bool = False,
         prompts: str | Sequence[str] | None = None,
         decode: bool = True,
+        classes: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Images on the CPU exactly as `CompressedSampler.sample` makes them (same seeds, prompts, decoding)."""
         return sample_images(
-            self, self.denoiser, num_samples, seed, batch_size, progress, prompts, decode, self.backend.device
+            self, self.denoiser, num_samples, seed, batch_size, progress, prompts, decode, self.backend.device, classes
         )
 
     def memory_bytes(self) -> int:
