@@ -71,7 +71,7 @@ def rows_spec(
     sorts rows by BitOPs). The three tmpq-engine searches (joint, bits-only, timesteps-only) share everything but
     the lever: preset, proxy fitness, budget, and the timestep grouping `grouping`, whose first timesteps are also
     the bits-only search's fixed schedule. The reference preset keeps its own rule, the quad grouping."""
-    proxy = FitnessConfig("proxy", fitness_samples, seed=seed)
+    proxy = FitnessConfig("proxy", fitness_samples, seed=seed, reference_steps=100)  # the table's setting: FP-100
     tmpq_evo = EvolutionConfig.tmpq(seed=seed, generations=generations)
     w6 = SearchConfig(
         budget=Budget.like("W6A6", 10),

@@ -4,6 +4,7 @@ format versions are refused with one clear message, and search results written b
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -139,3 +140,15 @@ def test_the_old_search_config_to_json_warns_and_equals_to_dict():
     cfg = CONFIGS[0]
     with pytest.warns(DeprecationWarning, match=r"\.to_dict\(\)"):
         assert cfg.to_json() == cfg.to_dict()
+
+
+def test_the_final_verdict_says_plainly_what_won():
+    final = _summary().final
+    text = final.verdict()
+    assert "beat uniform PTQ at the budget (FID 90.00)" in text and "FP, 100 steps" not in text  # other step counts
+    rows = final.rows
+    base_best = FinalScores(final.samples, (rows[0], replace(rows[1], fid=70.0), rows[2]))
+    assert base_best.verdict().startswith("uniform PTQ (FID 70.00) scored best: the search found nothing better")
+    fp3 = FinalRow("FP, 3 steps (uniform)", "fp", None, (900, 500, 100), 60.0, 10**8)
+    text = FinalScores(final.samples, (*rows, fp3)).verdict()
+    assert "against FP, 3 steps (uniform) (FID 60.00) it is 20.00 worse at 810x fewer BitOPs" in text

@@ -21,7 +21,7 @@ from tmpq.evaluate import EvalConfig
 from tmpq.models.train_config import TrainConfig
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantSpec
-from tmpq.search.config import SearchConfig
+from tmpq.search.config import AUTO, SearchConfig
 from tmpq.search.fitness import FitnessConfig
 
 # Every option's default is the config class's own (one default per setting); these spell the tuple ones.
@@ -580,11 +580,12 @@ def _search_command(full: bool) -> Callable[..., None]:
         cfg = SearchConfig(
             budget=budget,
             steps=parse_ints(steps, "--steps"),
-            grouping=grouping,
             phase_bounds=parse_ints(phases, "--phases") if phases else (),
             lever=lever,
             fixed_precision=fixed_precision,
             evolution=_evolution(preset, seed, population, generations, pareto),
+            # the reference preset keeps the reference's quad rule unless another grouping is named
+            grouping=("quad" if preset == "reference" and grouping == AUTO else grouping),
             fitness=FitnessConfig(
                 kind=fitness,
                 num_samples=fitness_samples,
@@ -683,8 +684,9 @@ def _print_search(run_dir: Path, res, budget, fitness: str) -> None:
                 f"  final ({final.samples} samples, same seeds): {r.label:<24s} FID {r.fid:8.2f}  "
                 f"{r.bitops / 1e9:10.2f} GBitOPs"
             )
-        if final.best and final.best.label == "baseline":
-            typer.echo("  note: the uniform-precision baseline scored best; the search found nothing better")
+        verdict = final.verdict()
+        if verdict:
+            typer.echo(f"  verdict: {verdict}")
     typer.echo(f"  wrote {run_dir / 'search.json'}")
 
 

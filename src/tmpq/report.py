@@ -303,9 +303,9 @@ def write_report(
         _throughput(s.history),
         f"chosen timesteps: {list(b.candidate.timesteps)}",
     ]
-    if run.final and run.final.best and run.final.best.label == "baseline":
-        facts.append("**the uniform-precision baseline scored best in the final re-scoring: the search found no "
-                     "better setting at this budget**")  # fmt: skip
+    verdict = run.final.verdict() if run.final else None
+    if verdict:
+        facts.append(f"**verdict: {verdict}**")
     md = [
         "# tmpq report",
         "",

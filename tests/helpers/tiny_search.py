@@ -17,6 +17,7 @@ def tiny_search_config(**kw) -> SearchConfig:
     base = dict(
         budget=Budget.like("W6A6", 4),
         steps=(4,),
+        grouping="quad",  # the search machinery on one fixed grouping; `auto` has tests of its own
         evolution=EvolutionConfig(
             population=4, parents=2, mutations=2, crossovers=1, randoms=1, generations=2, repair=True
         ),

@@ -96,6 +96,32 @@ class FinalScores:
     def row(self, label: str) -> FinalRow | None:
         return next((r for r in self.rows if r.label == label), None)
 
+    def best_fp(self, steps: int) -> FinalRow | None:
+        """The best FP row at `steps` steps over the rule-based schedules (the strongest plain step reduction)."""
+        fp = [r for r in self.rows if not r.quantized and len(r.timesteps) == steps]
+        return min(fp, key=lambda r: r.fid) if fp else None
+
+    def verdict(self) -> str | None:
+        """One plain sentence: did the search beat uniform PTQ at the budget, and how far is it from FP at the same
+        step count on the best schedule? None without a quantized row."""
+        best, base = self.best, self.baseline
+        if best is None:
+            return None
+        if base is not None and best is base:
+            head = f"uniform PTQ (FID {base.fid:.2f}) scored best: the search found nothing better at this budget"
+        elif base is not None:
+            head = f"the search ({best.label}, FID {best.fid:.2f}) beat uniform PTQ at the budget (FID {base.fid:.2f})"
+        else:
+            head = f"the best compressed sampler ({best.label}) scores FID {best.fid:.2f}"
+        fp = self.best_fp(len(best.timesteps))
+        if fp is None:
+            return head
+        gap = best.fid - fp.fid
+        rel = f"{abs(gap):.2f} {'worse' if gap > 0 else 'better'}"
+        return (
+            f"{head}; against {fp.label} (FID {fp.fid:.2f}) it is {rel} at {fp.bitops / best.bitops:.0f}x fewer BitOPs"
+        )
+
     def to_dict(self) -> dict:
         best, baseline = self.best, self.baseline
         return {
