@@ -55,7 +55,9 @@ def finished_run(tiny_model, tmp_path_factory):
 def test_run_writes_search_export_and_report(finished_run):
     summary = json.loads((finished_run / "search.json").read_text())
     labels = [r["label"] for r in summary["final"]["rows"]]
-    assert labels[:3] == ["FP, 100 steps", "FP, 3 steps (quad)", "baseline"] and "top1" in labels
+    chosen = summary["grouping_choice"]["chosen"]  # the default --grouping auto picked it from FP's scores
+    assert summary["grouping"] == chosen == min(summary["grouping_choice"]["scores"].items(), key=lambda kv: kv[1])[0]
+    assert labels[:3] == ["FP, 100 steps", f"FP, 3 steps ({chosen})", "baseline"] and "top1" in labels
     fp100 = summary["final"]["rows"][0]
     assert fp100["kind"] == "fp" and len(fp100["timesteps"]) == 100 and fp100["bitops"] == summary["fp_bitops_full_100"]
     for r in summary["final"]["rows"]:
