@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from tmpq.cli import app
 from tmpq.device import default_batch_size, module_device, resolve_device
 from tmpq.errors import TmpqError
-from tmpq.quant.primitives import affine_qparams, fake_quantize_, fake_quantize_fused
+from tmpq.quant.primitives import affine_qparams, fake_quantize_, fake_quantize_fused, fused_qparams
 from tmpq.search.parallel import WorkerSpec, lane_spec
 
 CUDA = torch.cuda.is_available()
@@ -47,7 +47,7 @@ def test_the_fused_fake_quantizer_equals_the_in_place_chain(bits, split):
     parts = [ref] if split is None else [ref[:, :split], ref[:, split:]]
     for i, part in enumerate(parts):
         fake_quantize_(part, scale[i], zp[i], bits)
-    got = fake_quantize_fused(x, scale.tolist(), [int(z) for z in zp], bits, split)
+    got = fake_quantize_fused(x, fused_qparams(scale.tolist(), [int(z) for z in zp], split, 7, x.device), bits)
     assert torch.equal(got, ref)
 
 

@@ -17,7 +17,14 @@ from torch import nn
 
 from tmpq.errors import TmpqError
 from tmpq.quant.observers import ActObserver, act_qparams, weight_qparams
-from tmpq.quant.primitives import channel_view, dequantize, fake_quantize_, fake_quantize_fused, quantize
+from tmpq.quant.primitives import (
+    channel_view,
+    dequantize,
+    fake_quantize_,
+    fake_quantize_fused,
+    fused_qparams,
+    quantize,
+)
 
 
 def _check_bits(bits: int | None, candidates: Sequence[int], what: str, name: str) -> None:
@@ -45,6 +52,7 @@ class ActQuantizer(nn.Module):
         # set only while block reconstruction learns the step size (brecq.py): one differentiable fake
         # quantizer per part, used in place of the stored scale
         self.learning: list | None = None
+        self._fused_cache: tuple | None = None  # (scale, zp, (channels, device), range): see _fused_qparams
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.split is None:
@@ -70,14 +78,15 @@ class ActQuantizer(nn.Module):
             self.register_buffer(f"a{b}_zp", torch.tensor([z for _, z in qp]), persistent=False)
         self.observers = None
 
-    def _host_qparams(self, scale: torch.Tensor, zp: torch.Tensor) -> tuple[list[float], list[int]]:
-        """The range as Python numbers, read from the device once per switch (not once per call: no host sync in the
-        sampling loop)."""
-        cached = self.__dict__.get("_host_cache")
-        if cached is None or cached[0] is not scale or cached[1] is not zp:
-            cached = (scale, zp, [float(s) for s in scale.tolist()], [int(z) for z in zp.tolist()])
-            self.__dict__["_host_cache"] = cached
-        return cached[2], cached[3]
+    def _fused_qparams(self, scale: torch.Tensor, zp: torch.Tensor, x: torch.Tensor) -> tuple:
+        """The fused kernel's range, made once per switch (read from the device once, per-channel tensors built once:
+        no host sync and no copy in the sampling loop)."""
+        where = (x.shape[1], x.device)
+        cached = self._fused_cache
+        if cached is None or cached[0] is not scale or cached[1] is not zp or cached[2] != where:
+            qp = fused_qparams(scale.tolist(), [int(z) for z in zp.tolist()], self.split, *where)
+            cached = self._fused_cache = (scale, zp, where, qp)
+        return cached[3]
 
     def qparams(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -101,7 +110,7 @@ class ActQuantizer(nn.Module):
             return x
         scale, zp = getattr(self, f"a{self.bits}_scale"), getattr(self, f"a{self.bits}_zp")
         if x.device.type != "cpu":  # one fused kernel per quantizer (launch-bound devices)
-            return fake_quantize_fused(x, *self._host_qparams(scale, zp), self.bits, self.split)
+            return fake_quantize_fused(x, self._fused_qparams(scale, zp, x), self.bits)
         out = x.clone()
         for i, part in enumerate(self.parts(out)):  # views of the copy: no split/cat round trip
             fake_quantize_(part, scale[i], zp[i], self.bits)

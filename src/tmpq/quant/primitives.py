@@ -55,18 +55,32 @@ def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return x.mul_(1.0 / scale).round_().add_(zero_point).clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
 
 
-def fake_quantize_fused(
-    x: torch.Tensor, scales: Sequence[float], zero_points: Sequence[int], bits: int, split: int | None = None
-) -> torch.Tensor:
-    """`fake_quantize` as one PyTorch kernel (same arithmetic: round(x · (1/s)) + z, clamped, back to float), for a
-    per-tensor range or, with `split`, one range for channels [:split] and another for the rest. One launch instead of
-    six in-place ops: what a GPU wants (each launch costs more than the work); on a CPU the in-place chain is faster."""
+def fused_qparams(
+    scales: Sequence[float],
+    zero_points: Sequence[int],
+    split: int | None,
+    channels: int,
+    device: torch.device | str,
+) -> tuple:
+    """What `fake_quantize_fused` takes, made once per switch: the per-tensor range as Python numbers or, with
+    `split`, one range for channels [:split] and another for the rest as per-channel tensors on `device` (so the
+    sampling loop copies nothing to the device)."""
     if split is None:
-        return torch.fake_quantize_per_tensor_affine(x, float(scales[0]), int(zero_points[0]), 0, qmax(bits))
-    c = x.shape[1]
-    s = torch.tensor([scales[0]] * split + [scales[1]] * (c - split), dtype=torch.float32, device=x.device)
-    z = torch.tensor([zero_points[0]] * split + [zero_points[1]] * (c - split), dtype=torch.int32, device=x.device)
-    return torch.fake_quantize_per_channel_affine(x, s, z, 1, 0, qmax(bits))
+        return float(scales[0]), int(zero_points[0])
+    rest = channels - split
+    s = torch.tensor([scales[0]] * split + [scales[1]] * rest, dtype=torch.float32, device=device)
+    z = torch.tensor([zero_points[0]] * split + [zero_points[1]] * rest, dtype=torch.int32, device=device)
+    return s, z
+
+
+def fake_quantize_fused(x: torch.Tensor, qparams: tuple, bits: int) -> torch.Tensor:
+    """`fake_quantize` as one PyTorch kernel (same arithmetic: round(x · (1/s)) + z, clamped, back to float) with
+    `fused_qparams`'s range. One launch instead of six in-place ops: what a GPU wants (each launch costs more than
+    the work); on a CPU the in-place chain is faster."""
+    scale, zp = qparams
+    if isinstance(scale, float):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, qmax(bits))
+    return torch.fake_quantize_per_channel_affine(x, scale, zp, 1, 0, qmax(bits))
 
 
 def channel_view(scale: torch.Tensor, ndim: int) -> torch.Tensor:
