@@ -145,9 +145,7 @@ class CompressedSampler:
     def to(self, device: torch.device | str) -> CompressedSampler:
         """This sampler on `device`: the quantized denoiser and its FP parts move (in place; returns self)."""
         self.supernet.to(device)
-        for part in (self.parts.decoder, self.parts.text_encoder):
-            if part is not None:
-                part.to(device)
+        self.parts.to(device)
         return self
 
     @property

@@ -98,9 +98,7 @@ class LoadedModel:
         """This model with its denoiser and FP parts on `device` (moved in place; returns self for chaining)."""
         device = torch.device(device)
         self.denoiser.to(device)
-        for part in (self.decoder, self.text_encoder):
-            if part is not None:
-                part.to(device)
+        self.parts.to(device)
         if self._table is not None:
             self._table = self._table.to(device)
         return self

@@ -84,6 +84,13 @@ class PipelineParts:
     pipeline_class: str | None = None  # the diffusers pipeline class the model came in, if any
     class_labels: tuple[int, ...] = ()  # a class-conditional model's default labels (calibration and search used these)
 
+    def to(self, device: torch.device | str) -> PipelineParts:
+        """The FP decoder and text encoder moved to `device` (in place; returns self)."""
+        for part in (self.decoder, self.text_encoder):
+            if part is not None:
+                part.to(device)
+        return self
+
 
 def read_prompts(path: str | Path | None = None) -> tuple[str, ...]:
     """Prompts, one per line (blank lines and lines starting with # skipped); None: the shipped default list."""

@@ -24,15 +24,12 @@ keep that ratio (a quarter of `recon_iters`).
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,8 +37,16 @@ from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.layers import ActQuantizer, MatmulQuant, QuantWeightLayer
-from tmpq.quant.primitives import channel_view, qmax
-from tmpq.quant.reconstruction import BETA_END, BETA_START, GAMMA, REG_WEIGHT, WARMUP, ZETA, recon_rows
+from tmpq.quant.primitives import qmax
+from tmpq.quant.reconstruction import (
+    REG_WEIGHT,
+    SoftRounding,
+    progress_key,
+    read_progress,
+    recon_rows,
+    regulariser,
+    write_progress,
+)
 from tmpq.sampling.conditioning import call_denoiser
 
 BLOCK_TYPES = (
@@ -137,49 +142,26 @@ def _detach(v):
     return v.detach().clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) else v
 
 
+def _squared_error(block: nn.Module, data: _BlockData, idx: torch.Tensor) -> torch.Tensor:
+    """(block output − FP output)² on the rows `idx`, elementwise."""
+    args, kwargs, ref = data.batch(idx)
+    out = block(*args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return (out.float() - ref).pow(2)
+
+
 def _block_error(block: nn.Module, data: _BlockData, chunk: int = 64) -> float:
     """Mean squared error of the block's output against the FP output over every row."""
-    total = 0.0
     with torch.no_grad():
-        for i in range(0, data.rows, chunk):
-            args, kwargs, ref = data.batch(torch.arange(i, min(i + chunk, data.rows)))
-            out = block(*args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            total += float((out.float() - ref).pow(2).sum())
+        total = sum(
+            float(_squared_error(block, data, torch.arange(i, min(i + chunk, data.rows))).sum())
+            for i in range(0, data.rows, chunk)
+        )
     return total / data.out.numel()
 
 
 def _loss(block: nn.Module, data: _BlockData, idx: torch.Tensor) -> torch.Tensor:
-    args, kwargs, ref = data.batch(idx)
-    out = block(*args, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    return (out.float() - ref).pow(2).mean()
-
-
-class _SoftRounding:
-    """AdaRound's rectified-sigmoid rounding of one layer's weight at one width, differentiable in `v`."""
-
-    def __init__(self, unit: QuantWeightLayer, bits: int) -> None:
-        self.unit = unit
-        w = unit.base.weight.detach().float()
-        self.nearest, scale, zp = unit.weight_codes(bits)
-        self.scale, self.zp, self.top = channel_view(scale, w.ndim), channel_view(zp, w.ndim), qmax(bits)
-        w_div = w * (1.0 / self.scale)
-        self.floor = w_div.floor()
-        rest = (w_div - self.floor).clamp(1e-4, 1 - 1e-4)
-        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
-
-    def h(self) -> torch.Tensor:
-        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
-
-    def weight(self, h: torch.Tensor) -> torch.Tensor:
-        return (torch.clamp(self.floor + h + self.zp, 0, self.top) - self.zp) * self.scale
-
-    def hard_codes(self) -> torch.Tensor:
-        return (self.floor + (self.v >= 0).float() + self.zp).clamp(0, self.top).to(torch.uint8)
-
-    def codes_weight(self, codes: torch.Tensor) -> torch.Tensor:
-        return (codes.float() - self.zp) * self.scale
+    return _squared_error(block, data, idx).mean()
 
 
 @contextmanager
@@ -199,25 +181,23 @@ def learn_block_weights(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Learned codes at `bits` of every unit of the block that offers it, against the block output. Returns the codes
     (the nearest rounding's when learning did not lower the block error) and {"nearest", "learned"} errors."""
-    soft = {n: _SoftRounding(u, bits) for n, u in units.items()}
+    soft = {n: SoftRounding(u, bits) for n, u in units.items()}
     gen = torch.Generator().manual_seed(_seed(key, f"w{bits}"))
     opt = torch.optim.Adam([s.v for s in soft.values()], lr=1e-3)
-    warm = int(WARMUP * iters)
     for i in range(iters):
         idx = torch.randint(0, data.rows, (min(batch, data.rows),), generator=gen)
         hs = {n: s.h() for n, s in soft.items()}
         with _weights(units, {n: soft[n].weight(h) for n, h in hs.items()}):
             loss = _loss(block, data, idx)
-        if i >= warm:
-            beta = BETA_END + (BETA_START - BETA_END) * (1 - (i - warm) / max(1, iters - warm))
-            reg = sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in hs.values())
+        reg = regulariser(hs.values(), i, iters)
+        if reg is not None:
             # the layer-wise loss sums over output channels; the block loss is a mean: scale the regulariser alike
             loss = loss + REG_WEIGHT * reg / data.out[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        learned = {n: s.hard_codes() for n, s in soft.items()}
+        learned = {n: s.hard_codes().to(torch.uint8) for n, s in soft.items()}
         nearest = {n: s.nearest for n, s in soft.items()}
         errs = {}
         for what, codes in (("nearest", nearest), ("learned", learned)):
@@ -286,12 +266,6 @@ def _quantizers(sn, names: list[str]) -> dict[str, ActQuantizer]:
     return out
 
 
-def _progress_key(sn, calib: CalibrationSet) -> str:
-    return json.dumps(
-        {"fingerprint": sn.fingerprint, "spec": sn.spec.to_dict(), "calib": calib.config.__dict__, "method": "brecq"}
-    )
-
-
 def _file(pdir: Path, block: str) -> Path:
     return pdir / f"{block or 'model'}.safetensors"
 
@@ -314,21 +288,14 @@ def reconstruct_blocks(
     spec = sn.spec
     blocks = reconstruction_blocks(sn)
     modules = dict(sn.model.named_modules())
-    key = _progress_key(sn, calib)
+    key = progress_key(sn, calib, method="brecq")
     pdir = Path(progress_dir) if progress_dir is not None else None
     done: dict[str, dict] = {}
-    for block in blocks:
-        f = _file(pdir, block) if pdir is not None else None
-        if f is None or not f.is_file():
-            continue
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                if meta.get("key") == key:
-                    _install(sn, {k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (not a dict)
-                    done[block] = json.loads(meta["errors"])
-        except Exception:  # a damaged progress file: learn that block again
-            done.pop(block, None)
+    for block in blocks if pdir is not None else ():
+        kept = read_progress(_file(pdir, block), key)
+        if kept is not None:
+            _install(sn, kept[0])
+            done[block] = kept[1]
     sn.set_fp()
     idx = recon_rows(len(calib), spec.recon_rows)
     act_iters = max(1, round(spec.recon_iters * ACT_ITERS_SHARE))
@@ -359,10 +326,7 @@ def reconstruct_blocks(
         _install(sn, learned)
         done[block] = errors
         if pdir is not None:
-            pdir.mkdir(parents=True, exist_ok=True)
-            tmp = _file(pdir, block).with_suffix(".tmp")
-            save_file(learned, str(tmp), metadata={"key": key, "errors": json.dumps(errors)})
-            tmp.replace(_file(pdir, block))
+            write_progress(_file(pdir, block), learned, key, errors)
         bar.update(1)
     bar.close()
     gains = [e["nearest"] / max(e["learned"], 1e-30) for d in done.values() for e in d.values()]

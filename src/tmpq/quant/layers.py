@@ -278,7 +278,7 @@ class MatmulQuant(QuantUnit):
         self.left.load_qparams({k[5:]: v for k, v in tensors.items() if k.startswith("left.")})
         self.right.load_qparams({k[6:]: v for k, v in tensors.items() if k.startswith("right.")})
 
-    def operands(self, a: torch.Tensor, b: torch.Tensor, batch_size: int, transpose_b: bool) -> tuple:
+    def operands(self, a: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> tuple:
         if self.counting:
             n, inner = a.shape[-2], a.shape[-1]
             m = b.shape[-2] if transpose_b else b.shape[-1]
@@ -330,9 +330,9 @@ class QuantAttnProcessor(nn.Module):
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
 
-        query, key = self.qk.operands(query, key, batch_size, transpose_b=True)
+        query, key = self.qk.operands(query, key, transpose_b=True)
         probs = attn.get_attention_scores(query, key, attention_mask)
-        probs, value = self.av.operands(probs, value, batch_size, transpose_b=False)
+        probs, value = self.av.operands(probs, value, transpose_b=False)
         hidden_states = torch.bmm(probs, value)
 
         hidden_states = attn.batch_to_head_dim(hidden_states)

@@ -49,8 +49,43 @@ def recon_rows(n: int, rows: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, min(rows, n)).round().long().unique()
 
 
-def _soft(v: torch.Tensor) -> torch.Tensor:
-    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+class SoftRounding:
+    """AdaRound's rectified-sigmoid rounding of one layer's weight at one width, in its calibrated range,
+    differentiable in `v` (initialised so that the soft weight starts at the float weight). Layer-wise AdaRound and
+    block-wise BRECQ both learn through it."""
+
+    def __init__(self, unit, bits: int) -> None:
+        w = unit.base.weight.detach().float()
+        self.nearest, scale, zp = unit.weight_codes(bits)
+        self.scale, self.zp, self.top = channel_view(scale, w.ndim), channel_view(zp, w.ndim), qmax(bits)
+        w_div = w * (1.0 / self.scale)
+        self.floor = w_div.floor()
+        rest = (w_div - self.floor).clamp(1e-4, 1 - 1e-4)
+        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
+
+    def h(self) -> torch.Tensor:
+        """The soft rounding offset in [0, 1] (exactly 0 or 1 at the ends of the stretched sigmoid)."""
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def weight(self, h: torch.Tensor) -> torch.Tensor:
+        return (torch.clamp(self.floor + h + self.zp, 0, self.top) - self.zp) * self.scale
+
+    def hard_codes(self) -> torch.Tensor:
+        """The learned codes (float): round up where v >= 0."""
+        return (self.floor + (self.v >= 0).float() + self.zp).clamp(0, self.top)
+
+    def codes_weight(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes.float() - self.zp) * self.scale
+
+
+def regulariser(hs, i: int, iters: int) -> torch.Tensor | None:
+    """AdaRound's rounding regulariser at iteration `i` (None during the warm-up): pushes every h to 0 or 1, with
+    the exponent annealed from BETA_START to BETA_END."""
+    warm = int(WARMUP * iters)
+    if i < warm:
+        return None
+    beta = BETA_END + (BETA_START - BETA_END) * (1 - (i - warm) / max(1, iters - warm))
+    return sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in hs)
 
 
 def _seed(name: str, bits: int) -> int:
@@ -70,37 +105,26 @@ def adaround_codes(
     """Learned codes of `unit` at `bits` on its captured FP `inputs`, with the unit's calibrated scale and zero
     point. Returns the codes and {"nearest": error, "learned": error} on the inputs (the codes are the nearest
     rounding's when learning did not lower the error: reconstruction is never worse than range-only)."""
+    soft = SoftRounding(unit, bits)
     w = unit.base.weight.detach().float()
-    nearest, scale, zp = unit.weight_codes(bits)
-    scale, zp = channel_view(scale, w.ndim), channel_view(zp, w.ndim)
-    top = qmax(bits)
-    w_div = w * (1.0 / scale)
-    w_floor = w_div.floor()
-    rest = (w_div - w_floor).clamp(1e-4, 1 - 1e-4)
-    v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
-
-    def weight(h: torch.Tensor) -> torch.Tensor:
-        return (torch.clamp(w_floor + h + zp, 0, top) - zp) * scale
-
     gen = torch.Generator().manual_seed(_seed(unit.name, bits))
-    opt = torch.optim.Adam([v], lr=lr)
-    warm = int(WARMUP * iters)
+    opt = torch.optim.Adam([soft.v], lr=lr)
     for i in range(iters):
         idx = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)
-        h = _soft(v)
-        loss = _output_error(unit, inputs[idx].to(w.device), weight(h), w)
-        if i >= warm:
-            beta = BETA_END + (BETA_START - BETA_END) * (1 - (i - warm) / max(1, iters - warm))
-            loss = loss + REG_WEIGHT * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        h = soft.h()
+        loss = _output_error(unit, inputs[idx].to(w.device), soft.weight(h), w)
+        reg = regulariser([h], i, iters)
+        if reg is not None:
+            loss = loss + REG_WEIGHT * reg
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        learned = (w_floor + (v >= 0).float() + zp).clamp(0, top)
-        nearest = nearest.float()
+        learned = soft.hard_codes()
+        nearest = soft.nearest.float()
         errs = {}
         for key, codes in (("nearest", nearest), ("learned", learned)):
-            wq = (codes - zp) * scale
+            wq = soft.codes_weight(codes)
             errs[key] = float(
                 sum(_output_error(unit, inputs[i : i + 64].to(w.device), wq, w) for i in range(0, len(inputs), 64))
             )
@@ -156,8 +180,36 @@ def _chunks(names: Sequence[str], per_row: dict[str, int], rows: int) -> list[li
     return out + [cur] if cur else out
 
 
-def _progress_key(sn, calib: CalibrationSet) -> str:
-    return json.dumps({"fingerprint": sn.fingerprint, "spec": sn.spec.to_dict(), "calib": calib.config.__dict__})
+def progress_key(sn, calib: CalibrationSet, **extra) -> str:
+    """What a progress file was learned under: the weights, the spec and the calibration set (and `extra`)."""
+    return json.dumps(
+        {"fingerprint": sn.fingerprint, "spec": sn.spec.to_dict(), "calib": calib.config.__dict__, **extra}
+    )
+
+
+def read_progress(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, errors) of a finished unit or block learned under `key`; None when missing, stale or damaged (then
+    it is learned again)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads(meta["errors"])  # noqa: SIM118 (not a dict)
+    except Exception:  # safetensors raises several types for a damaged file
+        return None
+
+
+def write_progress(path: Path, tensors: dict[str, torch.Tensor], key: str, errors: dict) -> None:
+    """Keep a finished unit or block, atomically (a kill mid-write leaves no half file to be read back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key, "errors": json.dumps(errors)}
+    )
+    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -168,23 +220,15 @@ def reconstruct_weights(
     by an earlier, killed call are read from `progress_dir` instead of being learned again."""
     spec = sn.spec
     units = {n: u for n, u in sn.units.items() if hasattr(u, "calibrate_weights") and u.w_candidates}
-    key = _progress_key(sn, calib)
+    key = progress_key(sn, calib)
     pdir = Path(progress_dir) if progress_dir is not None else None
     done: dict[str, dict] = {}
-    if pdir is not None and pdir.is_dir():
-        for name in units:
-            f = pdir / f"{name}.safetensors"
-            if not f.is_file():
-                continue
-            try:
-                with safe_open(str(f), framework="pt") as fh:
-                    if (fh.metadata() or {}).get("key") != key:
-                        continue
-                    for k in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        units[name].register_buffer(k, fh.get_tensor(k), persistent=False)
-                    done[name] = json.loads(fh.metadata()["errors"])
-            except Exception:  # a damaged progress file: learn that unit again
-                done.pop(name, None)
+    for name in units if pdir is not None else ():
+        kept = read_progress(pdir / f"{name}.safetensors", key)
+        if kept is not None:
+            for k, v in kept[0].items():
+                units[name].register_buffer(k, v, persistent=False)
+            done[name] = kept[1]
     todo = [n for n in units if n not in done]
     sn.set_fp()
     idx = recon_rows(len(calib), spec.recon_rows)
@@ -210,11 +254,8 @@ def reconstruct_weights(
                     unit.register_buffer(f"w{b}_codes", c, persistent=False)
                 done[name] = errors
                 if pdir is not None:
-                    pdir.mkdir(parents=True, exist_ok=True)
-                    tmp = pdir / f"{name}.safetensors.tmp"
-                    meta = {"key": key, "errors": json.dumps(errors)}
-                    save_file({f"w{b}_codes": c.contiguous() for b, c in codes.items()}, str(tmp), metadata=meta)
-                    tmp.replace(pdir / f"{name}.safetensors")
+                    tensors = {f"w{b}_codes": c for b, c in codes.items()}
+                    write_progress(pdir / f"{name}.safetensors", tensors, key, errors)
                 bar.update(1)
     bar.close()
     if not units:
