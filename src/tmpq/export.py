@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.fileio import write_json_atomic
-from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder
+from tmpq.models.parts import LatentDecoder, PipelineParts, prompt_encoder
 from tmpq.provenance import file_sha256, provenance
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
@@ -315,7 +315,9 @@ def _load_parts(m: dict, directory: Path) -> PipelineParts:
         loaded[name] = cls.from_pretrained(str(directory / p["dir"]))
     vae_key = next((k for k in ("vae", "vqvae") if k in loaded), None)
     decoder = LatentDecoder(loaded[vae_key], key=vae_key) if vae_key else None
-    text = TextEncoder(loaded["tokenizer"], loaded["text_encoder"]) if "text_encoder" in loaded else None
+    text = None
+    if "text_encoder" in loaded:
+        text = prompt_encoder(loaded["tokenizer"], loaded["text_encoder"], m.get("pipeline_class"))
     return PipelineParts(
         m.get("kind", "pixel"),
         decoder,
@@ -331,7 +333,7 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
     import diffusers
 
     from tmpq.models.builtin import build_unet
-    from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, UNetDenoiser
+    from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, PixArtDenoiser, UNetDenoiser
 
     unet_class = m.get("unet_class", "UNet2DModel")
     if unet_class == "UNet2DModel":
@@ -339,6 +341,10 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
     if unet_class == "DiTTransformer2DModel":
         dit = diffusers.DiTTransformer2DModel.from_config(m["unet_config"])
         return ClassDenoiser(dit, schedule, float(tensors["fp.guidance_scale"])).eval()
+    if unet_class == "PixArtTransformer2DModel":
+        pixart = diffusers.PixArtTransformer2DModel.from_config(m["unet_config"])
+        size = tuple(int(v) for v in tensors["fp.resolution"].tolist())
+        return PixArtDenoiser(pixart, schedule, tensors["fp.uncond"], float(tensors["fp.guidance_scale"]), size).eval()
     if unet_class != "UNet2DConditionModel":
         raise ValueError(f"unknown UNet class {unet_class!r}")
     unet = diffusers.UNet2DConditionModel.from_config(m["unet_config"])

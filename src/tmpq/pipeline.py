@@ -23,8 +23,6 @@ DEFAULT_PIPELINES = {
     "text2image": "StableDiffusionPipeline",
     "class2image": "DiTPipeline",
 }
-DENOISER_KEYS = {"class2image": "transformer"}
-"""The pipeline component that holds the denoiser, where it is not `unet`."""
 """The pipeline class for a model that did not come as a pipeline (a tmpq-trained or bare UNet)."""
 
 
@@ -62,7 +60,7 @@ def to_diffusers(sampler: CompressedSampler):
     if handle is not None:
         handle.remove()
     unet._tmpq_switch = unet.register_forward_pre_hook(_switch_hook(sampler), with_kwargs=True)
-    key = DENOISER_KEYS.get(parts.kind, "unet")
+    key = "unet" if type(unet).__name__.startswith("UNet") else "transformer"  # DiT, PixArt: `transformer`
     components = {key: unet, "scheduler": SearchedDDIMScheduler.from_searched(sampler.schedule, sampler.timesteps)}
     if parts.decoder is not None:
         components[parts.decoder.key] = parts.decoder.vae

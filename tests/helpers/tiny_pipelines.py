@@ -127,16 +127,6 @@ def save_pixel_pipeline(directory: Path) -> Path:
     return directory
 
 
-if __name__ == "__main__":  # python tests/helpers/tiny_pipelines.py OUT_DIR: the three tiny pipelines of the README
-    import sys
-
-    out = Path(sys.argv[1])
-    for name, save in (("pixel", save_pixel_pipeline), ("latent", save_latent_pipeline)):
-        save(out / name)
-    save_text2image_pipeline(out / "t2i")
-    print(f"wrote {out}/pixel, {out}/latent, {out}/t2i")
-
-
 def tiny_dit():
     """A class-conditional DiT (2 blocks, 2 heads × 8 dims, 2×2 patches) on 8×8×4 latents with learned sigma, the
     1,000-class label table (+ the null class DiTPipeline guides with)."""
@@ -164,3 +154,57 @@ def save_dit_pipeline(directory: Path) -> Path:
         directory
     )
     return directory
+
+
+def tiny_t5_tokenizer():
+    """A T5 (unigram) tokenizer over single characters, built in memory: no sentencepiece, nothing downloaded."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.digits + ".,!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def save_pixart_pipeline(directory: Path, pipeline: str = "PixArtAlphaPipeline") -> Path:
+    """PixArtAlphaPipeline (or PixArtSigmaPipeline): a tiny PixArtTransformer2DModel (2 blocks, 2 heads × 8 dims,
+    2×2 patches, learned sigma) on 8×8×4 latents, a one-layer T5 encoder (width 16) with the character tokenizer,
+    the tiny VAE, and a DDIM scheduler that does not clip."""
+    import diffusers
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tok = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    text = T5EncoderModel(
+        T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
+    ).eval()
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=16,
+    ).eval()
+    sched = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    pipe = getattr(diffusers, pipeline)(
+        tokenizer=tok, text_encoder=text, vae=tiny_vae(), transformer=transformer, scheduler=sched
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+if __name__ == "__main__":  # python tests/helpers/tiny_pipelines.py OUT_DIR: the tiny pipelines of docs/models.md
+    import sys
+
+    out = Path(sys.argv[1])
+    saves = {"pixel": save_pixel_pipeline, "latent": save_latent_pipeline, "t2i": save_text2image_pipeline}
+    saves |= {"dit": save_dit_pipeline, "pixart": save_pixart_pipeline}
+    for name, save in saves.items():
+        save(out / name)
+    print(f"wrote {', '.join(f'{out}/{n}' for n in saves)}")

@@ -140,3 +140,57 @@ class ClassDenoiser(_DiffusersDenoiser):
             out_c, out_u = eps.chunk(2)
             out = out_u + g * (out_c - out_u)
         return self._to_epsilon(out, x, t)
+
+
+class PixArtDenoiser(_DiffusersDenoiser):
+    """A text-conditioned diffusers PixArt transformer (`PixArtTransformer2DModel`, PixArt-α/Σ) with classifier-free
+    guidance, as PixArtAlphaPipeline runs it: one pass on the doubled batch [negative prompt; prompt] with each
+    prompt's attention mask, ε = ε(x, ∅) + g · (ε(x, c) − ε(x, ∅)) on the first `in_channels` outputs (the rest is
+    the learned variance).
+
+    Prompt rows (from `MaskedTextEncoder`) hold the T5 embedding with the attention mask as the last channel. The
+    negative-prompt row, g and the image resolution (PixArt-α 1024's micro-conditions) are buffers, so they belong
+    to the fingerprint and travel with an export."""
+
+    def __init__(
+        self, transformer: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float, image_size: tuple[int, int]
+    ) -> None:
+        from diffusers import PixArtTransformer2DModel
+
+        if not isinstance(transformer, PixArtTransformer2DModel):
+            raise TmpqError(f"expected a diffusers PixArtTransformer2DModel, got {type(transformer).__name__}")
+        if guidance_scale < 1.0:
+            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
+        super().__init__(transformer, schedule)
+        self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
+        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+        self.register_buffer("resolution", torch.tensor([float(image_size[0]), float(image_size[1])]))
+
+    def _added_cond(self, n: int, dtype: torch.dtype) -> dict:
+        """PixArt-α 1024 (sample_size 128) is conditioned on the image's pixel height, width and aspect ratio."""
+        if not getattr(self.unet, "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        res = self.resolution.to(dtype).expand(n, 2)
+        return {"resolution": res, "aspect_ratio": (res[:, :1] / res[:, 1:])}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        if cond is None:
+            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
+        self._check(x)
+        rows = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        g = float(self.guidance_scale)
+        if g != 1.0:
+            rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+        out = self.unet(
+            x,
+            encoder_hidden_states=rows[..., :-1],
+            encoder_attention_mask=rows[..., -1],
+            timestep=t,
+            added_cond_kwargs=self._added_cond(len(x), x.dtype),
+        ).sample
+        if g != 1.0:
+            out_u, out_c = out.chunk(2)
+            out = out_u + g * (out_c - out_u)
+            x, t = x.chunk(2)[0], t.chunk(2)[0]
+        return self._to_epsilon(out, x, t)

@@ -8,8 +8,9 @@ A model directory is data, not code: its `model_index.json` may only name the di
 supports (checked before anything is imported), and weights are read from safetensors only (pickle can run code).
 
 Pipelines: pixel-space UNet2DModel (DDPM/DDIM), latent UNet2DModel + VAE/VQ-VAE (LDM), and text-to-image
-UNet2DConditionModel + VAE + tokenizer + text encoder (Stable Diffusion 1.x/2.x style). Only the UNet becomes the
-denoiser (and is quantized); the autoencoder and text encoder stay beside it at full precision (`models.parts`).
+UNet2DConditionModel + VAE + tokenizer + text encoder (Stable Diffusion 1.x/2.x style); transformers: class-conditional
+DiT (DiTPipeline) and text-conditional PixArt-α/Σ (T5). Only the UNet or transformer becomes the denoiser (and is
+quantized); the autoencoder and text encoder stay beside it at full precision (`models.parts`).
 """
 
 from __future__ import annotations
@@ -40,21 +41,25 @@ SUPPORTED = (
     f"{BUILTIN_SPEC!r}, a .safetensors UNet from `tmpq train`, a diffusers pipeline (directory or hub id) whose "
     "denoiser is a UNet2DModel (pixel space, or latent with a vae/vqvae) or a text-conditioned UNet2DConditionModel "
     "(with vae, tokenizer and text_encoder, Stable Diffusion 1.x/2.x style), a class-conditional DiTPipeline "
-    "(DiTTransformer2DModel with a vae), a bare UNet2DModel, or 'package.module:factory'"
+    "(DiTTransformer2DModel with a vae), a PixArt-α/Σ pipeline (PixArtTransformer2DModel with a vae, T5 tokenizer and "
+    "text_encoder), a bare UNet2DModel, or 'package.module:factory'"
 )
 DEFAULT_GUIDANCE = 7.5
 """StableDiffusionPipeline's default guidance scale."""
 DEFAULT_CLASS_GUIDANCE = 4.0
 """DiTPipeline's default guidance scale."""
+DEFAULT_PIXART_GUIDANCE = 4.5
+"""PixArtAlphaPipeline's and PixArtSigmaPipeline's default guidance scale."""
+PIXART_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 KINDS = ("pixel", "latent", "text2image", "class2image")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unet": ("diffusers", ("UNet2DModel", "UNet2DConditionModel")),
-    "transformer": ("diffusers", ("DiTTransformer2DModel",)),
+    "transformer": ("diffusers", ("DiTTransformer2DModel", "PixArtTransformer2DModel")),
     "vae": ("diffusers", ("AutoencoderKL", "VQModel")),
     "vqvae": ("diffusers", ("AutoencoderKL", "VQModel")),
-    "text_encoder": ("transformers", ("CLIPTextModel",)),
-    "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
+    "text_encoder": ("transformers", ("CLIPTextModel", "T5EncoderModel")),
+    "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")),
     "scheduler": ("diffusers", ()),  # only its config is read, never the class: any diffusers *Scheduler
 }
 """The library and classes each pipeline component may name. model_index.json chooses what `_component` imports,
@@ -289,6 +294,8 @@ def _from_diffusers(
             return _from_dit_pipeline(spec, index, prompts, guidance_scale, classes, cache_only)
         if classes is not None:
             raise TmpqError(f"classes apply to class-conditional (DiT) pipelines only, not to {spec!r}")
+        if isinstance(index, dict) and index.get("_class_name") in PIXART_PIPELINES:
+            return _from_pixart_pipeline(spec, index, prompts, guidance_scale, cache_only)
         return _from_pipeline(spec, index, prompts, guidance_scale, cache_only)
     if cfg is None:
         if cache_only is not None:
@@ -419,6 +426,12 @@ def _from_pipeline(
             f"{spec!r} ({name}) has a text encoder but an unconditional UNet2DModel. Supported: {SUPPORTED}"
         )
     _check_components(spec, parts)
+    clip = all(parts[k][1].startswith("CLIP") for k in ("text_encoder", "tokenizer")) if text2image else True
+    if not clip:
+        raise TmpqError(
+            f"{spec!r}: a {name} with a UNet2DConditionModel needs a CLIP text encoder and tokenizer; it names "
+            f"{parts['text_encoder'][1]} and {parts['tokenizer'][1]}. Supported: {SUPPORTED}"
+        )
     schedule, notes = _schedule(spec, "scheduler", cache_only)
     unet = _component(spec, "unet", *parts["unet"], cache_only).eval()
     decoder = LatentDecoder(_component(spec, vae_key, *parts[vae_key], cache_only), key=vae_key) if vae_key else None
@@ -471,6 +484,11 @@ def _from_dit_pipeline(
     if prompts is not None:
         raise TmpqError(f"{spec!r} is class-conditional (a DiTPipeline): give classes (label ids), not prompts")
     _check_components(spec, parts)
+    if parts["transformer"][1] != "DiTTransformer2DModel":
+        raise TmpqError(
+            f"{spec!r}: a DiTPipeline needs a DiTTransformer2DModel; it names {parts['transformer'][1]}. "
+            f"Supported: {SUPPORTED}"
+        )
     schedule, notes = _schedule(spec, "scheduler", cache_only)
     transformer = _component(spec, "transformer", *parts["transformer"], cache_only).eval()
     vae = _component(spec, "vae", *parts["vae"], cache_only)
@@ -495,6 +513,58 @@ def _from_dit_pipeline(
         pipeline_class="DiTPipeline",
         options=options,
         class_labels=labels,
+    )
+
+
+def _from_pixart_pipeline(
+    spec: str, index: dict, prompts: Sequence[str] | None, guidance_scale: float | None, cache_only: str | None
+) -> LoadedModel:
+    """A PixArt-α/Σ pipeline: the transformer is the denoiser (with the pipeline's guidance and prompt masks); the
+    VAE and the T5 text encoder stay at full precision."""
+    from tmpq.models.denoiser import PixArtDenoiser
+    from tmpq.models.parts import prompt_encoder
+
+    parts = _index_parts(spec, index)
+    name = index["_class_name"]
+    want = {"transformer", "vae", "scheduler", "text_encoder", "tokenizer"}
+    if set(parts) != want:
+        raise TmpqError(
+            f"{spec!r} is a {name} with components {sorted(parts)}; tmpq loads a {name} of {sorted(want)} (missing: "
+            f"{sorted(want - set(parts)) or 'none'}). Supported: {SUPPORTED}"
+        )
+    _check_components(spec, parts)
+    if parts["transformer"][1] != "PixArtTransformer2DModel" or parts["text_encoder"][1] != "T5EncoderModel":
+        raise TmpqError(
+            f"{spec!r}: a {name} needs a PixArtTransformer2DModel and a T5EncoderModel; it names "
+            f"{parts['transformer'][1]} and {parts['text_encoder'][1]}. Supported: {SUPPORTED}"
+        )
+    schedule, notes = _schedule(spec, "scheduler", cache_only)
+    transformer = _component(spec, "transformer", *parts["transformer"], cache_only).eval()
+    vae = _component(spec, "vae", *parts["vae"], cache_only)
+    text = prompt_encoder(
+        _component(spec, "tokenizer", *parts["tokenizer"], cache_only),
+        _component(spec, "text_encoder", *parts["text_encoder"], cache_only),
+        name,
+    )
+    decoder = LatentDecoder(vae, key="vae")
+    g = DEFAULT_PIXART_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    prompts = tuple(prompts) if prompts is not None else read_prompts()
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = transformer.config.sample_size
+    den = PixArtDenoiser(transformer, schedule, text([""]), g, (size * f, size * f)).eval()
+    return LoadedModel(
+        den,
+        schedule,
+        den.sample_shape,
+        spec=spec,
+        weights_path=_weights(Path(spec), "transformer"),
+        notes=notes + _cache_note(cache_only) + ("prompts are lower-cased and stripped; captions are not cleaned",),
+        kind="text2image",
+        decoder=decoder,
+        text_encoder=text,
+        prompts=prompts,
+        pipeline_class=name,
+        options={"prompts": list(prompts), "guidance_scale": g},
     )
 
 

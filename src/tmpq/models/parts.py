@@ -73,6 +73,47 @@ class TextEncoder:
         return self.text_encoder(ids.to(module_device(self.text_encoder)))[0].float()
 
 
+class MaskedTextEncoder(TextEncoder):
+    """A T5 tokenizer + encoder as PixArt-α/Σ encode prompts: lower-cased and stripped (the pipelines' text
+    preprocessing without caption cleaning), padded to `max_length` tokens, encoded with the attention mask.
+
+    The transformer attends only to the prompt's real tokens, so the mask travels with the embeddings: each row of
+    the table is (tokens, width + 1), the embedding with the mask as its last channel (what `PixArtDenoiser` reads).
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, max_length: int) -> None:
+        super().__init__(tokenizer, text_encoder)
+        self.max_length = int(max_length)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        if isinstance(prompts, str) or not prompts:
+            raise TmpqError("give a non-empty list of prompts (a single prompt as a one-item list)")
+        tokens = self.tokenizer(
+            [p.lower().strip() for p in prompts],
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        device = module_device(self.text_encoder)
+        mask = tokens.attention_mask.to(device)
+        emb = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float()
+        return torch.cat([emb, mask.unsqueeze(-1).float()], dim=-1)
+
+
+MASKED_PROMPT_LENGTHS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+"""The prompt length each pipeline pads to (its `max_sequence_length` default)."""
+
+
+def prompt_encoder(tokenizer, text_encoder: nn.Module, pipeline_class: str | None) -> TextEncoder:
+    """The prompt encoder a pipeline class uses: masked T5 for PixArt, CLIP's padded last hidden state otherwise."""
+    if pipeline_class in MASKED_PROMPT_LENGTHS:
+        return MaskedTextEncoder(tokenizer, text_encoder, MASKED_PROMPT_LENGTHS[pipeline_class])
+    return TextEncoder(tokenizer, text_encoder)
+
+
 @dataclass(frozen=True)
 class PipelineParts:
     """What a compressed sampler needs besides its denoiser to make images and to become a pipeline again."""
