@@ -7,7 +7,8 @@ the device, then prints
 - correctness: the denoiser's output on the device against the CPU (FP32 and fake-quantized W8A8), and each runtime
   backend against the fake-quantized sampler on the same device;
 - speed: ms per image of a 10-step sampler at the device's batch size for FP32, bf16, fake-quant (W6A6 and W8A8),
-  int8, packed and fp8 (where this PyTorch has it), each with its relative error against fake-quant;
+  int8 and packed, and for an fp8 super-network (`format8="fp8_e4m3"`) its fake-quant W8A8 and the fp8 kernels
+  (`torch._scaled_mm`), each with its relative error against fake-quant;
 - one demo-sized search (`tmpq.compress`, W6A6@10) on the device, end to end, with its wall time.
 
     .venv/bin/python bench/gpu_check.py --device cuda --out $OUT          # on the GPU machine
@@ -156,6 +157,17 @@ def check_model(name: str, loaded: LoadedModel, device: torch.device, images: in
                 speed(f"W{w}A{a} {mode}", lambda r=lowered: r.sample(images, 0, batch_size=batch), fake)
             except Exception as e:
                 rows.append({"model": name, "check": f"W{w}A{a} {mode}", "error": f"{type(e).__name__}: {e}"[:200]})
+    # float8 e4m3 as the 8-bit format (QuantSpec.format8): its fake-quant sampler and the fp8 kernels
+    fp8_sn = build_supernet(
+        copy.deepcopy(cpu_model).to(device), calib, replace(SPEC, format8="fp8_e4m3"), progress=False
+    )
+    s = CompressedSampler(fp8_sn, loaded.schedule, ts, [fp8_sn.uniform_config(8, 8)], (), loaded.sample_shape)
+    fake = speed("W8A8 fp8 fake-quant", lambda: s.sample(images, 0, batch_size=batch), None)
+    try:
+        lowered = s.lower(Backend(mode="fp8", device=str(device)))
+        speed("W8A8 fp8 kernels", lambda: lowered.sample(images, 0, batch_size=batch), fake)
+    except Exception as e:
+        rows.append({"model": name, "check": "W8A8 fp8 kernels", "error": f"{type(e).__name__}: {e}"[:200]})
     return rows
 
 

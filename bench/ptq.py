@@ -5,6 +5,7 @@ at each step count, with the same seeds and sample count for every row. Rows are
 as they finish, so an interrupted run resumes; the calibration set and super-network are reused too.
 
     .venv/bin/python bench/ptq.py --num-samples 1000 --out runs/ptq
+    .venv/bin/python bench/ptq.py --format8 fp8_e4m3 --configs W8A8 --out runs/ptq_fp8   # float8 8-bit candidates
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(
     reconstruction: Annotated[str, typer.Option(help="none | adaround (per layer) | brecq (per block)")] = "none",
     recon_preset: Annotated[str, typer.Option(help="demo | paper")] = "demo",
     recon_iters: Annotated[int | None, typer.Option(help="override the preset's iterations")] = None,
+    format8: Annotated[str, typer.Option(help="8-bit candidates: int8 | fp8_e4m3")] = "int8",
     out: Path = Path("runs/ptq"),
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
@@ -91,7 +93,7 @@ def main(
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
-    spec = QuantSpec()
+    spec = QuantSpec(format8=format8)
     if reconstruction != "none":
         spec = spec.with_reconstruction(reconstruction, recon_preset)
         spec = spec if recon_iters is None else replace(spec, recon_iters=recon_iters)

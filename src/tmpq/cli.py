@@ -126,9 +126,19 @@ ReconOpt = Annotated[
 ]
 ReconPresetOpt = Annotated[str, typer.Option(help="reconstruction cost: demo (2 CPU cores) | paper (20k iterations)")]
 ReconItersOpt = Annotated[int | None, typer.Option(help="override the preset's iterations per unit and width")]
+Format8Opt = Annotated[
+    str,
+    typer.Option(
+        help="what every 8-bit candidate is: int8 (integer codes: x86 CPUs) | fp8_e4m3 (float8: Hopper/Ada GPUs, "
+        "run with --backend fp8)"
+    ),
+]
 BackendOpt = Annotated[
     str | None,
-    typer.Option(help="with --compressed: run on int8 kernels (int8), bit-packed weights (packed) or lean fake-quant"),
+    typer.Option(
+        help="with --compressed: run on int8 kernels (int8), float8 kernels (fp8: a --format8 fp8_e4m3 sampler), "
+        "bit-packed weights (packed) or lean fake-quant (fake)"
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="with --backend: float arithmetic float32|bfloat16|float16")]
 
@@ -439,6 +449,7 @@ def calibrate(
     reconstruction: ReconOpt = "none",
     recon_preset: ReconPresetOpt = "demo",
     recon_iters: ReconItersOpt = None,
+    format8: Format8Opt = "int8",
     prompts: PromptsOpt = None,
     classes: ClassesOpt = None,
     guidance_scale: GuidanceOpt = None,
@@ -450,7 +461,7 @@ def calibrate(
     from tmpq.quant.prepare import prepare_supernet
 
     _threads(threads)
-    spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters)
+    spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8)
     loaded = _load(model, prompts, guidance_scale, classes).to(resolve_device(device))
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
@@ -459,12 +470,13 @@ def calibrate(
     typer.echo(f"  FP: {sn.cost.macs / 1e6:.1f} MMACs per forward; saved in {run_dir / 'supernet'}")
 
 
-def _quant_spec(w_bits: str, a_bits: str, reconstruction: str, preset: str, iters: int | None):
+def _quant_spec(w_bits: str, a_bits: str, reconstruction: str, preset: str, iters: int | None, format8: str):
     from tmpq.quant import QuantSpec
 
     if reconstruction not in ("none", "adaround", "brecq"):
         raise TmpqError(f"--reconstruction must be none, adaround or brecq, got {reconstruction!r}")
-    spec = QuantSpec(w_bits=parse_ints(w_bits, "--w-bits"), a_bits=parse_ints(a_bits, "--a-bits"))
+    w, a = parse_ints(w_bits, "--w-bits"), parse_ints(a_bits, "--a-bits")
+    spec = QuantSpec(w_bits=w, a_bits=a, format8=format8)
     if reconstruction == "none":
         return spec
     spec = spec.with_reconstruction(reconstruction, preset)
@@ -547,6 +559,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         reconstruction: ReconOpt = "none",
         recon_preset: ReconPresetOpt = "demo",
         recon_iters: ReconItersOpt = None,
+        format8: Format8Opt = "int8",
         seed: int = 0,
         fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,
         workers: Annotated[int, typer.Option(help="evaluate candidates in N local worker processes (0: here)")] = 0,
@@ -595,7 +608,7 @@ def _search_command(full: bool) -> Callable[..., None]:
                 reference_steps=proxy_reference_steps,
             ),
             calib=CalibConfig(calib_samples, calib_steps),
-            quant=_quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters),
+            quant=_quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8),
             final_samples=final_samples,
             final_top=final_top,
             fid_reference=fid_reference,

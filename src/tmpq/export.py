@@ -39,8 +39,8 @@ from tmpq.models.parts import LatentDecoder, PipelineParts, prompt_encoder
 from tmpq.provenance import file_sha256, provenance
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
-from tmpq.quant.layers import MatmulQuant
-from tmpq.quant.primitives import channel_view, dequantize, pack_codes, unpack_codes
+from tmpq.quant.layers import MatmulQuant, dequantize_weight
+from tmpq.quant.primitives import pack_codes, unpack_codes
 from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.sampling.schedules import NoiseSchedule
 
@@ -194,6 +194,7 @@ def export_sampler(
         },
         "packed_codes": packed,
         "cost": sn.cost.to_dict(),
+        "format8": sn.spec.format8,  # what the 8-bit codes are: int8 affine codes or float8 e4m3 bit patterns
         "bitops_per_image": sampler.bitops(),
         "fp_bitops_per_image": sn.cost.bitops(None, len(sampler.timesteps)),
         "weight_size_bits": sampler.size_bits(),
@@ -368,13 +369,14 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], directory: Path) -> Comp
         if info["kind"] != "matmul" and key not in state:
             b = min(w_used[name])
             codes, scale, zp = (qt[f"{name}.w{b}_{s}"] for s in ("codes", "scale", "zp"))
-            state[key] = dequantize(codes, channel_view(scale, codes.ndim), channel_view(zp, codes.ndim))
+            fmt = "fp8_e4m3" if b == 8 and m.get("format8") == "fp8_e4m3" else "int"
+            state[key] = dequantize_weight(codes, scale, zp, fmt)
     missing, unexpected = den.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"tensors do not match the UNet config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     all_w = sorted({b for s in w_used.values() for b in s}) or [8]
     all_a = sorted({b for s in a_used.values() for b in s}) or [8]
-    spec = replace(QuantSpec(), w_bits=tuple(all_w), a_bits=tuple(all_a), pin=())
+    spec = replace(QuantSpec(), w_bits=tuple(all_w), a_bits=tuple(all_a), pin=(), format8=m.get("format8", "int8"))
     sn = SuperNet(den, spec, model_fingerprint(den))
     sn.wrap_units(only=set(units))
     if set(sn.units) != set(units):

@@ -309,7 +309,7 @@ def reconstruct_blocks(
         quantizers = _quantizers(sn, names)
         learned: dict[str, torch.Tensor] = {}
         errors: dict[str, dict] = {}
-        for b in sorted({b for u in weight_units.values() for b in u.w_candidates}):
+        for b in sorted({b for u in weight_units.values() for b in u.w_candidates if u.weight_format(b) == "int"}):
             bar.set_postfix_str(f"{block or 'model'} W{b}", refresh=True)
             units = {n: u for n, u in weight_units.items() if b in u.w_candidates}
             with torch.enable_grad():
@@ -317,7 +317,7 @@ def reconstruct_blocks(
                     module, units, b, data, spec.recon_iters, spec.recon_batch, block
                 )
             learned |= {f"{n}/w{b}_codes": c.contiguous() for n, c in codes.items()}
-        for a in sorted({a for q in quantizers.values() for a in q.candidates}):
+        for a in sorted({a for q in quantizers.values() for a in q.candidates if not (q.fp8 and a == 8)}):
             bar.set_postfix_str(f"{block or 'model'} A{a}", refresh=True)
             qs = {n: q for n, q in quantizers.items() if a in q.candidates}
             with torch.enable_grad():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
 from tmpq.errors import TmpqError
-from tmpq.quant.primitives import MAX_BITS
+from tmpq.quant.primitives import FORMATS_8BIT, MAX_BITS
 from tmpq.serialization import DictConfig
 
 CONFIG_VERSION = 1
@@ -57,6 +57,9 @@ class QuantSpec(DictConfig):
     recon_iters: int = 200  # steps per (unit or block, weight width); the `paper` preset uses 20,000
     recon_batch: int = 16  # calibration inputs per step
     recon_rows: int = 256  # calibration inputs reconstructed on, spread evenly over the set (all timesteps)
+    # what every 8-bit candidate (weights and activations, pins included) is: "int8" affine codes, or "fp8_e4m3"
+    # (per-channel weight / per-tensor activation scales, no rounding to learn: reconstruction skips it)
+    format8: str = "int8"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _bits_tuple(self.w_bits, "weight"))
@@ -83,6 +86,8 @@ class QuantSpec(DictConfig):
             raise TmpqError(
                 f"reconstruction must be one of {[r or 'none' for r in RECONSTRUCTIONS]}, got {self.reconstruction!r}"
             )
+        if self.format8 not in FORMATS_8BIT:
+            raise TmpqError(f"format8 must be one of {FORMATS_8BIT}, got {self.format8!r} (--format8)")
         for name in ("recon_iters", "recon_batch", "recon_rows"):
             if getattr(self, name) < 1:
                 raise TmpqError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')})")
@@ -93,6 +98,11 @@ class QuantSpec(DictConfig):
         if preset not in RECON_PRESETS:
             raise TmpqError(f"reconstruction preset must be one of {sorted(RECON_PRESETS)}, got {preset!r}")
         return replace(self, reconstruction=method, **RECON_PRESETS[preset])
+
+    @property
+    def fp8(self) -> bool:
+        """Whether 8-bit candidates are float8 e4m3 (else int8)."""
+        return self.format8 == "fp8_e4m3"
 
     def selects(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)

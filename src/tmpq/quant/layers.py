@@ -22,6 +22,10 @@ from tmpq.quant.primitives import (
     dequantize,
     fake_quantize_,
     fake_quantize_fused,
+    fp8_dequantize,
+    fp8_fake_quantize,
+    fp8_quantize,
+    fp8_scale,
     fused_qparams,
     quantize,
 )
@@ -39,14 +43,16 @@ class ActQuantizer(nn.Module):
     """Per-tensor affine fake quantizer; `split` quantizes channels [:split] and [split:] separately.
 
     The split is Q-Diffusion's remedy for skip-connection concatenations, whose two halves have very
-    different ranges: one shared range would waste most codes on one of them.
+    different ranges: one shared range would waste most codes on one of them. With `fp8`, the 8-bit candidate is
+    float8 e4m3 with a per-tensor scale (amax / 448) instead of integer codes.
     """
 
-    def __init__(self, name: str, candidates: Sequence[int], split: int | None = None) -> None:
+    def __init__(self, name: str, candidates: Sequence[int], split: int | None = None, fp8: bool = False) -> None:
         super().__init__()
         self.name = name
         self.candidates = tuple(sorted(candidates))
         self.split = split
+        self.fp8 = fp8
         self.bits: int | None = None
         self.observers: list[ActObserver] | None = None
         # set only while block reconstruction learns the step size (brecq.py): one differentiable fake
@@ -73,7 +79,11 @@ class ActQuantizer(nn.Module):
         if not self.observers or self.observers[0].count == 0:
             raise TmpqError(f"layer {self.name!r} saw no calibration data; is it used by the model's forward?")
         for b in self.candidates:
-            qp = [act_qparams(o, b, method) for o in self.observers]
+            if self.fp8 and b == 8:  # e4m3 keeps relative precision: the whole range, no clipping search
+                amax = [max(abs(o.min), abs(o.max)) for o in self.observers]
+                qp = [(float(fp8_scale(torch.tensor(m))), 0.0) for m in amax]
+            else:
+                qp = [act_qparams(o, b, method) for o in self.observers]
             self.register_buffer(f"a{b}_scale", torch.tensor([s for s, _ in qp]), persistent=False)
             self.register_buffer(f"a{b}_zp", torch.tensor([z for _, z in qp]), persistent=False)
         self.observers = None
@@ -109,6 +119,9 @@ class ActQuantizer(nn.Module):
         if self.bits is None:
             return x
         scale, zp = getattr(self, f"a{self.bits}_scale"), getattr(self, f"a{self.bits}_zp")
+        if self.fp8 and self.bits == 8:
+            parts = [fp8_fake_quantize(p, scale[i]) for i, p in enumerate(self.parts(x))]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if x.device.type != "cpu":  # one fused kernel per quantizer (launch-bound devices)
             return fake_quantize_fused(x, self._fused_qparams(scale, zp, x), self.bits)
         out = x.clone()
@@ -138,6 +151,14 @@ class QuantUnit(nn.Module):
         raise NotImplementedError
 
 
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, fmt: str = "int") -> torch.Tensor:
+    """A weight from its per-output-channel codes in either format (`QuantWeightLayer.weight_format`)."""
+    nd = codes.ndim
+    if fmt == "fp8_e4m3":
+        return fp8_dequantize(codes, channel_view(scale.float(), nd))
+    return dequantize(codes, channel_view(scale, nd), channel_view(zp, nd))
+
+
 class WeightCodes(NamedTuple):
     """A weight's integer codes at one width with their per-output-channel scale and zero point:
     w ≈ (codes − zp) · scale. What runtime backends and export read from a quantized layer."""
@@ -150,12 +171,20 @@ class WeightCodes(NamedTuple):
 class QuantWeightLayer(QuantUnit):
     """A Conv2d/Linear twin: per-width weight codes (calibrated once) and an activation quantizer."""
 
-    def __init__(self, base: nn.Module, name: str, w_candidates: Sequence[int], a_candidates: Sequence[int]) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        name: str,
+        w_candidates: Sequence[int],
+        a_candidates: Sequence[int],
+        fp8: bool = False,
+    ) -> None:
         super().__init__(name)
         self.base = base
         self.w_candidates = tuple(sorted(w_candidates))
         self.a_candidates = tuple(sorted(a_candidates))
-        self.act = ActQuantizer(name, self.a_candidates)
+        self.fp8 = fp8  # the 8-bit weight (and activation) candidate is float8 e4m3
+        self.act = ActQuantizer(name, self.a_candidates, fp8=fp8)
         self.w_bits: int | None = None
         self._w_active: torch.Tensor | None = None
 
@@ -174,8 +203,13 @@ class QuantWeightLayer(QuantUnit):
     def calibrate_weights(self) -> None:
         w = self.base.weight.detach()
         for b in self.w_candidates:
-            scale, zp = weight_qparams(w, b)
-            codes = quantize(w.float(), channel_view(scale, w.ndim), channel_view(zp, w.ndim), b)
+            if self.weight_format(b) == "fp8_e4m3":  # e4m3 bit patterns, per-channel amax scale, no zero point
+                scale = fp8_scale(w.float().reshape(w.shape[0], -1).abs().amax(1))
+                zp = torch.zeros_like(scale)
+                codes = fp8_quantize(w, channel_view(scale, w.ndim))
+            else:
+                scale, zp = weight_qparams(w, b)
+                codes = quantize(w.float(), channel_view(scale, w.ndim), channel_view(zp, w.ndim), b)
             self.register_buffer(f"w{b}_codes", codes, persistent=False)
             self.register_buffer(f"w{b}_scale", scale, persistent=False)
             self.register_buffer(f"w{b}_zp", zp, persistent=False)
@@ -201,10 +235,14 @@ class QuantWeightLayer(QuantUnit):
             )
         return WeightCodes(*(getattr(self, f"w{bits}_{k}") for k in ("codes", "scale", "zp")))
 
+    def weight_format(self, bits: int) -> str:
+        """'fp8_e4m3' when this width's codes are e4m3 bit patterns, 'int' for affine integer codes."""
+        return "fp8_e4m3" if self.fp8 and bits == 8 else "int"
+
     def dequantized_weight(self, bits: int) -> torch.Tensor:
         w = self.base.weight
         codes, scale, zp = (t.to(w.device) for t in self.weight_codes(bits))
-        return dequantize(codes, channel_view(scale, w.ndim), channel_view(zp, w.ndim)).to(w.dtype)
+        return dequantize_weight(codes, scale, zp, self.weight_format(bits)).to(w.dtype)
 
     def set_bits(self, w: int | None, a: int | None) -> None:
         _check_bits(w, self.w_candidates, "weight", self.name)
@@ -251,11 +289,12 @@ class MatmulQuant(QuantUnit):
 
     kind = "matmul"
 
-    def __init__(self, name: str, a_candidates: Sequence[int]) -> None:
+    def __init__(self, name: str, a_candidates: Sequence[int], fp8: bool = False) -> None:
         super().__init__(name)
         self.a_candidates = tuple(sorted(a_candidates))
-        self.left = ActQuantizer(f"{name}.left", self.a_candidates)
-        self.right = ActQuantizer(f"{name}.right", self.a_candidates)
+        self.fp8 = fp8
+        self.left = ActQuantizer(f"{name}.left", self.a_candidates, fp8=fp8)
+        self.right = ActQuantizer(f"{name}.right", self.a_candidates, fp8=fp8)
         self.weight_params = 0
         self.bias_params = 0
 
@@ -292,10 +331,10 @@ class QuantAttnProcessor(nn.Module):
     The projections (to_q, to_k, to_v, to_out) are ordinary Linear layers and get their own twins.
     """
 
-    def __init__(self, name: str, a_candidates: Sequence[int]) -> None:
+    def __init__(self, name: str, a_candidates: Sequence[int], fp8: bool = False) -> None:
         super().__init__()
-        self.qk = MatmulQuant(f"{name}.qk", a_candidates)
-        self.av = MatmulQuant(f"{name}.av", a_candidates)
+        self.qk = MatmulQuant(f"{name}.qk", a_candidates, fp8)
+        self.av = MatmulQuant(f"{name}.av", a_candidates, fp8)
 
     def __call__(  # __call__ itself, with diffusers' signature: Attention inspects it to decide which kwargs to pass
         self,

@@ -83,6 +83,33 @@ def fake_quantize_fused(x: torch.Tensor, qparams: tuple, bits: int) -> torch.Ten
     return torch.fake_quantize_per_channel_affine(x, scale, zp, 1, 0, qmax(bits))
 
 
+FORMATS_8BIT = ("int8", "fp8_e4m3")
+"""What an 8-bit candidate is: affine integer codes, or scaled float8 e4m3 (what Hopper and Ada GPUs multiply at
+twice the bf16 rate; their int8 path is slower than bf16). Narrower widths are always integer."""
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: the largest finite e4m3 value
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The scale that maps |x| <= amax onto e4m3's finite range (per tensor or per channel)."""
+    return (amax.float() / FP8_MAX).clamp(min=_EPS)
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The e4m3 bit patterns (as uint8, so they store and pack like integer codes) of x / scale, saturated to
+    ±448 and rounded to nearest even, as PyTorch's cast rounds."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.uint8)
+
+
+def fp8_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.view(FP8_DTYPE).to(scale.dtype) * scale
+
+
+def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """fp8_dequantize(fp8_quantize(x)) without storing codes; same arithmetic, so bit-identical to it."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float().mul(scale).to(x.dtype)
+
+
 def channel_view(scale: torch.Tensor, ndim: int) -> torch.Tensor:
     """(C,) per-output-channel parameters reshaped to broadcast over a weight of `ndim` dims."""
     return scale.reshape(-1, *([1] * (ndim - 1)))

@@ -247,6 +247,8 @@ def reconstruct_weights(
                 errors: dict[str, dict] = {}
                 codes: dict[int, torch.Tensor] = {}
                 for b in unit.w_candidates:
+                    if unit.weight_format(b) != "int":  # fp8 has no integer rounding to learn
+                        continue
                     bar.set_postfix_str(f"{name} W{b}", refresh=True)
                     with torch.enable_grad():
                         codes[b], errors[str(b)] = adaround_codes(unit, b, inputs, spec.recon_iters, spec.recon_batch)

@@ -102,20 +102,20 @@ class SuperNet(nn.Module):
                         spec.a_bits,
                     )
                 )
-                twin = twin_type(module, name, w_c, a_c)
+                twin = twin_type(module, name, w_c, a_c, fp8=spec.fp8)
                 self.replace_module(name, twin)
                 self.units[name] = twin
                 if pin:
                     self.pinned[name] = pin
             elif attention is not None and isinstance(module, attention):
-                proc = QuantAttnProcessor(f"{name}.processor", spec.a_bits)
+                proc = QuantAttnProcessor(f"{name}.processor", spec.a_bits, spec.fp8)
                 kept = [u for u in (proc.qk, proc.av) if spec.selects(u.name) and (only is None or u.name in only)]
                 if not kept:
                     continue
                 for u in (proc.qk, proc.av):
                     pin = spec.pinned(u.name)
                     if pin:
-                        u.__init__(u.name, tuple(b for b in pin[1:] if b))
+                        u.__init__(u.name, tuple(b for b in pin[1:] if b), spec.fp8)
                         self.pinned[u.name] = (None, pin[1])
                     if u in kept:
                         self.units[u.name] = u

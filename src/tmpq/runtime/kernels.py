@@ -12,7 +12,9 @@ added:
 - `int_mm`: `torch._int_mm` (int8 × int8 → int32; CPU and CUDA), with activations shifted to q_x − 128 and both
   corrections added in int32; convolutions go through unfold (im2col), which is slow on CPU and fine on GPUs.
 
-Both are tested against the fake-quantized reference. Every function here is pure: modules live in layers.py.
+Both are tested against the fake-quantized reference. For super-networks whose 8-bit candidates are float8 e4m3
+(`QuantSpec.format8`), `Fp8Linear` / `Fp8Conv` run the 8-bit layers on `torch._scaled_mm` (Hopper and Ada GPUs; CPU
+builds emulate it). Every function here is pure: modules live in layers.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tmpq.quant.primitives import FP8_DTYPE, FP8_MAX
 
 KERNELS = ("onednn", "int_mm")
 
@@ -293,3 +297,81 @@ class IntMMConv(IntMMLinear):
 
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+FP8_PAD = 16
+"""cuBLASLt's fp8 matmul wants K and N multiples of 16; rows are padded the same way (zeros add nothing)."""
+
+
+@functools.cache
+def fp8_available(device: str = "cpu") -> bool:
+    """Whether `torch._scaled_mm` multiplies float8 e4m3 on this device type (CPU builds do, in software; CUDA needs
+    compute capability 8.9+: Ada, Hopper)."""
+    try:
+        a = torch.ones(16, 16, device=device).to(FP8_DTYPE)
+        one = torch.tensor(1.0, device=device)
+        y = torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return bool(y[0, 0].item() == 16)
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError):
+        return False
+
+
+class Fp8Linear:
+    """A linear layer on `torch._scaled_mm` with float8 e4m3 weights (per-output-channel scale) and activations
+    (per-tensor scale), as the fp8 super-network computes it: y = s_x · s_w[o] · Σ x8 · w8 + b, accumulated in fp32.
+
+    The matmul is scaled per tensor (supported on every fp8 device and output dtype) and the per-channel weight
+    scale is applied to its fp32 output, so the result equals the fake-quantized layer up to float rounding."""
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias, x_scale: float) -> None:
+        values = codes.reshape(codes.shape[0], -1)
+        self.n, self.k = values.shape
+        pad_k, pad_n = (-self.k) % FP8_PAD, (-self.n) % FP8_PAD
+        self.w = F.pad(values, (0, pad_k, 0, pad_n)).view(FP8_DTYPE).t()  # (K, N), column-major as cuBLASLt wants
+        self.x_scale = float(x_scale)
+        self.one = torch.tensor(1.0, device=codes.device)
+        self.sx = torch.tensor(self.x_scale, device=codes.device)
+        self.out_scale = w_scale.float().contiguous()
+        self.bias = None if bias is None else bias.detach().float()
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """s_x · Σ_k x8 · w8 for float x2d (M, K) → (M, N) fp32 (the per-channel weight scale not yet applied)."""
+        m = x2d.shape[0]
+        a = (x2d.float() / self.sx).clamp(-FP8_MAX, FP8_MAX)
+        a = F.pad(a, (0, self.w.shape[0] - self.k, 0, (-m) % FP8_PAD)).to(FP8_DTYPE)
+        y = torch._scaled_mm(a, self.w, scale_a=self.sx, scale_b=self.one, out_dtype=torch.float32)
+        return y[:m, : self.n]
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def raw(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, x.shape[-1])) * self.out_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, -1).to(out_dtype)
+
+    def nbytes(self) -> int:
+        return self.w.numel() + _nbytes(self.bias, self.out_scale)
+
+
+class Fp8Conv(Fp8Linear):
+    """Convolution as unfold (im2col) + the fp8 matmul; groups must be 1. Zero padding commutes with the
+    quantization (e4m3 has an exact zero), so the float input is unfolded first and its columns quantized."""
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias, x_scale: float, conv: dict) -> None:
+        super().__init__(codes, w_scale, bias, x_scale)
+        self.conv = conv
+
+    def raw(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        c = self.conv
+        b, _, h, w = x.shape
+        kh, kw = c["kernel_size"]
+        ho = (h + 2 * c["padding"][0] - c["dilation"][0] * (kh - 1) - 1) // c["stride"][0] + 1
+        wo = (w + 2 * c["padding"][1] - c["dilation"][1] * (kw - 1) - 1) // c["stride"][1] + 1
+        cols = F.unfold(x.float(), (kh, kw), c["dilation"], c["padding"], c["stride"])  # (B, K, L)
+        y = self.matmul(cols.transpose(1, 2).reshape(-1, cols.shape[1])) * self.out_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo).to(out_dtype)

@@ -9,6 +9,8 @@ uses (one variant per (w, a) pair across its timestep phases), executed one of t
   kept in float (bit-identical to the super-network in fp32).
 - `DequantVariant(resident="packed")`: the same numbers, but the weight stays bit-packed at its width in memory
   (a 4-bit layer holds half a byte per weight) and is unpacked and dequantized at each call: memory for speed.
+- `Fp8Variant`: float8 e4m3 weights and activations on `torch._scaled_mm` (super-networks whose 8-bit candidates
+  are fp8), output equal to the fake-quantized layer up to float rounding; weights resident as e4m3 (1 byte).
 
 Kernel tensors are plain attributes, not buffers, so casting the model to bf16 never touches integer codes or
 scales.
@@ -22,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmpq.quant.primitives import channel_view, dequantize, fake_quantize_, pack_codes
+from tmpq.quant.layers import dequantize_weight
+from tmpq.quant.primitives import fake_quantize_, fp8_fake_quantize, pack_codes
 from tmpq.runtime.kernels import (
+    Fp8Conv,
+    Fp8Linear,
     IntMMConv,
     IntMMLinear,
     IntWeight,
@@ -41,6 +46,7 @@ class ActRange:
     bits: int
     scales: tuple[float, ...]
     zero_points: tuple[int, ...]
+    fp8: bool = False  # float8 e4m3 with these scales (zero points 0) instead of integer codes
 
 
 def _parts(x: torch.Tensor, split: int | None) -> list[torch.Tensor]:
@@ -58,8 +64,8 @@ def unpack_codes_torch(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 class _Weight:
     """A quantized weight kept resident as float (dequantized once) or as packed codes (dequantized per call)."""
 
-    def __init__(self, codes, scale, zp, bits: int, shape, resident: str, dtype: torch.dtype) -> None:
-        self.shape, self.bits, self.resident, self.dtype = tuple(shape), bits, resident, dtype
+    def __init__(self, codes, scale, zp, bits: int, shape, resident: str, dtype: torch.dtype, fmt: str = "int") -> None:
+        self.shape, self.bits, self.resident, self.dtype, self.fmt = tuple(shape), bits, resident, dtype, fmt
         self.scale, self.zp = scale.float(), zp.float()
         if resident == "packed":
             self.packed = pack_codes(codes, bits).to(codes.device)  # packed on the host: bring it back
@@ -69,10 +75,7 @@ class _Weight:
             self.value = self._dequant(codes)
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
-        nd = len(self.shape)
-        return dequantize(codes.reshape(self.shape), channel_view(self.scale, nd), channel_view(self.zp, nd)).to(
-            self.dtype
-        )
+        return dequantize_weight(codes.reshape(self.shape), self.scale, self.zp, self.fmt).to(self.dtype)
 
     def get(self) -> torch.Tensor:
         if self.value is not None:
@@ -102,7 +105,10 @@ class DequantVariant:
         if self.act is not None:
             x = x.float().clone()
             for i, part in enumerate(_parts(x, self.layer.split)):
-                fake_quantize_(part, self.act.scales[i], self.act.zero_points[i], self.act.bits)
+                if self.act.fp8:
+                    part.copy_(fp8_fake_quantize(part, torch.tensor(self.act.scales[i], device=part.device)))
+                else:
+                    fake_quantize_(part, self.act.scales[i], self.act.zero_points[i], self.act.bits)
         w = self.weight.get() if isinstance(self.weight, _Weight) else self.weight
         y = self.layer.compute(x.to(self.dtype), w.to(self.dtype))
         if self.layer.channels_last and y.dim() == 4:  # e.g. a 1-channel input gives NCHW whatever the weight
@@ -127,6 +133,26 @@ class IntVariant:
             y = k.raw(q, self.dtype)
             out = y if out is None else out.add_(y)
         return self.kernels[0].finish(out)  # the parts share one shift correction: applied once, to the sum
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes() for k in self.kernels)
+
+
+class Fp8Variant:
+    """Float8 kernels (`Fp8Linear` / `Fp8Conv`), one per input part, each with its own activation scale and the
+    matching slice of the weight; outputs summed (the bias is in the first part's kernel only)."""
+
+    how = "fp8 e4m3 kernel (torch._scaled_mm)"
+
+    def __init__(self, kernels: list, dtype: torch.dtype) -> None:
+        self.kernels, self.dtype = kernels, dtype
+
+    def __call__(self, x: torch.Tensor, split: int | None) -> torch.Tensor:
+        out = None
+        for part, k in zip(_parts(x, split), self.kernels):
+            y = k.raw(part, torch.float32)
+            out = y if out is None else out.add_(y)
+        return out.to(self.dtype)
 
     def nbytes(self) -> int:
         return sum(k.nbytes() for k in self.kernels)
@@ -161,7 +187,7 @@ class RuntimeLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.variants[self.active]
-        return v(x, self.split) if isinstance(v, IntVariant) else v(x)
+        return v(x, self.split) if isinstance(v, (IntVariant, Fp8Variant)) else v(x)
 
     def nbytes(self) -> int:
         """Bytes this layer keeps resident for its variants (weights, kernels, biases, scales)."""
@@ -192,6 +218,19 @@ class RuntimeLayer(nn.Module):
                 )
             kernels.append(k)
         self.variants[key] = IntVariant(kernels, act, key[0], kernel, dtype, exact)
+
+    def add_fp8_variant(self, key, codes, scale, act: ActRange, dtype: torch.dtype) -> None:
+        """`codes`: the layer's e4m3 weight bit patterns (uint8) with their per-output-channel `scale`."""
+        offsets = [0] if self.split is None else [0, self.split]
+        ends = [codes.shape[1]] if self.split is None else [self.split, codes.shape[1]]
+        kernels = []
+        for i, (lo, hi) in enumerate(zip(offsets, ends)):
+            part, bias = codes[:, lo:hi].contiguous(), self.bias if i == 0 else None
+            if self.kind == "conv":
+                kernels.append(Fp8Conv(part, scale, bias, act.scales[i], self.conv))
+            else:
+                kernels.append(Fp8Linear(part, scale, bias, act.scales[i]))
+        self.variants[key] = Fp8Variant(kernels, dtype)
 
     def add_dequant_variant(self, key, weight, act: ActRange | None, dtype: torch.dtype) -> None:
         self.variants[key] = DequantVariant(self, weight, act, dtype)

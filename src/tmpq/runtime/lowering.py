@@ -9,6 +9,9 @@ large for serving. Lowering keeps only the widths the sampler uses and picks, la
   memory and BitOPs but no speed beyond 8-bit. Layers with a full-precision input or weight run in float.
 - `fake`: the search's own fake-quantized arithmetic with float weights, only the used widths kept.
 - `packed`: like `fake`, but weights stay bit-packed in memory and are dequantized at each call.
+- `fp8`: for super-networks whose 8-bit candidates are float8 e4m3 (`QuantSpec.format8="fp8_e4m3"`), every
+  Conv2d/Linear at fp8 weights and activations runs on `torch._scaled_mm` (fast on Hopper/Ada GPUs, emulated on
+  CPUs); other widths run as `fake`.
 
 `dtype` sets the float arithmetic around the quantized layers (norms, attention, float layers): bf16 or fp16
 where the device is fast at it. What cannot run as asked (no integer kernel on this device, an unsupported
@@ -29,11 +32,11 @@ from torch import nn
 from tmpq.compressed import CompressedSampler, sample_images
 from tmpq.errors import TmpqError
 from tmpq.quant.layers import MatmulQuant, QuantWeightLayer
-from tmpq.runtime.kernels import KERNELS, kernel_available
+from tmpq.runtime.kernels import KERNELS, fp8_available, kernel_available
 from tmpq.runtime.layers import ActRange, RuntimeLayer, _Weight
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 
-MODES = ("int8", "fake", "packed")
+MODES = ("int8", "fake", "packed", "fp8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -177,7 +180,8 @@ def _act_range(q, bits: int | None) -> ActRange | None:
     if bits is None:
         return None
     scale, zp = getattr(q, f"a{bits}_scale"), getattr(q, f"a{bits}_zp")
-    return ActRange(bits, tuple(float(s) for s in scale), tuple(int(z) for z in zp))
+    fp8 = bool(q.fp8 and bits == 8)
+    return ActRange(bits, tuple(float(s) for s in scale), tuple(int(z) for z in zp), fp8)
 
 
 def _lower_layer(twin: QuantWeightLayer, pairs: Sequence[tuple], backend: Backend, kernel: str | None,
@@ -197,8 +201,22 @@ def _lower_layer(twin: QuantWeightLayer, pairs: Sequence[tuple], backend: Backen
             layer.add_dequant_variant((w, a), base.weight.detach().to(device, dtype), act, dtype)
             continue
         codes, scale, zp = (t.to(device) for t in twin.weight_codes(w))
-        if backend.mode == "int8" and act is not None:
-            groups = getattr(base, "groups", 1)
+        fmt = twin.weight_format(w)
+        groups = getattr(base, "groups", 1)
+        if backend.mode == "fp8" and act is not None:
+            if fmt == "fp8_e4m3" and act.fp8 and groups == 1 and fp8_available(device.type):
+                layer.add_fp8_variant((w, a), codes, scale, act, dtype)
+                continue
+            reasons[(w, a)] = (
+                f"no fp8 matmul on {device.type} in this PyTorch build"
+                if fmt == "fp8_e4m3" and act.fp8 and groups == 1
+                else f"grouped convolution (groups={groups})"
+                if groups != 1
+                else "not float8 at both weight and activation (an integer width, or int8 super-network)"
+            )
+        if backend.mode == "int8" and act is not None and (fmt != "int" or act.fp8):
+            reasons[(w, a)] = "float8 layer (run this sampler with the fp8 backend)"
+        elif backend.mode == "int8" and act is not None:
             if kernel is not None and groups == 1:
                 layer.add_int_variant((w, a), codes, scale, zp, act, kernel, dtype, backend.exact_rounding)
                 continue
@@ -208,7 +226,8 @@ def _lower_layer(twin: QuantWeightLayer, pairs: Sequence[tuple], backend: Backen
                 else f"grouped convolution (groups={groups})"
             )
         resident = "packed" if backend.mode == "packed" else "float"
-        layer.add_dequant_variant((w, a), _Weight(codes, scale, zp, w, base.weight.shape, resident, dtype), act, dtype)
+        weight = _Weight(codes, scale, zp, w, base.weight.shape, resident, dtype, fmt)
+        layer.add_dequant_variant((w, a), weight, act, dtype)
     return layer, reasons
 
 
@@ -251,9 +270,9 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     if fallbacks:
         why = Counter(fallbacks.values())
         warnings.warn(
-            f"{len(fallbacks)} quantized layer variant(s) run in float instead of on an integer kernel: "
+            f"{len(fallbacks)} quantized layer variant(s) run in float instead of on a {backend.mode} kernel: "
             + "; ".join(f"{n}× {r}" for r, n in why.items())
-            + ". Their output is the same fake-quantized arithmetic, without the int8 speed-up.",
+            + f". Their output is the same fake-quantized arithmetic, without the {backend.mode} speed-up.",
             RuntimeFallbackWarning,
             stacklevel=2,
         )
