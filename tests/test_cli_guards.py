@@ -64,6 +64,7 @@ def test_train_never_writes_its_card_over_a_users_readme(tmp_path):
         (["--seed-from", "/nonexistent"], "--seed-from"),
         (["--reconstruction", "brecq2"], "--reconstruction"),
         (["--reconstruction", "adaround", "--recon-preset", "fast"], "preset"),
+        (["--format8", "fp4"], "--format8"),
     ],
 )
 def test_search_options_are_checked_before_any_compute(tmp_path, args, match):
