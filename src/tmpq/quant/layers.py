@@ -161,7 +161,8 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
 
 class WeightCodes(NamedTuple):
     """A weight's integer codes at one width with their per-output-channel scale and zero point:
-    w ≈ (codes − zp) · scale. What runtime backends and export read from a quantized layer."""
+    w ≈ (codes − zp) · scale; for an e4m3 width (`QuantWeightLayer.weight_format`) the codes are float8 bit patterns,
+    zp is 0 and w ≈ e4m3(codes) · scale (`dequantize_weight` reads both). What runtime backends and export read."""
 
     codes: torch.Tensor
     scale: torch.Tensor
