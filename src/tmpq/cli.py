@@ -137,7 +137,7 @@ BackendOpt = Annotated[
     str | None,
     typer.Option(
         help="with --compressed: run on int8 kernels (int8), float8 kernels (fp8: a --format8 fp8_e4m3 sampler), "
-        "bit-packed weights (packed) or lean fake-quant (fake)"
+        "bit-packed weights (packed), lean fake-quant (fake), or the device's kernel for the sampler's format (auto)"
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="with --backend: float arithmetic float32|bfloat16|float16")]

@@ -151,3 +151,17 @@ def test_fp8_kernels_equal_their_fake_layers(fp8_sampler):
             checked[layer.kind] += 1
             checked["split"] += layer.split is not None
     assert checked["conv"] and checked["split"]
+
+
+@needs_fp8
+def test_auto_backend_picks_the_kernel_for_the_format(fp8_sampler, make_denoiser, calib, small_spec):
+    rs = lower(fp8_sampler, Backend("auto"))
+    assert rs.backend.mode == "fp8" and any("fp8" in row["runs"] for row in rs.plan)
+    from tmpq.runtime import kernel_available
+
+    net = build_supernet(make_denoiser(), calib, small_spec, progress=False)
+    s = CompressedSampler(net, NoiseSchedule(), [900, 500], [net.uniform_config(8, 8)], (), (1, 32, 32))
+    ri = lower(s, Backend("auto"))
+    has_int = kernel_available("onednn") or kernel_available("int_mm")
+    assert ri.backend.mode == ("int8" if has_int else "fake")
+    assert any("int8 kernel" in row["runs"] for row in ri.plan) == has_int

@@ -9,6 +9,8 @@ large for serving. Lowering keeps only the widths the sampler uses and picks, la
   memory and BitOPs but no speed beyond 8-bit. Layers with a full-precision input or weight run in float.
 - `fake`: the search's own fake-quantized arithmetic with float weights, only the used widths kept.
 - `packed`: like `fake`, but weights stay bit-packed in memory and are dequantized at each call.
+- `auto`: the fast kernel the device has for the super-network's 8-bit format: `fp8` for an e4m3 super-network where
+  `torch._scaled_mm` runs, `int8` for an integer one where an integer kernel runs, `fake` otherwise.
 - `fp8`: for super-networks whose 8-bit candidates are float8 e4m3 (`QuantSpec.format8="fp8_e4m3"`), every
   Conv2d/Linear at fp8 weights and activations runs on `torch._scaled_mm` (fast on Hopper/Ada GPUs, emulated on
   CPUs); other widths run as `fake`.
@@ -24,7 +26,7 @@ import copy
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ from tmpq.runtime.kernels import KERNELS, fp8_available, kernel_available
 from tmpq.runtime.layers import ActRange, RuntimeLayer, _Weight
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 
-MODES = ("int8", "fake", "packed", "fp8")
+MODES = ("int8", "fake", "packed", "fp8", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,7 +48,7 @@ class RuntimeFallbackWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Backend:
-    """How a compressed sampler executes: `mode` (int8 | fake | packed), the float `dtype` around it, the
+    """How a compressed sampler executes: `mode` (int8 | fp8 | fake | packed | auto), the float `dtype` around it, the
     `device`, and which integer `kernel` (auto: oneDNN on CPU, torch._int_mm elsewhere). `exact_rounding` quantizes
     activations with the search's own rounding instead of PyTorch's faster fused quantizer (see
     `kernels.quantize_act`): the integer layers then equal the fake-quantized ones to float rounding."""
@@ -184,6 +186,13 @@ def _act_range(q, bits: int | None) -> ActRange | None:
     return ActRange(bits, tuple(float(s) for s in scale), tuple(int(z) for z in zp), fp8)
 
 
+def _auto_mode(fp8: bool, backend: Backend) -> str:
+    """What `auto` runs: the device's kernel for the super-network's 8-bit format, else the lean fake path."""
+    if fp8:
+        return "fp8" if fp8_available(torch.device(backend.device).type) else "fake"
+    return "int8" if backend.int_kernel() is not None else "fake"
+
+
 def _lower_layer(twin: QuantWeightLayer, pairs: Sequence[tuple], backend: Backend, kernel: str | None,
                  device: torch.device) -> tuple[RuntimeLayer, dict]:  # fmt: skip
     base = twin.base
@@ -240,6 +249,8 @@ def lower(sampler: CompressedSampler, backend: Backend | str = "int8", inplace: 
     backend = Backend(mode=backend) if isinstance(backend, str) else backend
     sn = sampler.supernet
     device = torch.device(backend.device)
+    if backend.mode == "auto":
+        backend = replace(backend, mode=_auto_mode(sn.spec.fp8, backend))
     kernel = backend.int_kernel() if backend.mode == "int8" else None
     cl = backend.channels_last if backend.channels_last is not None else kernel == "onednn"
     steps = sampler.step_configs()
