@@ -83,7 +83,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_model(name: str, loaded: LoadedModel, device: torch.device, images: int, batch: int) -> list[dict]:
     from tmpq.compressed import CompressedSampler
     from tmpq.runtime import Backend
-    from tmpq.runtime.lowering import MODES
 
     rows: list[dict] = []
     cpu_model = loaded.denoiser
@@ -145,9 +144,7 @@ def check_model(name: str, loaded: LoadedModel, device: torch.device, images: in
     for w, a in ((6, 6), (8, 8)):
         s = sampler(w, a)
         fake = speed(f"W{w}A{a} fake-quant", lambda s=s: s.sample(images, 0, batch_size=batch), None)
-        for mode in MODES:
-            if mode == "fake":
-                continue
+        for mode in ("int8", "packed"):  # the fp8 kernels run the fp8 super-network below
             try:
                 lowered = s.lower(Backend(mode=mode, device=str(device)))
             except Exception as e:  # a backend that cannot run here is a finding, not a crash of the check
