@@ -71,18 +71,10 @@ def _pixart(tiny: bool):
     from tmpq.sampling.schedules import NoiseSchedule
 
     if tiny:
+        from tiny_pipelines import tiny_pixart
+
         width, size = 16, 8
-        model = PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,
-            num_layers=2,
-            cross_attention_dim=16,
-            sample_size=8,
-            patch_size=2,
-            caption_channels=16,
-        )
+        model = tiny_pixart()
     else:  # PixArt-alpha/PixArt-XL-2-512x512's transformer config
         width, size = 4096, 64
         model = PixArtTransformer2DModel(

@@ -4,6 +4,7 @@ UNet2DModel + AutoencoderKL (LDMPipeline) and a Stable-Diffusion-style UNet2DCon
 from __future__ import annotations
 
 import json
+import shutil
 import string
 from pathlib import Path
 
@@ -166,21 +167,13 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def save_pixart_pipeline(directory: Path, pipeline: str = "PixArtAlphaPipeline") -> Path:
-    """PixArtAlphaPipeline (or PixArtSigmaPipeline): a tiny PixArtTransformer2DModel (2 blocks, 2 heads × 8 dims,
-    2×2 patches, learned sigma) on 8×8×4 latents, a one-layer T5 encoder (width 16) with the character tokenizer,
-    the tiny VAE, and a DDIM scheduler that does not clip."""
-    import diffusers
-    from diffusers import DDIMScheduler, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+def tiny_pixart():
+    """A PixArtTransformer2DModel (2 blocks, 2 heads × 8 dims, 2×2 patches, learned sigma) on 8×8×4 latents,
+    cross-attending to width-16 captions."""
+    from diffusers import PixArtTransformer2DModel
 
-    tok = tiny_t5_tokenizer()
     torch.manual_seed(0)
-    text = T5EncoderModel(
-        T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
-    ).eval()
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
+    return PixArtTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,
@@ -191,9 +184,32 @@ def save_pixart_pipeline(directory: Path, pipeline: str = "PixArtAlphaPipeline")
         patch_size=2,
         caption_channels=16,
     ).eval()
+
+
+def edited_copy(pipeline: Path, directory: Path, change: dict) -> Path:
+    """A copy of a saved pipeline whose model_index.json has `change` merged in (a hand-edited or foreign layout)."""
+    shutil.copytree(pipeline, directory)
+    index = json.loads((directory / "model_index.json").read_text())
+    (directory / "model_index.json").write_text(json.dumps(index | change))
+    return directory
+
+
+def save_pixart_pipeline(directory: Path, pipeline: str = "PixArtAlphaPipeline") -> Path:
+    """PixArtAlphaPipeline (or PixArtSigmaPipeline): a tiny PixArtTransformer2DModel (2 blocks, 2 heads × 8 dims,
+    2×2 patches, learned sigma) on 8×8×4 latents, a one-layer T5 encoder (width 16) with the character tokenizer,
+    the tiny VAE, and a DDIM scheduler that does not clip."""
+    import diffusers
+    from diffusers import DDIMScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    tok = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    text = T5EncoderModel(
+        T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
+    ).eval()
     sched = DDIMScheduler(beta_schedule="linear", clip_sample=False)
     pipe = getattr(diffusers, pipeline)(
-        tokenizer=tok, text_encoder=text, vae=tiny_vae(), transformer=transformer, scheduler=sched
+        tokenizer=tok, text_encoder=text, vae=tiny_vae(), transformer=tiny_pixart(), scheduler=sched
     )
     pipe.save_pretrained(directory)
     return directory

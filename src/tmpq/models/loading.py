@@ -475,23 +475,10 @@ def _from_dit_pipeline(
     at full precision; calibration and fitness cycle over `classes` (default: every class the model knows)."""
     from tmpq.models.denoiser import ClassDenoiser
 
-    parts = _index_parts(spec, index)
-    if set(parts) != {"transformer", "vae", "scheduler"}:
-        raise TmpqError(
-            f"{spec!r} is a DiTPipeline with components {sorted(parts)}; tmpq loads a DiTPipeline of transformer, "
-            f"vae and scheduler. Supported: {SUPPORTED}"
-        )
     if prompts is not None:
         raise TmpqError(f"{spec!r} is class-conditional (a DiTPipeline): give classes (label ids), not prompts")
-    _check_components(spec, parts)
-    if parts["transformer"][1] != "DiTTransformer2DModel":
-        raise TmpqError(
-            f"{spec!r}: a DiTPipeline needs a DiTTransformer2DModel; it names {parts['transformer'][1]}. "
-            f"Supported: {SUPPORTED}"
-        )
-    schedule, notes = _schedule(spec, "scheduler", cache_only)
-    transformer = _component(spec, "transformer", *parts["transformer"], cache_only).eval()
-    vae = _component(spec, "vae", *parts["vae"], cache_only)
+    layout = {"transformer": "DiTTransformer2DModel", "vae": None, "scheduler": None}
+    _, schedule, notes, transformer, vae = _transformer_pipeline(spec, index, layout, cache_only)
     g = DEFAULT_CLASS_GUIDANCE if guidance_scale is None else float(guidance_scale)
     den = ClassDenoiser(transformer, schedule, g).eval()
     labels = tuple(range(den.num_classes)) if classes is None else tuple(classes)
@@ -524,23 +511,10 @@ def _from_pixart_pipeline(
     from tmpq.models.denoiser import PixArtDenoiser
     from tmpq.models.parts import prompt_encoder
 
-    parts = _index_parts(spec, index)
     name = index["_class_name"]
-    want = {"transformer", "vae", "scheduler", "text_encoder", "tokenizer"}
-    if set(parts) != want:
-        raise TmpqError(
-            f"{spec!r} is a {name} with components {sorted(parts)}; tmpq loads a {name} of {sorted(want)} (missing: "
-            f"{sorted(want - set(parts)) or 'none'}). Supported: {SUPPORTED}"
-        )
-    _check_components(spec, parts)
-    if parts["transformer"][1] != "PixArtTransformer2DModel" or parts["text_encoder"][1] != "T5EncoderModel":
-        raise TmpqError(
-            f"{spec!r}: a {name} needs a PixArtTransformer2DModel and a T5EncoderModel; it names "
-            f"{parts['transformer'][1]} and {parts['text_encoder'][1]}. Supported: {SUPPORTED}"
-        )
-    schedule, notes = _schedule(spec, "scheduler", cache_only)
-    transformer = _component(spec, "transformer", *parts["transformer"], cache_only).eval()
-    vae = _component(spec, "vae", *parts["vae"], cache_only)
+    layout = {"transformer": "PixArtTransformer2DModel", "vae": None, "scheduler": None}
+    layout |= {"text_encoder": "T5EncoderModel", "tokenizer": None}
+    parts, schedule, notes, transformer, vae = _transformer_pipeline(spec, index, layout, cache_only)
     text = prompt_encoder(
         _component(spec, "tokenizer", *parts["tokenizer"], cache_only),
         _component(spec, "text_encoder", *parts["text_encoder"], cache_only),
@@ -566,6 +540,29 @@ def _from_pixart_pipeline(
         pipeline_class=name,
         options={"prompts": list(prompts), "guidance_scale": g},
     )
+
+
+def _transformer_pipeline(spec: str, index: dict, layout: dict[str, str | None], cache_only: str | None) -> tuple:
+    """What the DiT and PixArt loaders share: exactly the components of `layout`, each of the class it names (None:
+    any class tmpq loads there), checked before anything is imported; then the schedule, the transformer and the VAE.
+    Returns (parts, schedule, notes, transformer, vae)."""
+    parts = _index_parts(spec, index)
+    name = index.get("_class_name")
+    if set(parts) != set(layout):
+        raise TmpqError(
+            f"{spec!r} is a {name} with components {sorted(parts)}; tmpq loads a {name} of {sorted(layout)} (missing: "
+            f"{sorted(set(layout) - set(parts)) or 'none'}). Supported: {SUPPORTED}"
+        )
+    _check_components(spec, parts)
+    for key, cls in layout.items():
+        if cls is not None and parts[key][1] != cls:
+            raise TmpqError(
+                f"{spec!r}: a {name} needs a {cls} as its {key}; it names {parts[key][1]}. Supported: {SUPPORTED}"
+            )
+    schedule, notes = _schedule(spec, "scheduler", cache_only)
+    transformer = _component(spec, "transformer", *parts["transformer"], cache_only).eval()
+    vae = _component(spec, "vae", *parts["vae"], cache_only)
+    return parts, schedule, notes, transformer, vae
 
 
 def _index_parts(spec: str, index) -> dict[str, tuple[str, str]]:

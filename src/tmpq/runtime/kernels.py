@@ -280,19 +280,29 @@ class IntMMConv(IntMMLinear):
         self.conv = conv
 
     def raw(self, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        c = self.conv
-        b, _, h, w = q.shape
-        kh, kw = c["kernel_size"]
-        ho = (h + 2 * c["padding"][0] - c["dilation"][0] * (kh - 1) - 1) // c["stride"][0] + 1
-        wo = (w + 2 * c["padding"][1] - c["dilation"][1] * (kw - 1) - 1) // c["stride"][1] + 1
         # unfold pads with 0, which must mean a real zero: unfold the centred codes (exact in float up to 2^24)
-        centred = q.float() - self.x_zp
-        cols = F.unfold(centred, (kh, kw), c["dilation"], c["padding"], c["stride"])  # (B, K, L)
-        cols = (cols.transpose(1, 2).reshape(-1, cols.shape[1]) + self.x_zp).to(torch.uint8)
-        y = self.matmul(cols).float() * self.out_scale
+        cols, shape = im2col(q.float() - self.x_zp, self.conv)
+        y = self.matmul((cols + self.x_zp).to(torch.uint8)).float() * self.out_scale
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo).to(out_dtype)
+        return col2im(y, shape).to(out_dtype)
+
+
+def im2col(x: torch.Tensor, conv: dict) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """A convolution's input windows as rows: (B·Ho·Wo, C·kh·kw), zero-padded, and (B, Ho, Wo) for `col2im`."""
+    c = conv
+    b, _, h, w = x.shape
+    kh, kw = c["kernel_size"]
+    ho = (h + 2 * c["padding"][0] - c["dilation"][0] * (kh - 1) - 1) // c["stride"][0] + 1
+    wo = (w + 2 * c["padding"][1] - c["dilation"][1] * (kw - 1) - 1) // c["stride"][1] + 1
+    cols = F.unfold(x, (kh, kw), c["dilation"], c["padding"], c["stride"])  # (B, K, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (b, ho, wo)
+
+
+def col2im(y: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(B·Ho·Wo, N) rows of a convolution's output back to (B, N, Ho, Wo)."""
+    b, ho, wo = shape
+    return y.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo)
 
 
 def _nbytes(*tensors) -> int:
@@ -365,13 +375,8 @@ class Fp8Conv(Fp8Linear):
         self.conv = conv
 
     def raw(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        c = self.conv
-        b, _, h, w = x.shape
-        kh, kw = c["kernel_size"]
-        ho = (h + 2 * c["padding"][0] - c["dilation"][0] * (kh - 1) - 1) // c["stride"][0] + 1
-        wo = (w + 2 * c["padding"][1] - c["dilation"][1] * (kw - 1) - 1) // c["stride"][1] + 1
-        cols = F.unfold(x.float(), (kh, kw), c["dilation"], c["padding"], c["stride"])  # (B, K, L)
-        y = self.matmul(cols.transpose(1, 2).reshape(-1, cols.shape[1])) * self.out_scale
+        cols, shape = im2col(x.float(), self.conv)
+        y = self.matmul(cols) * self.out_scale
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo).to(out_dtype)
+        return col2im(y, shape).to(out_dtype)
