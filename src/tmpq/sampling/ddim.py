@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tmpq.device import default_batch_size, module_device
 from tmpq.errors import TmpqError
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
-from tmpq.sampling.schedules import NoiseSchedule, validate_timesteps
+from tmpq.sampling.schedules import FlowSchedule, NoiseSchedule, validate_timesteps
 
 Denoiser = Callable[..., torch.Tensor]
 """Anything called as `eps = model(x_t, t)` with t a (B,) integer tensor, or `model(x_t, t, cond)` when conditional
@@ -32,11 +32,12 @@ class DDIMStepOutput:
 
 
 class DDIMSampler:
-    """Deterministic (eta = 0) or stochastic DDIM for epsilon-prediction models."""
+    """Deterministic (eta = 0) or stochastic DDIM for epsilon-prediction models; on a `FlowSchedule`, Euler on the
+    flow ODE (the same update in flow coordinates)."""
 
     def __init__(
         self,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | FlowSchedule,
         timesteps: Sequence[int],
         eta: float = 0.0,
         clip_sample: bool | None = None,
@@ -45,6 +46,8 @@ class DDIMSampler:
     ) -> None:
         if not (math.isfinite(eta) and eta >= 0):
             raise TmpqError(f"eta must be a number >= 0, got {eta}")
+        if eta > 0 and schedule.prediction_type == "flow":
+            raise TmpqError("a flow-matching schedule samples deterministically (Euler); use eta = 0")
         self.schedule = schedule
         self.timesteps = validate_timesteps(timesteps, schedule.num_train_timesteps)
         self.eta = float(eta)
@@ -59,6 +62,15 @@ class DDIMSampler:
     def _alpha(self, t: int) -> torch.Tensor:
         return self.schedule.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
 
+    def _flow_step(self, v: torch.Tensor, index: int, sample: torch.Tensor) -> DDIMStepOutput:
+        """DDIM in flow coordinates: the Euler step x' = x + (σ' − σ) v (the last step goes to σ = 0), with
+        FlowMatchEulerDiscreteScheduler's arithmetic; x_0 = x − σ v."""
+        sigmas = self.schedule.sigmas
+        s = sigmas[self.timesteps[index]].to(sample.device)
+        s_next = sigmas[self.timesteps[index + 1]].to(sample.device) if index + 1 < len(self.timesteps) else 0.0
+        x = sample.float()
+        return DDIMStepOutput(prev_sample=x + (s_next - s) * v.float(), pred_original_sample=x - s * v.float())
+
     def step(
         self,
         eps: torch.Tensor,
@@ -66,7 +78,10 @@ class DDIMSampler:
         sample: torch.Tensor,
         noise: torch.Tensor | None = None,
     ) -> DDIMStepOutput:
-        """One DDIM update from timesteps[index] to timesteps[index + 1] (or to x_0 after the last)."""
+        """One DDIM update from timesteps[index] to timesteps[index + 1] (or to x_0 after the last). `eps` is the
+        model's ε prediction, or its velocity on a flow-matching schedule."""
+        if self.schedule.prediction_type == "flow":
+            return self._flow_step(eps, index, sample)
         t = self.timesteps[index]
         t_prev = self.timesteps[index + 1] if index + 1 < len(self.timesteps) else -1
         a_t, a_prev = self._alpha(t).to(sample.device), self._alpha(t_prev).to(sample.device)

@@ -92,6 +92,10 @@ class NoiseSchedule:
             clip_sample_range=float(config.get("clip_sample_range", 1.0)),
         )
 
+    def timesteps(self, kind: str, num_steps: int) -> list[int]:
+        """A named sampling schedule on this process ('uniform' or 'quad', see `make_timesteps`)."""
+        return make_timesteps(kind, num_steps, self.num_train_timesteps)
+
     def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's output as an ε prediction, whatever it predicts (DDIM, calibration and search use ε)."""
         if self.prediction_type == "epsilon":
@@ -100,6 +104,113 @@ class NoiseSchedule:
         if self.prediction_type == "sample":  # x0: eps = (x_t - sqrt(a) x0) / sqrt(1 - a)
             return (x_t - a.sqrt() * output) / (1 - a).sqrt()
         return a.sqrt() * output + (1 - a).sqrt() * x_t  # v = sqrt(a) eps - sqrt(1 - a) x0
+
+
+_FLOW_UNSUPPORTED = (
+    "use_dynamic_shifting",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Flow matching (rectified flow) as diffusers' `FlowMatchEulerDiscreteScheduler` trains it: x_σ = (1 − σ) x_0 +
+    σ ε, and the model predicts the velocity v = ε − x_0 when called at timestep σ · T.
+
+    tmpq's integer timestep k (0 <= k < T) is the k-th of the scheduler's own T-step sigmas from the small end, so
+    k = T − 1 is pure noise (σ = 1) and any decreasing list of k is a sampling schedule, as DDIM's timesteps are.
+    diffusers' own N-step schedules are subsets of this grid whenever N − 1 divides T − 1 (for T = 1000: 2, 4, 10,
+    28, 38, 112 ... steps), so the sampler equals its `FlowMatchEulerDiscreteScheduler` there.
+
+    DDIM's deterministic update keeps the x_0 and ε predictions of the current step fixed and moves to the next noise
+    level; in flow coordinates that is exactly Euler's step x' = x + (σ' − σ) v, which is what `DDIMSampler` does on a
+    flow schedule. `alphas_cumprod` holds the variance-preserving equivalent ᾱ = (1 − σ)² / ((1 − σ)² + σ²), for
+    what reads a noise level in those terms (plots, the 'change' grouping's error profile)."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    prediction_type: str = field(default="flow", init=False)
+    clip_sample: bool = field(default=False, init=False)
+    clip_sample_range: float = field(default=1.0, init=False)
+    sigmas: torch.Tensor = field(init=False, repr=False, compare=False)
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.num_train_timesteps < 2:
+            raise TmpqError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise TmpqError(f"the flow schedule's shift must be a positive number, got {self.shift}")
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+        sched.set_timesteps(self.num_train_timesteps)
+        sigmas = sched.sigmas[:-1].flip(0).float()  # the T sigmas without the final 0, smallest first
+        object.__setattr__(self, "sigmas", sigmas)
+        object.__setattr__(self, "alphas_cumprod", (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2))
+
+    def _at(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        s = self.sigmas.to(like.device)[torch.as_tensor(t, device=like.device)]
+        return s.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype) if s.ndim else s.to(like.dtype)
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the network is conditioned on: σ · T (a float), as the diffusers pipelines pass it."""
+        return self.sigmas.to(t.device)[t] * self.num_train_timesteps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self._at(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def to_dict(self) -> dict:
+        return {"kind": "flow", "num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
+
+    def timesteps(self, kind: str, num_steps: int) -> list[int]:
+        """Sampling schedules that start from pure noise (k = T − 1) and end at the smallest sigma (k = 0):
+        'uniform' is diffusers' own N-step schedule (equal where N − 1 divides T − 1, the nearest grid sigmas
+        otherwise); 'quad' is dense at small sigma, k = round(linspace(0, sqrt(T − 1), N)²)."""
+        T = self.num_train_timesteps
+        _check_num_steps(num_steps, T)
+        if num_steps == 1:
+            return [T - 1]
+        if kind == "uniform":
+            ks = np.rint(np.linspace(T - 1, 0, num_steps)).astype(int).tolist()
+        elif kind == "quad":
+            ks = np.rint(np.linspace(0, np.sqrt(T - 1), num_steps) ** 2).astype(int).tolist()
+            for i in range(1, len(ks)):
+                ks[i] = max(ks[i], ks[i - 1] + 1)
+            ks = ks[::-1]
+        else:
+            raise TmpqError(f"unknown schedule {kind!r}; use one of {', '.join(SCHEDULE_KINDS)}")
+        return [int(k) for k in ks]
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> FlowSchedule:
+        """From a FlowMatchEulerDiscreteScheduler config; options that make the sigmas depend on the image size or
+        on the step count (FLUX's dynamic shifting, Karras sigmas, ...) are refused by name."""
+        used = [k for k in _FLOW_UNSUPPORTED if config.get(k)]
+        if used:
+            raise TmpqError(
+                f"the flow-matching scheduler sets {used}; tmpq supports FlowMatchEulerDiscreteScheduler with a fixed "
+                "`shift` (Stable Diffusion 3 style) only"
+            )
+        return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+
+
+def is_flow_config(config: dict) -> bool:
+    """Whether a diffusers scheduler config describes flow matching (it names FlowMatch*, or has a `shift`)."""
+    return "FlowMatch" in str(config.get("_class_name", "")) or ("shift" in config and "beta_start" not in config)
+
+
+def schedule_from_dict(d: dict) -> NoiseSchedule | FlowSchedule:
+    """A schedule from its `to_dict` (files written before flow schedules existed are DDPM noise schedules)."""
+    d = dict(d)
+    if d.pop("kind", "ddpm") == "flow":
+        return FlowSchedule(**d)
+    return NoiseSchedule(**d)
 
 
 def uniform_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
