@@ -349,14 +349,14 @@ def sample(
     else:
         from tmpq.models.loading import load_model
         from tmpq.sampling.ddim import DDIMSampler, generate
-        from tmpq.sampling.schedules import make_timesteps
 
         kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
         if classes is not None:
             kw["classes"] = parse_ints(classes, "--classes", distinct=False)
         loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {})).to(target)
-        T = loaded.schedule.num_train_timesteps
-        ts = _parse_timesteps(timesteps) or make_timesteps(schedule or "quad", 10 if steps is None else steps, T)
+        ts = _parse_timesteps(timesteps) or loaded.schedule.timesteps(
+            schedule or "quad", 10 if steps is None else steps
+        )
         images = generate(
             loaded.denoiser,
             DDIMSampler(loaded.schedule, ts, eta=eta),

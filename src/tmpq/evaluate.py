@@ -15,7 +15,7 @@ from tmpq.metrics.fid import QualityMetric, fashion_mnist_metric
 from tmpq.models.loading import BUILTIN_SPEC, LoadedModel, load_model
 from tmpq.provenance import provenance
 from tmpq.sampling.ddim import DDIMSampler, generate
-from tmpq.sampling.schedules import make_timesteps, validate_timesteps
+from tmpq.sampling.schedules import validate_timesteps
 from tmpq.serialization import DictConfig
 
 
@@ -48,10 +48,11 @@ class EvalConfig(DictConfig):
         if self.compressed is not None and self.timesteps is not None:
             raise TmpqError("--compressed samples on its own timesteps; drop --timesteps/--steps/--schedule")
 
-    def resolved_timesteps(self, num_train_timesteps: int) -> list[int]:
+    def resolved_timesteps(self, schedule) -> list[int]:
+        """The sampling timesteps on `schedule` (a NoiseSchedule or FlowSchedule): the given list, or the named one."""
         if self.timesteps is not None:
-            return validate_timesteps(self.timesteps, num_train_timesteps)
-        return make_timesteps(self.schedule, self.steps, num_train_timesteps)
+            return validate_timesteps(self.timesteps, schedule.num_train_timesteps)
+        return schedule.timesteps(self.schedule, self.steps)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def evaluate(
         images = compressed.sample(cfg.num_samples, cfg.seed, cfg.batch_size, progress=progress)
     else:
         loaded = (loaded or load_model(cfg.model)).to(target)
-        timesteps = cfg.resolved_timesteps(loaded.schedule.num_train_timesteps)
+        timesteps = cfg.resolved_timesteps(loaded.schedule)
         sampler = DDIMSampler(loaded.schedule, timesteps, eta=cfg.eta)
         inputs = {"model": loaded.weights_path} if loaded.weights_path else {}
         t0 = time.time()

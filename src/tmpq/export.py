@@ -42,7 +42,7 @@ from tmpq.quant.cost import CostModel
 from tmpq.quant.layers import MatmulQuant, dequantize_weight
 from tmpq.quant.primitives import pack_codes, unpack_codes
 from tmpq.quant.supernet import SuperNet, model_fingerprint
-from tmpq.sampling.schedules import NoiseSchedule
+from tmpq.sampling.schedules import NoiseSchedule, schedule_from_dict
 
 FORMAT = "tmpq-compressed"
 FORMAT_VERSION = 3  # 2: weight codes bit-packed; 3: model kind, UNet class, FP pipeline parts (v2 still loads)
@@ -353,7 +353,7 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
 
 
 def _rebuild(m: dict, tensors: dict[str, torch.Tensor], directory: Path) -> CompressedSampler:
-    schedule = NoiseSchedule(**m["noise_schedule"])
+    schedule = schedule_from_dict(m["noise_schedule"])
     den = _denoiser(m, tensors, schedule)
     phases = [QuantConfig.from_mapping({n: tuple(v) for n, v in ph.items()}) for ph in m["phases"]]
     units = m["units"]

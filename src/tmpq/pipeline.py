@@ -29,10 +29,17 @@ DEFAULT_PIPELINES = {
 def _switch_hook(sampler: CompressedSampler):
     by_t = dict(sampler.step_configs())
     sn = sampler.supernet
+    schedule = sampler.schedule
+    flow = schedule.prediction_type == "flow"  # the network is called at σ · T: map it back to tmpq's timestep
+    model_ts = {k: float(schedule.model_timestep(torch.tensor(k))) for k in by_t} if flow else {}
 
     def hook(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t0 = int(t.flatten()[0]) if isinstance(t, torch.Tensor) else int(t)
+        t0 = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        if flow:
+            k = min(model_ts, key=lambda k: abs(model_ts[k] - t0))
+            t0 = k if abs(model_ts[k] - t0) <= 1e-3 * max(1.0, abs(t0)) else -1
+        t0 = int(t0)
         if t0 not in by_t:
             raise TmpqError(f"timestep {t0} is not one of this compressed model's steps {sorted(by_t)}")
         if sn.config is not by_t[t0]:
@@ -48,7 +55,7 @@ def to_diffusers(sampler: CompressedSampler):
     `sampler.sample()` returns the model to full precision when it finishes."""
     import diffusers
 
-    from tmpq.sampling.scheduler import SearchedDDIMScheduler  # imports diffusers' schedulers: only when used
+    from tmpq.sampling.scheduler import SearchedDDIMScheduler, SearchedFlowMatchScheduler  # imports diffusers
 
     parts = sampler.parts
     name = parts.pipeline_class or DEFAULT_PIPELINES[parts.kind]
@@ -61,7 +68,11 @@ def to_diffusers(sampler: CompressedSampler):
         handle.remove()
     unet._tmpq_switch = unet.register_forward_pre_hook(_switch_hook(sampler), with_kwargs=True)
     key = "unet" if type(unet).__name__.startswith("UNet") else "transformer"  # DiT, PixArt: `transformer`
-    components = {key: unet, "scheduler": SearchedDDIMScheduler.from_searched(sampler.schedule, sampler.timesteps)}
+    flow = sampler.schedule.prediction_type == "flow"
+    scheduler = (SearchedFlowMatchScheduler if flow else SearchedDDIMScheduler).from_searched(
+        sampler.schedule, sampler.timesteps
+    )
+    components = {key: unet, "scheduler": scheduler}
     if parts.decoder is not None:
         components[parts.decoder.key] = parts.decoder.vae
     if parts.text_encoder is not None:

@@ -20,7 +20,6 @@ matplotlib.use("Agg")  # files only, never a window; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tmpq.errors import TmpqError  # noqa: E402
-from tmpq.sampling.schedules import make_timesteps  # noqa: E402
 from tmpq.search.evolution import Record  # noqa: E402
 from tmpq.search.summary import FinalRow, RunSummary  # noqa: E402
 
@@ -136,8 +135,8 @@ def _timesteps_plot(run: RunData, path: Path) -> Path:
     sigma = (1 - sched.alphas_cumprod).sqrt().numpy()
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.plot(range(T), sigma, color="k", lw=1, label=r"noise level $\sqrt{1-\bar\alpha_t}$")
-    rows = [("chosen", ts, "tab:red"), ("uniform", make_timesteps("uniform", len(ts), T), "tab:blue")]
-    rows.append(("quadratic", make_timesteps("quad", len(ts), T), "tab:green"))
+    rows = [("chosen", ts, "tab:red"), ("uniform", sched.timesteps("uniform", len(ts)), "tab:blue")]
+    rows.append(("quadratic", sched.timesteps("quad", len(ts)), "tab:green"))
     for i, (label, steps, color) in enumerate(rows):
         y = -0.12 - 0.12 * i
         ax.scatter(steps, [y] * len(steps), color=color, s=22, label=f"{label} ({len(steps)} steps)", zorder=3)

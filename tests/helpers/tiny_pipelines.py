@@ -128,6 +128,16 @@ def save_pixel_pipeline(directory: Path) -> Path:
     return directory
 
 
+def save_flow_pixel_pipeline(directory: Path, shift: float = 3.0) -> Path:
+    """DDPMPipeline layout with a flow-matching scheduler: a 16×16 RGB UNet2DModel predicting the velocity at σ · T,
+    FlowMatchEulerDiscreteScheduler (Stable Diffusion 3's shift 3)."""
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    unet = tiny_unet2d(UNet2DModel, size=16, channels=3)
+    DDPMPipeline(unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift)).save_pretrained(directory)
+    return directory
+
+
 def tiny_dit():
     """A class-conditional DiT (2 blocks, 2 heads × 8 dims, 2×2 patches) on 8×8×4 latents with learned sigma, the
     1,000-class label table (+ the null class DiTPipeline guides with)."""

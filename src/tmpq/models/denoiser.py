@@ -20,7 +20,8 @@ class _DiffusersDenoiser(nn.Module):
     """What every diffusers UNet adapter shares: the sample shape, learned variance, and ε conversion.
 
     A model trained to predict x0 (`sample`) or v is converted to ε with its noise schedule, so the sampler,
-    calibration and search see the same quantity whatever the model predicts. A model with learned variance
+    calibration and search see the same quantity whatever the model predicts; a flow-matching model's velocity
+    stays a velocity (its sampler steps on it, see `FlowSchedule`). A model with learned variance
     (2× output channels) gives its first half (the mean prediction).
     """
 
@@ -28,7 +29,7 @@ class _DiffusersDenoiser(nn.Module):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
-        if schedule is not None and schedule.prediction_type != "epsilon":
+        if schedule is not None and schedule.prediction_type not in ("epsilon", "flow"):
             self.prediction_type = schedule.prediction_type
         else:
             self.prediction_type = "epsilon"
@@ -41,6 +42,12 @@ class _DiffusersDenoiser(nn.Module):
                 f"input of shape {tuple(x.shape[1:])} does not match the model's {self.sample_shape}; "
                 "resize or pad the images to the model's size"
             )
+
+    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is conditioned on: the integer timestep, or σ · T on a flow-matching schedule."""
+        if self.schedule is not None and self.schedule.prediction_type == "flow":
+            return self.schedule.model_timestep(t)
+        return t
 
     def _to_epsilon(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.learned_variance:
@@ -65,7 +72,7 @@ class UNetDenoiser(_DiffusersDenoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return self._to_epsilon(self.unet(x, t).sample, x, t)
+        return self._to_epsilon(self.unet(x, self._model_t(t)).sample, x, t)
 
 
 class GuidedDenoiser(_DiffusersDenoiser):
@@ -95,10 +102,11 @@ class GuidedDenoiser(_DiffusersDenoiser):
         emb = cond.embeddings().to(device=x.device, dtype=x.dtype)
         g = float(self.guidance_scale)
         if g == 1.0:
-            out = self.unet(x, t, encoder_hidden_states=emb).sample
+            out = self.unet(x, self._model_t(t), encoder_hidden_states=emb).sample
         else:
             un = self.uncond.to(emb.dtype).expand(len(x), -1, -1)
-            both = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([un, emb])).sample
+            tt = self._model_t(torch.cat([t, t]))
+            both = self.unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.cat([un, emb])).sample
             out_u, out_c = both.chunk(2)
             out = out_u + g * (out_c - out_u)
         return self._to_epsilon(out, x, t)
@@ -132,10 +140,11 @@ class ClassDenoiser(_DiffusersDenoiser):
         labels = cond.embeddings().to(device=x.device, dtype=torch.long).reshape(-1)
         g = float(self.guidance_scale)
         if g == 1.0:
-            out = self.unet(x, timestep=t, class_labels=labels).sample
+            out = self.unet(x, timestep=self._model_t(t), class_labels=labels).sample
         else:
             null = self.null_label.expand(len(x))
-            both = self.unet(torch.cat([x, x]), timestep=torch.cat([t, t]), class_labels=torch.cat([labels, null]))
+            tt = self._model_t(torch.cat([t, t]))
+            both = self.unet(torch.cat([x, x]), timestep=tt, class_labels=torch.cat([labels, null]))
             eps = both.sample[:, : x.shape[1]]
             out_c, out_u = eps.chunk(2)
             out = out_u + g * (out_c - out_u)
@@ -186,7 +195,7 @@ class PixArtDenoiser(_DiffusersDenoiser):
             x,
             encoder_hidden_states=rows[..., :-1],
             encoder_attention_mask=rows[..., -1],
-            timestep=t,
+            timestep=self._model_t(t),
             added_cond_kwargs=self._added_cond(len(x), x.dtype),
         ).sample
         if g != 1.0:

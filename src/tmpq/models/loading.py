@@ -34,7 +34,7 @@ from tmpq.models.builtin import BUILTIN_SCHEDULE, BUILTIN_UNET, load_builtin_une
 from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
 from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder, read_prompts
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
-from tmpq.sampling.schedules import NoiseSchedule
+from tmpq.sampling.schedules import FlowSchedule, NoiseSchedule, is_flow_config
 
 BUILTIN_SPEC = "builtin:fashion"
 SUPPORTED = (
@@ -656,6 +656,8 @@ def _schedule(spec: str, subfolder: str | None, cache_only: str | None = None) -
     if sched is None:
         note = "no scheduler config found: assumed DDPM with T = 1000, linear betas 1e-4..0.02, epsilon"
         return NoiseSchedule.from_scheduler_config({}), (note,)
+    if is_flow_config(sched):
+        return FlowSchedule.from_scheduler_config(sched), ()
     return NoiseSchedule.from_scheduler_config(sched), ()
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from tmpq.errors import TmpqError
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.ddim import DDIMSampler, generate
-from tmpq.sampling.schedules import NoiseSchedule, make_timesteps
+from tmpq.sampling.schedules import NoiseSchedule
 from tmpq.serialization import DictConfig
 
 CALIBRATION_SEED = 1_000_000
@@ -182,7 +182,7 @@ def collect_calibration(
         raise TmpqError("a conditional calibration needs both `cond` and config.conditioning (its digest)")
     if cond is not None and config.conditioning != cond.digest():
         raise TmpqError("config.conditioning is not the digest of the given prompt embeddings")
-    sampler = DDIMSampler(schedule, make_timesteps(config.schedule, config.num_steps, schedule.num_train_timesteps))
+    sampler = DDIMSampler(schedule, schedule.timesteps(config.schedule, config.num_steps))
     rec = _Recorder(model, config.num_samples * len(sampler), sample_shape)
     generate(rec, sampler, config.num_samples, sample_shape, config.seed, batch_size, progress=progress, cond=cond)
     if cond is None:

@@ -1,4 +1,5 @@
-"""A diffusers scheduler that runs tmpq's DDIM on a searched, arbitrary timestep list.
+"""Diffusers schedulers that run tmpq's sampler on a searched, arbitrary timestep list: DDIM for noise schedules,
+flow-matching Euler for flow schedules (`SearchedFlowMatchScheduler`, at the end).
 
 diffusers' DDIMScheduler (0.42) spaces timesteps by rule and derives each step's previous timestep as
 t − T/K, so it cannot run a searched list such as [800, 637, 483, 246, 229, …]. This subclass keeps
@@ -13,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from tmpq.errors import TmpqError
 from tmpq.sampling.ddim import DDIMSampler
-from tmpq.sampling.schedules import NoiseSchedule, validate_timesteps
+from tmpq.sampling.schedules import FlowSchedule, NoiseSchedule, validate_timesteps
 
 
 class SearchedDDIMScheduler(DDIMScheduler):
@@ -94,3 +95,31 @@ class SearchedDDIMScheduler(DDIMScheduler):
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
         return DDIMSchedulerOutput(prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample)
+
+
+class SearchedFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
+    """FlowMatchEulerDiscreteScheduler over `searched_timesteps` (tmpq's integer timesteps on a `FlowSchedule`):
+    its sigmas are those timesteps' sigmas and its timesteps σ · T, whatever `num_inference_steps` a pipeline asks
+    for. The Euler step is the parent's, so a pipeline and `CompressedSampler.sample` compute the same update."""
+
+    searched_timesteps: tuple[int, ...] = ()
+
+    @classmethod
+    def from_searched(cls, schedule: FlowSchedule, timesteps: Sequence[int]) -> SearchedFlowMatchScheduler:
+        sched = cls(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
+        sched.searched_timesteps = tuple(validate_timesteps(timesteps, schedule.num_train_timesteps))
+        sched._flow = schedule
+        sched.set_timesteps()
+        return sched
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None, **_):
+        """Use the searched timesteps; `num_inference_steps` and custom sigmas are ignored."""
+        if not self.searched_timesteps:
+            raise TmpqError("no searched timesteps: build the scheduler with SearchedFlowMatchScheduler.from_searched")
+        flow = getattr(self, "_flow", None) or FlowSchedule(self.config.num_train_timesteps, self.config.shift)
+        sigmas = flow.sigmas[list(self.searched_timesteps)]
+        self.num_inference_steps = len(sigmas)
+        self.timesteps = (sigmas * self.config.num_train_timesteps).to(device)
+        self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
+        self._step_index = None
+        self._begin_index = None

@@ -169,23 +169,9 @@ class FlowSchedule:
         return {"kind": "flow", "num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
 
     def timesteps(self, kind: str, num_steps: int) -> list[int]:
-        """Sampling schedules that start from pure noise (k = T − 1) and end at the smallest sigma (k = 0):
-        'uniform' is diffusers' own N-step schedule (equal where N − 1 divides T − 1, the nearest grid sigmas
-        otherwise); 'quad' is dense at small sigma, k = round(linspace(0, sqrt(T − 1), N)²)."""
-        T = self.num_train_timesteps
-        _check_num_steps(num_steps, T)
-        if num_steps == 1:
-            return [T - 1]
-        if kind == "uniform":
-            ks = np.rint(np.linspace(T - 1, 0, num_steps)).astype(int).tolist()
-        elif kind == "quad":
-            ks = np.rint(np.linspace(0, np.sqrt(T - 1), num_steps) ** 2).astype(int).tolist()
-            for i in range(1, len(ks)):
-                ks[i] = max(ks[i], ks[i - 1] + 1)
-            ks = ks[::-1]
-        else:
-            raise TmpqError(f"unknown schedule {kind!r}; use one of {', '.join(SCHEDULE_KINDS)}")
-        return [int(k) for k in ks]
+        """Sampling schedules that start from pure noise: k = T − 1 (σ = 1), then the named schedule with one step
+        fewer over [0, T − 1). 'uniform' is then diffusers' own N-step schedule wherever N − 1 divides T − 1."""
+        return flow_timesteps(kind, num_steps, self.num_train_timesteps)
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> FlowSchedule:
@@ -198,6 +184,14 @@ class FlowSchedule:
                 "`shift` (Stable Diffusion 3 style) only"
             )
         return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+
+
+def flow_timesteps(kind: str, num_steps: int, num_train_timesteps: int) -> list[int]:
+    """A flow-matching schedule: T − 1 first (pure noise: a flow sampler has no other start), then `kind` with
+    num_steps − 1 steps over the other T − 1 timesteps."""
+    _check_num_steps(num_steps, num_train_timesteps)
+    rest = make_timesteps(kind, num_steps - 1, num_train_timesteps - 1) if num_steps > 1 else []
+    return [num_train_timesteps - 1, *rest]
 
 
 def is_flow_config(config: dict) -> bool:

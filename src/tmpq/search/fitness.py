@@ -24,7 +24,7 @@ from tmpq.metrics.fid import QualityMetric
 from tmpq.quant.supernet import SuperNet
 from tmpq.sampling.conditioning import Conditioning
 from tmpq.sampling.ddim import DDIMSampler, generate
-from tmpq.sampling.schedules import NoiseSchedule, make_timesteps
+from tmpq.sampling.schedules import NoiseSchedule
 from tmpq.search.evolution import FitnessValue
 from tmpq.search.space import Candidate, SearchSpace
 from tmpq.serialization import DictConfig
@@ -89,7 +89,7 @@ class SampleFitness:
         if self.reference is None:
             cfg = self.config
             T = self.schedule.num_train_timesteps
-            ts = make_timesteps("uniform", min(cfg.reference_steps or FULL_STEPS, T), T)
+            ts = self.schedule.timesteps("uniform", min(cfg.reference_steps or FULL_STEPS, T))
             self.reference = self.fp_samples(ts)
             self.reference_forwards = cfg.num_samples * len(ts)
         if self.reference.shape[0] != self.config.num_samples:

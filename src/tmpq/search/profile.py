@@ -10,7 +10,7 @@ from torch import nn
 from tmpq.device import module_device
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.ddim import DDIMSampler, per_sample_noise, seed_generators
-from tmpq.sampling.schedules import NoiseSchedule, uniform_timesteps
+from tmpq.sampling.schedules import NoiseSchedule
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def change_profile(
     its squared change lies in t < 10, where it barely moves the sample.) Costs num_samples × num_steps forwards.
     """
     T = schedule.num_train_timesteps
-    ts = uniform_timesteps(num_steps, T)
+    ts = schedule.timesteps("uniform", num_steps)
     sampler = DDIMSampler(schedule, ts)
     device = module_device(model)
     x = per_sample_noise(seed_generators(range(seed, seed + num_samples)), sample_shape, device)

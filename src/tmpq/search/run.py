@@ -26,7 +26,6 @@ from tmpq.models.loading import LoadedModel
 from tmpq.provenance import provenance
 from tmpq.quant.prepare import prepare_supernet
 from tmpq.quant.supernet import SuperNet, model_fingerprint
-from tmpq.sampling.schedules import make_timesteps
 from tmpq.search.budget import Budget, CandidateCost, Repairer
 from tmpq.search.config import AUTO, SearchConfig, precision_of
 from tmpq.search.evolution import EvolutionarySearch, SearchResult
@@ -126,6 +125,7 @@ def _build_space(ctx: SearchContext) -> tuple[SearchSpace, int]:
         grouping=cfg.grouping,
         phase_bounds=cfg.phase_bounds,
         change=change,
+        flow=loaded.schedule.prediction_type == "flow",
     )
     base = SearchSpace.from_supernet(sn, **kw)
     if cfg.lever == "bits":
@@ -240,7 +240,7 @@ def check_fp_steps(ctx: SearchContext) -> tuple[SearchContext, FpSteps | None, i
         fitness = ctx.fitness(cfg.fitness)
         fids = {}
         for n in counts:
-            images = fitness.fp_samples(make_timesteps("uniform", n, T))
+            images = fitness.fp_samples(loaded.schedule.timesteps("uniform", n))
             fids[str(n)] = float(metric.score(images, seed=cfg.fitness.seed).fid)
             spent["n"] += cfg.fitness.num_samples * n
         return {"fid": fids, "samples": cfg.fitness.num_samples}
@@ -572,9 +572,8 @@ def _final_eval(
     )
     fit = ctx.fitness(fcfg, space)
     k = min(space.steps)
-    T = loaded.schedule.num_train_timesteps
     todo: list[tuple[str, str, Candidate | None, tuple[int, ...]]] = [
-        (f"fp:{FULL_STEPS}", f"FP, {FULL_STEPS} steps", None, tuple(make_timesteps("uniform", FULL_STEPS, T))),
+        (f"fp:{FULL_STEPS}", f"FP, {FULL_STEPS} steps", None, tuple(loaded.schedule.timesteps("uniform", FULL_STEPS))),
         (f"fp:{k}", f"FP, {k} steps ({space.grouping})", None, space.default_timesteps(k)),
     ]
     if baseline is not None:
@@ -585,7 +584,7 @@ def _final_eval(
     ]
     # plain step reduction on the other rule-based schedules too, so the table shows the strongest FP peer at K steps
     for g in ("quad", "uniform"):
-        ts = tuple(make_timesteps(g, k, T))
+        ts = tuple(loaded.schedule.timesteps(g, k))
         if g != space.grouping and ts != space.default_timesteps(k):
             todo.append((f"fp:{k}:{g}", f"FP, {k} steps ({g})", None, ts))
     grids = run_dir / "final"

@@ -88,6 +88,7 @@ class SearchSpace:
     search_bits: bool = True
     fixed_bits: tuple[Bits, ...] | None = None  # the allocation when search_bits is False
     change: tuple[float, ...] | None = field(default=None, repr=False)
+    flow: bool = False  # a flow-matching model: every schedule starts at T − 1 (pure noise), see _make_groups
 
     def __post_init__(self) -> None:
         n = len(self.unit_names)
@@ -134,8 +135,13 @@ class SearchSpace:
         return {k: self._make_groups(k) for k in self.steps}
 
     def _make_groups(self, k: int) -> tuple[tuple[int, int], ...]:
-        starts = group_starts(self.grouping, k, self.num_train_timesteps, self.change)
-        ends = (*starts[1:], self.num_train_timesteps)
+        T = self.num_train_timesteps
+        if self.flow:  # a flow sampler starts from pure noise: the noisiest group is the one timestep T − 1
+            change = None if self.change is None else self.change[: T - 1]
+            starts = (*(group_starts(self.grouping, k - 1, T - 1, change) if k > 1 else ()), T - 1)
+        else:
+            starts = group_starts(self.grouping, k, T, self.change)
+        ends = (*starts[1:], T)
         return tuple(zip(starts, ends))
 
     def default_timesteps(self, k: int) -> tuple[int, ...]:

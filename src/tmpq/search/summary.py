@@ -16,7 +16,7 @@ from typing import Any
 from tmpq.errors import TmpqError
 from tmpq.fileio import write_json_atomic
 from tmpq.quant.config import QuantConfig
-from tmpq.sampling.schedules import NoiseSchedule
+from tmpq.sampling.schedules import NoiseSchedule, schedule_from_dict
 from tmpq.search.config import SearchConfig
 from tmpq.search.evolution import Record
 from tmpq.search.space import Candidate
@@ -305,7 +305,7 @@ class RunSummary:
             grouping_choice=GroupingChoice.from_dict(d["grouping_choice"]) if opt("grouping_choice") else None,
             fp_steps=FpSteps.from_dict(d["fp_steps"]) if opt("fp_steps") else None,
             model_options=dict(opt("model_options") or {}),
-            noise_schedule=NoiseSchedule(**d["noise_schedule"]) if opt("noise_schedule") else NoiseSchedule(),
+            noise_schedule=schedule_from_dict(d["noise_schedule"]) if opt("noise_schedule") else NoiseSchedule(),
             provenance=dict(opt("provenance") or {}),
         )
 
