@@ -62,7 +62,7 @@ def _part_modules(sampler: CompressedSampler) -> dict[str, object]:
     if parts.decoder is not None:
         modules[parts.decoder.key] = parts.decoder.vae
     if parts.text_encoder is not None:
-        modules |= {"text_encoder": parts.text_encoder.text_encoder, "tokenizer": parts.text_encoder.tokenizer}
+        modules |= parts.text_encoder.components()
     return modules
 
 
@@ -318,7 +318,9 @@ def _load_parts(m: dict, directory: Path) -> PipelineParts:
     decoder = LatentDecoder(loaded[vae_key], key=vae_key) if vae_key else None
     text = None
     if "text_encoder" in loaded:
-        text = prompt_encoder(loaded["tokenizer"], loaded["text_encoder"], m.get("pipeline_class"))
+        text = prompt_encoder(
+            {k: v for k, v in loaded.items() if k.startswith(("text_encoder", "tokenizer"))}, m.get("pipeline_class")
+        )
     return PipelineParts(
         m.get("kind", "pixel"),
         decoder,
@@ -334,7 +336,7 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
     import diffusers
 
     from tmpq.models.builtin import build_unet
-    from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, PixArtDenoiser, UNetDenoiser
+    from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, PixArtDenoiser, SD3Denoiser, UNetDenoiser
 
     unet_class = m.get("unet_class", "UNet2DModel")
     if unet_class == "UNet2DModel":
@@ -346,6 +348,9 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
         pixart = diffusers.PixArtTransformer2DModel.from_config(m["unet_config"])
         size = tuple(int(v) for v in tensors["fp.resolution"].tolist())
         return PixArtDenoiser(pixart, schedule, tensors["fp.uncond"], float(tensors["fp.guidance_scale"]), size).eval()
+    if unet_class == "SD3Transformer2DModel":
+        sd3 = diffusers.SD3Transformer2DModel.from_config(m["unet_config"])
+        return SD3Denoiser(sd3, schedule, tensors["fp.uncond"], float(tensors["fp.guidance_scale"])).eval()
     if unet_class != "UNet2DConditionModel":
         raise ValueError(f"unknown UNet class {unet_class!r}")
     unet = diffusers.UNet2DConditionModel.from_config(m["unet_config"])

@@ -76,7 +76,7 @@ def to_diffusers(sampler: CompressedSampler):
     if parts.decoder is not None:
         components[parts.decoder.key] = parts.decoder.vae
     if parts.text_encoder is not None:
-        components |= {"text_encoder": parts.text_encoder.text_encoder, "tokenizer": parts.text_encoder.tokenizer}
+        components |= parts.text_encoder.components()
     params = inspect.signature(cls.__init__).parameters
     kwargs = {}
     for key, p in params.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-def tiny_vae():
+def tiny_vae(shift_factor: float | None = None):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
@@ -26,6 +26,7 @@ def tiny_vae():
         norm_num_groups=4,
         sample_size=16,
         scaling_factor=0.5,
+        shift_factor=shift_factor,
     ).eval()
 
 
@@ -135,6 +136,68 @@ def save_flow_pixel_pipeline(directory: Path, shift: float = 3.0) -> Path:
 
     unet = tiny_unet2d(UNet2DModel, size=16, channels=3)
     DDPMPipeline(unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift)).save_pretrained(directory)
+    return directory
+
+
+def _tiny_clip_with_projection(tok, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tok.get_vocab()),
+            hidden_size=16,
+            intermediate_size=32,
+            projection_dim=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+
+
+def save_sd3_pipeline(directory: Path) -> Path:
+    """StableDiffusion3Pipeline: a one-block SD3Transformer2DModel (2 heads × 8 dims) on 8×8×4 latents, two tiny CLIP
+    encoders with projection (width 16 each: pooled 32), a one-layer T5 (width 32), the character tokenizers, the
+    tiny VAE and FlowMatchEulerDiscreteScheduler with SD3's shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    tok = tiny_tokenizer(directory.parent / (directory.name + "_tok"))
+    t5_tok = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
+    ).eval()
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=8,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1),
+        text_encoder=_tiny_clip_with_projection(tok, 0),
+        tokenizer=tok,
+        text_encoder_2=_tiny_clip_with_projection(tok, 1),
+        tokenizer_2=tok,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(directory)
     return directory
 
 

@@ -203,3 +203,46 @@ class PixArtDenoiser(_DiffusersDenoiser):
             out = out_u + g * (out_c - out_u)
             x, t = x.chunk(2)[0], t.chunk(2)[0]
         return self._to_epsilon(out, x, t)
+
+
+class SD3Denoiser(_DiffusersDenoiser):
+    """Stable Diffusion 3's `SD3Transformer2DModel` with classifier-free guidance as StableDiffusion3Pipeline runs it:
+    one pass on the doubled batch [negative prompt; prompt], v = v(x, ∅) + g · (v(x, c) − v(x, ∅)), at σ · T of its
+    flow-matching schedule.
+
+    Prompt rows (from `SD3TextEncoder`) hold the joint text embeddings and, as the last row, the pooled projection;
+    the negative-prompt row and g are buffers, so they belong to the fingerprint and travel with an export."""
+
+    def __init__(self, transformer: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float = 7.0) -> None:
+        from diffusers import SD3Transformer2DModel
+
+        if not isinstance(transformer, SD3Transformer2DModel):
+            raise TmpqError(f"expected a diffusers SD3Transformer2DModel, got {type(transformer).__name__}")
+        if guidance_scale < 1.0:
+            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
+        super().__init__(transformer, schedule)
+        self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
+        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        if cond is None:
+            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
+        self._check(x)
+        rows = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        g = float(self.guidance_scale)
+        if g != 1.0:
+            rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
+            x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+        else:
+            x2, t2 = x, t
+        cfg = self.unet.config
+        out = self.unet(
+            hidden_states=x2,
+            timestep=self._model_t(t2),
+            encoder_hidden_states=rows[:, :-1, : cfg.joint_attention_dim],
+            pooled_projections=rows[:, -1, : cfg.pooled_projection_dim],
+        ).sample
+        if g != 1.0:
+            out_u, out_c = out.chunk(2)
+            out = out_u + g * (out_c - out_u)
+        return self._to_epsilon(out, x, t)

@@ -42,7 +42,8 @@ SUPPORTED = (
     "denoiser is a UNet2DModel (pixel space, or latent with a vae/vqvae) or a text-conditioned UNet2DConditionModel "
     "(with vae, tokenizer and text_encoder, Stable Diffusion 1.x/2.x style), a class-conditional DiTPipeline "
     "(DiTTransformer2DModel with a vae), a PixArt-α/Σ pipeline (PixArtTransformer2DModel with a vae, T5 tokenizer and "
-    "text_encoder), a bare UNet2DModel, or 'package.module:factory'"
+    "text_encoder), a Stable Diffusion 3 pipeline (SD3Transformer2DModel, two CLIP encoders with projection and "
+    "optionally T5, flow matching), a bare UNet2DModel, or 'package.module:factory'"
 )
 DEFAULT_GUIDANCE = 7.5
 """StableDiffusionPipeline's default guidance scale."""
@@ -50,16 +51,22 @@ DEFAULT_CLASS_GUIDANCE = 4.0
 """DiTPipeline's default guidance scale."""
 DEFAULT_PIXART_GUIDANCE = 4.5
 """PixArtAlphaPipeline's and PixArtSigmaPipeline's default guidance scale."""
+DEFAULT_SD3_GUIDANCE = 7.0
+"""StableDiffusion3Pipeline's default guidance scale."""
 PIXART_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 KINDS = ("pixel", "latent", "text2image", "class2image")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unet": ("diffusers", ("UNet2DModel", "UNet2DConditionModel")),
-    "transformer": ("diffusers", ("DiTTransformer2DModel", "PixArtTransformer2DModel")),
+    "transformer": ("diffusers", ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")),
     "vae": ("diffusers", ("AutoencoderKL", "VQModel")),
     "vqvae": ("diffusers", ("AutoencoderKL", "VQModel")),
-    "text_encoder": ("transformers", ("CLIPTextModel", "T5EncoderModel")),
+    "text_encoder": ("transformers", ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")),
     "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")),
+    "text_encoder_2": ("transformers", ("CLIPTextModelWithProjection",)),
+    "tokenizer_2": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
+    "text_encoder_3": ("transformers", ("T5EncoderModel",)),
+    "tokenizer_3": ("transformers", ("T5Tokenizer", "T5TokenizerFast")),
     "scheduler": ("diffusers", ()),  # only its config is read, never the class: any diffusers *Scheduler
 }
 """The library and classes each pipeline component may name. model_index.json chooses what `_component` imports,
@@ -296,6 +303,8 @@ def _from_diffusers(
             raise TmpqError(f"classes apply to class-conditional (DiT) pipelines only, not to {spec!r}")
         if isinstance(index, dict) and index.get("_class_name") in PIXART_PIPELINES:
             return _from_pixart_pipeline(spec, index, prompts, guidance_scale, cache_only)
+        if isinstance(index, dict) and index.get("_class_name") == "StableDiffusion3Pipeline":
+            return _from_sd3_pipeline(spec, index, prompts, guidance_scale, cache_only)
         return _from_pipeline(spec, index, prompts, guidance_scale, cache_only)
     if cfg is None:
         if cache_only is not None:
@@ -407,7 +416,7 @@ def _from_pipeline(
     name = index.get("_class_name")
     unet_class = parts.get("unet", (None, None))[1]
     vae_key = next((k for k in ("vae", "vqvae") if k in parts), None)
-    extra = sorted(set(parts) - set(_COMPONENTS))
+    extra = sorted(set(parts) - {"unet", "vae", "vqvae", "text_encoder", "tokenizer", "scheduler"})
     if unet_class not in ("UNet2DModel", "UNet2DConditionModel") or extra:
         raise TmpqError(
             f"{spec!r} is a {name} with a {unet_class or 'non-UNet'} denoiser and components "
@@ -515,11 +524,7 @@ def _from_pixart_pipeline(
     layout = {"transformer": "PixArtTransformer2DModel", "vae": None, "scheduler": None}
     layout |= {"text_encoder": "T5EncoderModel", "tokenizer": None}
     parts, schedule, notes, transformer, vae = _transformer_pipeline(spec, index, layout, cache_only)
-    text = prompt_encoder(
-        _component(spec, "tokenizer", *parts["tokenizer"], cache_only),
-        _component(spec, "text_encoder", *parts["text_encoder"], cache_only),
-        name,
-    )
+    text = prompt_encoder({k: _component(spec, k, *parts[k], cache_only) for k in ("tokenizer", "text_encoder")}, name)
     decoder = LatentDecoder(vae, key="vae")
     g = DEFAULT_PIXART_GUIDANCE if guidance_scale is None else float(guidance_scale)
     prompts = tuple(prompts) if prompts is not None else read_prompts()
@@ -535,6 +540,44 @@ def _from_pixart_pipeline(
         notes=notes + _cache_note(cache_only) + ("prompts are lower-cased and stripped; captions are not cleaned",),
         kind="text2image",
         decoder=decoder,
+        text_encoder=text,
+        prompts=prompts,
+        pipeline_class=name,
+        options={"prompts": list(prompts), "guidance_scale": g},
+    )
+
+
+def _from_sd3_pipeline(
+    spec: str, index: dict, prompts: Sequence[str] | None, guidance_scale: float | None, cache_only: str | None
+) -> LoadedModel:
+    """A Stable Diffusion 3 pipeline: the transformer is the denoiser (flow matching, the pipeline's guidance), the
+    VAE and the text encoders stay at full precision; prompts are encoded by the pipeline's own `encode_prompt`."""
+    from tmpq.models.denoiser import SD3Denoiser
+    from tmpq.models.parts import prompt_encoder
+
+    name = index["_class_name"]
+    texts = {"text_encoder": "CLIPTextModelWithProjection", "tokenizer": None}
+    texts |= {"text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": None}
+    present = _index_parts(spec, index)
+    if "text_encoder_3" in present or "tokenizer_3" in present:  # T5 is optional in SD3 pipelines
+        texts |= {"text_encoder_3": "T5EncoderModel", "tokenizer_3": None}
+    layout = {"transformer": "SD3Transformer2DModel", "vae": None, "scheduler": None, **texts}
+    parts, schedule, notes, transformer, vae = _transformer_pipeline(spec, index, layout, cache_only)
+    if schedule.prediction_type != "flow":
+        raise TmpqError(f"{spec!r}: a {name} needs a FlowMatchEulerDiscreteScheduler; its scheduler config is not one")
+    text = prompt_encoder({k: _component(spec, k, *parts[k], cache_only) for k in texts}, name)
+    g = DEFAULT_SD3_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    prompts = tuple(prompts) if prompts is not None else read_prompts()
+    den = SD3Denoiser(transformer, schedule, text([""]), g).eval()
+    return LoadedModel(
+        den,
+        schedule,
+        den.sample_shape,
+        spec=spec,
+        weights_path=_weights(Path(spec), "transformer"),
+        notes=notes + _cache_note(cache_only),
+        kind="text2image",
+        decoder=LatentDecoder(vae, key="vae"),
         text_encoder=text,
         prompts=prompts,
         pipeline_class=name,

@@ -59,6 +59,10 @@ class TextEncoder:
         self.text_encoder.to(device)
         return self
 
+    def components(self) -> dict[str, object]:
+        """The pipeline components this encoder is made of, by their pipeline names (export and to_diffusers)."""
+        return {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str) or not prompts:
@@ -103,12 +107,60 @@ class MaskedTextEncoder(TextEncoder):
         return torch.cat([emb, mask.unsqueeze(-1).float()], dim=-1)
 
 
+class SD3TextEncoder:
+    """Stable Diffusion 3's three text encoders (CLIP-L and CLIP-G with projection, T5 where the pipeline has it),
+    encoded by the pipeline's own `encode_prompt`: the joint (tokens, width) embeddings and the pooled projection.
+
+    Both travel in one table row of (tokens + 1, width): the embeddings, then the pooled vector (zero-padded to the
+    width) as the last row (what `SD3Denoiser` reads)."""
+
+    def __init__(self, components: dict[str, object], max_sequence_length: int = 256) -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        self.parts = {k: v for k, v in components.items() if v is not None}
+        self.max_sequence_length = int(max_sequence_length)
+        none = {k: None for k in ("transformer", "scheduler", "vae", "text_encoder_3", "tokenizer_3")}
+        self._pipe = StableDiffusion3Pipeline(**(none | self.parts))
+        self._pipe.set_progress_bar_config(disable=True)
+
+    def to(self, device: torch.device | str) -> SD3TextEncoder:
+        for v in self.parts.values():
+            if isinstance(v, nn.Module):
+                v.to(device)
+        return self
+
+    def components(self) -> dict[str, object]:
+        return dict(self.parts)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        if isinstance(prompts, str) or not prompts:
+            raise TmpqError("give a non-empty list of prompts (a single prompt as a one-item list)")
+        device = module_device(self.parts["text_encoder"])
+        emb, _, pooled, _ = self._pipe.encode_prompt(
+            list(prompts),
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        width = max(emb.shape[-1], pooled.shape[-1])
+        emb = torch.nn.functional.pad(emb.float(), (0, width - emb.shape[-1]))
+        pooled = torch.nn.functional.pad(pooled.float(), (0, width - pooled.shape[-1]))
+        return torch.cat([emb, pooled[:, None]], dim=1)
+
+
 MASKED_PROMPT_LENGTHS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 """The prompt length each pipeline pads to (its `max_sequence_length` default)."""
 
 
-def prompt_encoder(tokenizer, text_encoder: nn.Module, pipeline_class: str | None) -> TextEncoder:
-    """The prompt encoder a pipeline class uses: masked T5 for PixArt, CLIP's padded last hidden state otherwise."""
+def prompt_encoder(components: dict[str, object], pipeline_class: str | None):
+    """The prompt encoder a pipeline class uses, from its text components by pipeline name: SD3's three encoders,
+    masked T5 for PixArt, CLIP's padded last hidden state otherwise."""
+    if pipeline_class == "StableDiffusion3Pipeline":
+        return SD3TextEncoder(components)
+    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     if pipeline_class in MASKED_PROMPT_LENGTHS:
         return MaskedTextEncoder(tokenizer, text_encoder, MASKED_PROMPT_LENGTHS[pipeline_class])
     return TextEncoder(tokenizer, text_encoder)

@@ -46,6 +46,15 @@ def _attention_type() -> type | None:
     return Attention
 
 
+CLASSIC_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+"""The attention processors `QuantAttnProcessor` stands in for (self- and cross-attention); other processors (SD3's
+joint attention) keep their matmuls in full precision, their projections are quantized like any Linear."""
+
+
+def _classic_processor(module: nn.Module) -> bool:
+    return type(getattr(module, "processor", None)).__name__ in CLASSIC_PROCESSORS
+
+
 class SuperNet(nn.Module):
     """Wraps a denoiser `model(x, t)` (or `model(x, t, cond)`); its quantizable layers become switchable twins."""
 
@@ -107,7 +116,7 @@ class SuperNet(nn.Module):
                 self.units[name] = twin
                 if pin:
                     self.pinned[name] = pin
-            elif attention is not None and isinstance(module, attention):
+            elif attention is not None and isinstance(module, attention) and _classic_processor(module):
                 proc = QuantAttnProcessor(f"{name}.processor", spec.a_bits, spec.fp8)
                 kept = [u for u in (proc.qk, proc.av) if spec.selects(u.name) and (only is None or u.name in only)]
                 if not kept:
