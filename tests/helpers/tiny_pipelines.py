@@ -293,7 +293,7 @@ if __name__ == "__main__":  # python tests/helpers/tiny_pipelines.py OUT_DIR: th
 
     out = Path(sys.argv[1])
     saves = {"pixel": save_pixel_pipeline, "latent": save_latent_pipeline, "t2i": save_text2image_pipeline}
-    saves |= {"dit": save_dit_pipeline, "pixart": save_pixart_pipeline}
+    saves |= {"dit": save_dit_pipeline, "pixart": save_pixart_pipeline, "sd3": save_sd3_pipeline}
     for name, save in saves.items():
         save(out / name)
     print(f"wrote {', '.join(f'{out}/{n}' for n in saves)}")
