@@ -385,5 +385,60 @@ class QuantAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
 
+class QuantJointAttnProcessor(nn.Module):
+    """diffusers' `JointAttnProcessor2_0` (Stable Diffusion 3's joint attention over [image; context] tokens) with
+    the q·kᵀ and softmax·v operands fake-quantized, as `QuantAttnProcessor` does for self/cross attention. The
+    image and context projections (to_q/k/v, add_q/k/v_proj, to_out, to_add_out) are Linear twins of their own."""
+
+    def __init__(self, name: str, a_candidates: Sequence[int], fp8: bool = False) -> None:
+        super().__init__()
+        self.qk = MatmulQuant(f"{name}.qk", a_candidates, fp8)
+        self.av = MatmulQuant(f"{name}.av", a_candidates, fp8)
+
+    def _heads(self, attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        b, n, inner = x.shape
+        x = x.view(b, n, attn.heads, inner // attn.heads).transpose(1, 2)
+        return x if norm is None else norm(x)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ):
+        n_img = hidden_states.shape[1]
+        query = self._heads(attn, attn.to_q(hidden_states), attn.norm_q)
+        key = self._heads(attn, attn.to_k(hidden_states), attn.norm_k)
+        value = self._heads(attn, attn.to_v(hidden_states), None)
+        if encoder_hidden_states is not None:
+            ctx = encoder_hidden_states
+            query = torch.cat([query, self._heads(attn, attn.add_q_proj(ctx), attn.norm_added_q)], dim=2)
+            key = torch.cat([key, self._heads(attn, attn.add_k_proj(ctx), attn.norm_added_k)], dim=2)
+            value = torch.cat([value, self._heads(attn, attn.add_v_proj(ctx), None)], dim=2)
+        b, h, n, d = query.shape
+        q, k, v = (x.reshape(b * h, n, d) for x in (query, key, value))
+        q, k = self.qk.operands(q, k, transpose_b=True)
+        probs = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * (d**-0.5), dim=-1)
+        probs, v = self.av.operands(probs, v, transpose_b=False)
+        out = torch.bmm(probs, v).reshape(b, h, n, d).transpose(1, 2).reshape(b, n, h * d).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, ctx_out = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx_out = attn.to_add_out(ctx_out)
+        return attn.to_out[1](attn.to_out[0](out)), ctx_out
+
+
+ATTENTION_PROCESSORS: dict[str, type[nn.Module]] = {
+    "AttnProcessor": QuantAttnProcessor,
+    "AttnProcessor2_0": QuantAttnProcessor,
+    "JointAttnProcessor2_0": QuantJointAttnProcessor,
+}
+"""diffusers attention processors by class name → the quantized processor that stands in for them; attention
+modules with any other processor keep their matmuls in full precision."""
+
 QUANT_LAYERS: dict[type[nn.Module], type[QuantWeightLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 """Registry from module type to its quantized twin (exact type match: subclasses may change forward)."""

@@ -23,7 +23,14 @@ from tmpq.errors import TmpqError
 from tmpq.quant.calibration import CalibrationSet
 from tmpq.quant.config import ANY_LAYER, QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
-from tmpq.quant.layers import QUANT_LAYERS, ActQuantizer, MatmulQuant, QuantAttnProcessor, QuantUnit, _check_bits
+from tmpq.quant.layers import (
+    ATTENTION_PROCESSORS,
+    QUANT_LAYERS,
+    ActQuantizer,
+    MatmulQuant,
+    QuantUnit,
+    _check_bits,
+)
 from tmpq.quant.tracing import trace_units
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 
@@ -46,13 +53,12 @@ def _attention_type() -> type | None:
     return Attention
 
 
-CLASSIC_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
-"""The attention processors `QuantAttnProcessor` stands in for (self- and cross-attention); other processors (SD3's
-joint attention) keep their matmuls in full precision, their projections are quantized like any Linear."""
+QUANT_PROCESSORS = tuple(set(ATTENTION_PROCESSORS.values()))
 
 
-def _classic_processor(module: nn.Module) -> bool:
-    return type(getattr(module, "processor", None)).__name__ in CLASSIC_PROCESSORS
+def _quant_processor(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized stand-in for an attention module's processor (None: its matmuls stay in full precision)."""
+    return ATTENTION_PROCESSORS.get(type(getattr(module, "processor", None)).__name__)
 
 
 class SuperNet(nn.Module):
@@ -77,7 +83,7 @@ class SuperNet(nn.Module):
         """Swap in quantized twins and trace one forward on `example` = (x, t) or (x, t, cond) (MACs per layer,
         skip-concat split points)."""
         if any(
-            isinstance(m, QuantUnit) or isinstance(getattr(m, "processor", None), QuantAttnProcessor)
+            isinstance(m, QuantUnit) or isinstance(getattr(m, "processor", None), QUANT_PROCESSORS)
             for m in model.modules()
         ):
             raise TmpqError(
@@ -116,8 +122,8 @@ class SuperNet(nn.Module):
                 self.units[name] = twin
                 if pin:
                     self.pinned[name] = pin
-            elif attention is not None and isinstance(module, attention) and _classic_processor(module):
-                proc = QuantAttnProcessor(f"{name}.processor", spec.a_bits, spec.fp8)
+            elif attention is not None and isinstance(module, attention) and _quant_processor(module) is not None:
+                proc = _quant_processor(module)(f"{name}.processor", spec.a_bits, spec.fp8)
                 kept = [u for u in (proc.qk, proc.av) if spec.selects(u.name) and (only is None or u.name in only)]
                 if not kept:
                     continue
