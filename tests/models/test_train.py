@@ -69,6 +69,10 @@ def test_deeper_blocks_train_and_record_speed(tmp_path):
     assert load_unet_safetensors(path).config.layers_per_block == 2
     card = write_model_card(path, "tmpq train").read_text()
     assert "it/s" in card and "torch threads" in card  # the machine and the speed are named
+    # re-running the finished command trains nothing: the card keeps the speed of the session that trained
+    again = write_model_card(train_ddpm(_images(), tmp_path / "run", cfg, progress=False), "tmpq train").read_text()
+    speed = [line for line in again.splitlines() if "it/s" in line]
+    assert speed and "nan" not in speed[0] and "in the last session that trained" in speed[0]
 
 
 def test_run_dir_from_before_new_options_resumes(tmp_path):

@@ -99,7 +99,7 @@ def train_ddpm(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, foreach=True)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
-    step, elapsed, last_loss = 0, 0.0, float("nan")
+    step, elapsed, last_loss, last_it_s = 0, 0.0, float("nan"), float("nan")
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=dev, weights_only=True)
         model.load_state_dict(state["model"])
@@ -108,6 +108,7 @@ def train_ddpm(
         ema.load_state_dict(state["ema"])
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
         last_loss = float(state.get("loss", float("nan")))
+        last_it_s = float(state.get("it_per_s", float("nan")))  # the speed of the last session that trained
     forward = torch.compile(model) if compile else model
 
     def save_checkpoint() -> None:
@@ -121,6 +122,7 @@ def train_ddpm(
                 "step": step,
                 "elapsed_s": elapsed,
                 "loss": last_loss,
+                "it_per_s": session_it_s(),
             },
             tmp,
         )
@@ -132,6 +134,12 @@ def train_ddpm(
     sqrt_1ma = (1 - schedule.alphas_cumprod).to(dev).sqrt()
     loss_sum, since_log = torch.zeros((), device=dev), 0
     start_step, session_start = step, time.time()
+
+    def session_it_s() -> float:
+        """Steps per second of this session, or of the last one that trained (a finished run re-exported)."""
+        session_s = time.time() - session_start
+        return (step - start_step) / session_s if step > start_step and session_s > 0 else last_it_s
+
     start = session_start - elapsed
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="it", disable=not progress, dynamic_ncols=True)
 
@@ -177,9 +185,9 @@ def train_ddpm(
     bar.close()
     read_loss()
     save_checkpoint()
-    session_s = time.time() - session_start
-    it_s = (step - start_step) / session_s if step > start_step and session_s > 0 else float("nan")
-    return export_ema(model, ema, unet_config, run_dir / "unet_ema.safetensors", cfg, step, elapsed, last_loss, it_s)
+    return export_ema(
+        model, ema, unet_config, run_dir / "unet_ema.safetensors", cfg, step, elapsed, last_loss, session_it_s()
+    )
 
 
 def export_ema(
@@ -210,6 +218,15 @@ def export_ema(
     }
     save_file(state, str(out), metadata=meta)
     return out
+
+
+def _speed(it_per_s: str | None) -> str:
+    """The card's speed line: the last training session's it/s, when it was recorded."""
+    try:
+        value = float(it_per_s)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    return f"{value:.2f} it/s in the last session that trained" if math.isfinite(value) else "speed not recorded"
 
 
 def snapshot_ema(run_dir: Path | str, out: Path | str) -> Path:
@@ -284,7 +301,7 @@ def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
         f"{cfg.get('warmup_steps', '?')} warm-up), EMA {cfg.get('ema_decay', '?')}, seed {cfg.get('seed', '?')}, "
         f"autocast {cfg.get('autocast', '?')}; final smoothed loss {meta.get('final_loss', '?')}.\n"
         f"- Wall time: {wall / 60:.1f} min on {meta.get('train_device', 'an unrecorded machine')}; "
-        f"{meta.get('train_it_per_s', '?')} it/s in the last session.\n"
+        f"{_speed(meta.get('train_it_per_s'))}.\n"
         f"- Command: `{command}`\n" + (f"- Note: {note}\n" if note else "")
     )
     return card
