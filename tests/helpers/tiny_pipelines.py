@@ -68,27 +68,33 @@ def tiny_tokenizer(directory: Path):
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
 
 
+def tiny_clip_config(tok, **extra):
+    """A one-layer CLIP text config of width 16 over the character tokenizer (`extra`: e.g. projection_dim)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
 def save_text2image_pipeline(directory: Path) -> Path:
     """StableDiffusionPipeline: a tiny UNet2DConditionModel (8×8×4 latents, cross-attention width 16), a tiny CLIP
     text encoder and character tokenizer, the tiny VAE, a DDIM scheduler configured as Stable Diffusion's."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tok = tiny_tokenizer(directory.parent / (directory.name + "_tok"))
     torch.manual_seed(0)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok.get_vocab()),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
+    text = CLIPTextModel(tiny_clip_config(tok)).eval()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -140,23 +146,10 @@ def save_flow_pixel_pipeline(directory: Path, shift: float = 3.0) -> Path:
 
 
 def _tiny_clip_with_projection(tok, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tok.get_vocab()),
-            hidden_size=16,
-            intermediate_size=32,
-            projection_dim=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
+    return CLIPTextModelWithProjection(tiny_clip_config(tok, projection_dim=16)).eval()
 
 
 def save_sd3_pipeline(directory: Path) -> Path:

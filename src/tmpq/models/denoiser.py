@@ -57,6 +57,30 @@ class _DiffusersDenoiser(nn.Module):
         return out
 
 
+class _PromptGuided(_DiffusersDenoiser):
+    """What the text-conditioned adapters share: the network class check, and the negative-prompt row and guidance
+    scale g as buffers (so they belong to the fingerprint and travel with an export)."""
+
+    network_class = ""  # the diffusers class the adapter accepts
+
+    def __init__(self, network: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float) -> None:
+        import diffusers
+
+        if not isinstance(network, getattr(diffusers, self.network_class)):
+            raise TmpqError(f"expected a diffusers {self.network_class}, got {type(network).__name__}")
+        if guidance_scale < 1.0:
+            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
+        super().__init__(network, schedule)
+        self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
+        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+
+    def _rows(self, x: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
+        if cond is None:
+            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
+        self._check(x)
+        return cond.embeddings().to(device=x.device, dtype=x.dtype)
+
+
 class UNetDenoiser(_DiffusersDenoiser):
     """Adapts a diffusers UNet2DModel (returns an output object) to a plain epsilon callable."""
 
@@ -75,7 +99,7 @@ class UNetDenoiser(_DiffusersDenoiser):
         return self._to_epsilon(self.unet(x, self._model_t(t)).sample, x, t)
 
 
-class GuidedDenoiser(_DiffusersDenoiser):
+class GuidedDenoiser(_PromptGuided):
     """A text-conditioned diffusers UNet2DConditionModel with classifier-free guidance.
 
     ε = ε(x, ∅) + g · (ε(x, c) − ε(x, ∅)), as diffusers' StableDiffusionPipeline computes it: one UNet pass on
@@ -84,22 +108,13 @@ class GuidedDenoiser(_DiffusersDenoiser):
     per batch in `cond`. Calibration therefore sees both halves of the batch, as deployment will.
     """
 
-    def __init__(self, unet: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float = 7.5) -> None:
-        from diffusers import UNet2DConditionModel
+    network_class = "UNet2DConditionModel"
 
-        if not isinstance(unet, UNet2DConditionModel):
-            raise TmpqError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
-        if guidance_scale < 1.0:
-            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
-        super().__init__(unet, schedule)
-        self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
-        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+    def __init__(self, unet: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float = 7.5) -> None:
+        super().__init__(unet, schedule, uncond, guidance_scale)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        if cond is None:
-            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
-        self._check(x)
-        emb = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        emb = self._rows(x, cond)
         g = float(self.guidance_scale)
         if g == 1.0:
             out = self.unet(x, self._model_t(t), encoder_hidden_states=emb).sample
@@ -151,7 +166,7 @@ class ClassDenoiser(_DiffusersDenoiser):
         return self._to_epsilon(out, x, t)
 
 
-class PixArtDenoiser(_DiffusersDenoiser):
+class PixArtDenoiser(_PromptGuided):
     """A text-conditioned diffusers PixArt transformer (`PixArtTransformer2DModel`, PixArt-α/Σ) with classifier-free
     guidance, as PixArtAlphaPipeline runs it: one pass on the doubled batch [negative prompt; prompt] with each
     prompt's attention mask, ε = ε(x, ∅) + g · (ε(x, c) − ε(x, ∅)) on the first `in_channels` outputs (the rest is
@@ -161,18 +176,12 @@ class PixArtDenoiser(_DiffusersDenoiser):
     negative-prompt row, g and the image resolution (PixArt-α 1024's micro-conditions) are buffers, so they belong
     to the fingerprint and travel with an export."""
 
+    network_class = "PixArtTransformer2DModel"
+
     def __init__(
         self, transformer: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float, image_size: tuple[int, int]
     ) -> None:
-        from diffusers import PixArtTransformer2DModel
-
-        if not isinstance(transformer, PixArtTransformer2DModel):
-            raise TmpqError(f"expected a diffusers PixArtTransformer2DModel, got {type(transformer).__name__}")
-        if guidance_scale < 1.0:
-            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
-        super().__init__(transformer, schedule)
-        self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
-        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+        super().__init__(transformer, schedule, uncond, guidance_scale)
         self.register_buffer("resolution", torch.tensor([float(image_size[0]), float(image_size[1])]))
 
     def _added_cond(self, n: int, dtype: torch.dtype) -> dict:
@@ -183,10 +192,7 @@ class PixArtDenoiser(_DiffusersDenoiser):
         return {"resolution": res, "aspect_ratio": (res[:, :1] / res[:, 1:])}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        if cond is None:
-            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
-        self._check(x)
-        rows = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        rows = self._rows(x, cond)
         g = float(self.guidance_scale)
         if g != 1.0:
             rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
@@ -205,7 +211,7 @@ class PixArtDenoiser(_DiffusersDenoiser):
         return self._to_epsilon(out, x, t)
 
 
-class SD3Denoiser(_DiffusersDenoiser):
+class SD3Denoiser(_PromptGuided):
     """Stable Diffusion 3's `SD3Transformer2DModel` with classifier-free guidance as StableDiffusion3Pipeline runs it:
     one pass on the doubled batch [negative prompt; prompt], v = v(x, ∅) + g · (v(x, c) − v(x, ∅)), at σ · T of its
     flow-matching schedule.
@@ -213,22 +219,13 @@ class SD3Denoiser(_DiffusersDenoiser):
     Prompt rows (from `SD3TextEncoder`) hold the joint text embeddings and, as the last row, the pooled projection;
     the negative-prompt row and g are buffers, so they belong to the fingerprint and travel with an export."""
 
-    def __init__(self, transformer: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float = 7.0) -> None:
-        from diffusers import SD3Transformer2DModel
+    network_class = "SD3Transformer2DModel"
 
-        if not isinstance(transformer, SD3Transformer2DModel):
-            raise TmpqError(f"expected a diffusers SD3Transformer2DModel, got {type(transformer).__name__}")
-        if guidance_scale < 1.0:
-            raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
-        super().__init__(transformer, schedule)
-        self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
-        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+    def __init__(self, transformer: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float = 7.0) -> None:
+        super().__init__(transformer, schedule, uncond, guidance_scale)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        if cond is None:
-            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
-        self._check(x)
-        rows = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        rows = self._rows(x, cond)
         g = float(self.guidance_scale)
         if g != 1.0:
             rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
