@@ -531,20 +531,8 @@ def _from_pixart_pipeline(
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     size = transformer.config.sample_size
     den = PixArtDenoiser(transformer, schedule, text([""]), g, (size * f, size * f)).eval()
-    return LoadedModel(
-        den,
-        schedule,
-        den.sample_shape,
-        spec=spec,
-        weights_path=_weights(Path(spec), "transformer"),
-        notes=notes + _cache_note(cache_only) + ("prompts are lower-cased and stripped; captions are not cleaned",),
-        kind="text2image",
-        decoder=decoder,
-        text_encoder=text,
-        prompts=prompts,
-        pipeline_class=name,
-        options={"prompts": list(prompts), "guidance_scale": g},
-    )
+    notes += ("prompts are lower-cased and stripped; captions are not cleaned",)
+    return _text_transformer_model(spec, den, notes + _cache_note(cache_only), decoder, text, prompts, name, g)
 
 
 def _from_sd3_pipeline(
@@ -569,26 +557,32 @@ def _from_sd3_pipeline(
     g = DEFAULT_SD3_GUIDANCE if guidance_scale is None else float(guidance_scale)
     prompts = tuple(prompts) if prompts is not None else read_prompts()
     den = SD3Denoiser(transformer, schedule, text([""]), g).eval()
+    decoder = LatentDecoder(vae, key="vae")
+    return _text_transformer_model(spec, den, notes + _cache_note(cache_only), decoder, text, prompts, name, g)
+
+
+def _text_transformer_model(spec, den, notes, decoder, text, prompts, pipeline_class, g) -> LoadedModel:
+    """The LoadedModel of a text-conditioned transformer pipeline (PixArt, SD3): its options reload it exactly."""
     return LoadedModel(
         den,
-        schedule,
+        den.schedule,
         den.sample_shape,
         spec=spec,
         weights_path=_weights(Path(spec), "transformer"),
-        notes=notes + _cache_note(cache_only),
+        notes=notes,
         kind="text2image",
-        decoder=LatentDecoder(vae, key="vae"),
+        decoder=decoder,
         text_encoder=text,
         prompts=prompts,
-        pipeline_class=name,
+        pipeline_class=pipeline_class,
         options={"prompts": list(prompts), "guidance_scale": g},
     )
 
 
 def _transformer_pipeline(spec: str, index: dict, layout: dict[str, str | None], cache_only: str | None) -> tuple:
-    """What the DiT and PixArt loaders share: exactly the components of `layout`, each of the class it names (None:
-    any class tmpq loads there), checked before anything is imported; then the schedule, the transformer and the VAE.
-    Returns (parts, schedule, notes, transformer, vae)."""
+    """What the transformer pipeline loaders share: exactly the components of `layout`, each of the class it names
+    (None: any class tmpq loads there), checked before anything is imported; then the schedule, the transformer and
+    the VAE. Returns (parts, schedule, notes, transformer, vae)."""
     parts = _index_parts(spec, index)
     name = index.get("_class_name")
     if set(parts) != set(layout):
