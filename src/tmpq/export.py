@@ -40,7 +40,7 @@ from tmpq.provenance import file_sha256, provenance
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
 from tmpq.quant.layers import MatmulQuant, dequantize_weight
-from tmpq.quant.primitives import pack_codes, unpack_codes
+from tmpq.quant.primitives import pack_codes, unpack_codes, width_format
 from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.sampling.schedules import NoiseSchedule, schedule_from_dict
 
@@ -374,8 +374,7 @@ def _rebuild(m: dict, tensors: dict[str, torch.Tensor], directory: Path) -> Comp
         if info["kind"] != "matmul" and key not in state:
             b = min(w_used[name])
             codes, scale, zp = (qt[f"{name}.w{b}_{s}"] for s in ("codes", "scale", "zp"))
-            fmt = "fp8_e4m3" if b == 8 and m.get("format8") == "fp8_e4m3" else "int"
-            state[key] = dequantize_weight(codes, scale, zp, fmt)
+            state[key] = dequantize_weight(codes, scale, zp, width_format(b, m.get("format8") == "fp8_e4m3"))
     missing, unexpected = den.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"tensors do not match the UNet config (missing {missing[:3]}, unexpected {unexpected[:3]})")

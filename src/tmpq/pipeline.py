@@ -30,20 +30,17 @@ def _switch_hook(sampler: CompressedSampler):
     by_t = dict(sampler.step_configs())
     sn = sampler.supernet
     schedule = sampler.schedule
-    flow = schedule.prediction_type == "flow"  # the network is called at σ · T: map it back to tmpq's timestep
-    model_ts = {k: float(schedule.model_timestep(torch.tensor(k))) for k in by_t} if flow else {}
+    if schedule.prediction_type == "flow":  # the network is called at σ · T, not at tmpq's timestep
+        by_t = {float(schedule.model_timestep(torch.tensor(k))): cfg for k, cfg in by_t.items()}
 
     def hook(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         t0 = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-        if flow:
-            k = min(model_ts, key=lambda k: abs(model_ts[k] - t0))
-            t0 = k if abs(model_ts[k] - t0) <= 1e-3 * max(1.0, abs(t0)) else -1
-        t0 = int(t0)
-        if t0 not in by_t:
-            raise TmpqError(f"timestep {t0} is not one of this compressed model's steps {sorted(by_t)}")
-        if sn.config is not by_t[t0]:
-            sn.set_config(by_t[t0])
+        key = min(by_t, key=lambda k: abs(k - t0))  # integer timesteps match exactly; σ · T to float rounding
+        if abs(key - t0) > 1e-3 * max(1.0, abs(t0)):
+            raise TmpqError(f"timestep {t0:g} is not one of this compressed model's steps {sorted(by_t)}")
+        if sn.config is not by_t[key]:
+            sn.set_config(by_t[key])
 
     return hook
 

@@ -317,7 +317,7 @@ def reconstruct_blocks(
                     module, units, b, data, spec.recon_iters, spec.recon_batch, block
                 )
             learned |= {f"{n}/w{b}_codes": c.contiguous() for n, c in codes.items()}
-        for a in sorted({a for q in quantizers.values() for a in q.candidates if not (q.fp8 and a == 8)}):
+        for a in sorted({a for q in quantizers.values() for a in q.candidates if not q.is_fp8(a)}):
             bar.set_postfix_str(f"{block or 'model'} A{a}", refresh=True)
             qs = {n: q for n, q in quantizers.items() if a in q.candidates}
             with torch.enable_grad():

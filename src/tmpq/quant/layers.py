@@ -28,6 +28,7 @@ from tmpq.quant.primitives import (
     fp8_scale,
     fused_qparams,
     quantize,
+    width_format,
 )
 
 
@@ -79,7 +80,7 @@ class ActQuantizer(nn.Module):
         if not self.observers or self.observers[0].count == 0:
             raise TmpqError(f"layer {self.name!r} saw no calibration data; is it used by the model's forward?")
         for b in self.candidates:
-            if self.fp8 and b == 8:  # e4m3 keeps relative precision: the whole range, no clipping search
+            if self.is_fp8(b):  # e4m3 keeps relative precision: the whole range, no clipping search
                 amax = [max(abs(o.min), abs(o.max)) for o in self.observers]
                 qp = [(float(fp8_scale(torch.tensor(m))), 0.0) for m in amax]
             else:
@@ -87,6 +88,10 @@ class ActQuantizer(nn.Module):
             self.register_buffer(f"a{b}_scale", torch.tensor([s for s, _ in qp]), persistent=False)
             self.register_buffer(f"a{b}_zp", torch.tensor([z for _, z in qp]), persistent=False)
         self.observers = None
+
+    def is_fp8(self, bits: int | None) -> bool:
+        """Whether activations at `bits` are float8 e4m3 (the 8-bit candidate of an fp8 super-network)."""
+        return width_format(bits, self.fp8) != "int"
 
     def _fused_qparams(self, scale: torch.Tensor, zp: torch.Tensor, x: torch.Tensor) -> tuple:
         """The fused kernel's range, made once per switch (read from the device once, per-channel tensors built once:
@@ -119,7 +124,7 @@ class ActQuantizer(nn.Module):
         if self.bits is None:
             return x
         scale, zp = getattr(self, f"a{self.bits}_scale"), getattr(self, f"a{self.bits}_zp")
-        if self.fp8 and self.bits == 8:
+        if self.is_fp8(self.bits):
             parts = [fp8_fake_quantize(p, scale[i]) for i, p in enumerate(self.parts(x))]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if x.device.type != "cpu":  # one fused kernel per quantizer (launch-bound devices)
@@ -238,7 +243,7 @@ class QuantWeightLayer(QuantUnit):
 
     def weight_format(self, bits: int) -> str:
         """'fp8_e4m3' when this width's codes are e4m3 bit patterns, 'int' for affine integer codes."""
-        return "fp8_e4m3" if self.fp8 and bits == 8 else "int"
+        return width_format(bits, self.fp8)
 
     def dequantized_weight(self, bits: int) -> torch.Tensor:
         w = self.base.weight

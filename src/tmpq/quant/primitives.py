@@ -90,6 +90,11 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: the largest finite e4m3 value
 
 
+def width_format(bits: int | None, fp8: bool) -> str:
+    """The number format of a candidate width: 'fp8_e4m3' for the 8-bit one of an fp8 super-network, else 'int'."""
+    return "fp8_e4m3" if fp8 and bits == 8 else "int"
+
+
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """The scale that maps |x| <= amax onto e4m3's finite range (per tensor or per channel)."""
     return (amax.float() / FP8_MAX).clamp(min=_EPS)

@@ -122,8 +122,8 @@ class SuperNet(nn.Module):
                 self.units[name] = twin
                 if pin:
                     self.pinned[name] = pin
-            elif attention is not None and isinstance(module, attention) and _quant_processor(module) is not None:
-                proc = _quant_processor(module)(f"{name}.processor", spec.a_bits, spec.fp8)
+            elif attention is not None and isinstance(module, attention) and (stand_in := _quant_processor(module)):
+                proc = stand_in(f"{name}.processor", spec.a_bits, spec.fp8)
                 kept = [u for u in (proc.qk, proc.av) if spec.selects(u.name) and (only is None or u.name in only)]
                 if not kept:
                     continue

@@ -376,7 +376,4 @@ class Fp8Conv(Fp8Linear):
 
     def raw(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         cols, shape = im2col(x.float(), self.conv)
-        y = self.matmul(cols) * self.out_scale
-        if self.bias is not None:
-            y = y + self.bias
-        return col2im(y, shape).to(out_dtype)
+        return col2im(super().raw(cols, torch.float32), shape).to(out_dtype)

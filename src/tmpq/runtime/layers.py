@@ -96,6 +96,7 @@ class DequantVariant:
 
     def __init__(self, layer: RuntimeLayer, weight, act: ActRange | None, dtype: torch.dtype) -> None:
         self.layer, self.weight, self.act, self.dtype = layer, weight, act, dtype
+        self._fp8_scales: dict[torch.device, list[torch.Tensor]] = {}  # made once per device, not per call
         if isinstance(weight, _Weight):
             self.how = "packed codes, dequantized per call" if weight.resident == "packed" else "float (dequantized)"
         else:
@@ -106,7 +107,7 @@ class DequantVariant:
             x = x.float().clone()
             for i, part in enumerate(_parts(x, self.layer.split)):
                 if self.act.fp8:
-                    part.copy_(fp8_fake_quantize(part, torch.tensor(self.act.scales[i], device=part.device)))
+                    part.copy_(fp8_fake_quantize(part, self._fp8_scale(i, part.device)))
                 else:
                     fake_quantize_(part, self.act.scales[i], self.act.zero_points[i], self.act.bits)
         w = self.weight.get() if isinstance(self.weight, _Weight) else self.weight
@@ -114,6 +115,12 @@ class DequantVariant:
         if self.layer.channels_last and y.dim() == 4:  # e.g. a 1-channel input gives NCHW whatever the weight
             y = y.contiguous(memory_format=torch.channels_last)
         return y
+
+    def _fp8_scale(self, i: int, device: torch.device) -> torch.Tensor:
+        """Part i's activation scale as a tensor on `device`: the fake quantizer's arithmetic, bit for bit."""
+        if device not in self._fp8_scales:
+            self._fp8_scales[device] = [torch.tensor(s, device=device) for s in self.act.scales]
+        return self._fp8_scales[device][i]
 
     def nbytes(self) -> int:
         return self.weight.nbytes() if isinstance(self.weight, _Weight) else _nbytes(self.weight)

@@ -182,8 +182,7 @@ def _act_range(q, bits: int | None) -> ActRange | None:
     if bits is None:
         return None
     scale, zp = getattr(q, f"a{bits}_scale"), getattr(q, f"a{bits}_zp")
-    fp8 = bool(q.fp8 and bits == 8)
-    return ActRange(bits, tuple(float(s) for s in scale), tuple(int(z) for z in zp), fp8)
+    return ActRange(bits, tuple(float(s) for s in scale), tuple(int(z) for z in zp), q.is_fp8(bits))
 
 
 def _auto_mode(fp8: bool, backend: Backend) -> str:

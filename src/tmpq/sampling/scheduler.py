@@ -103,21 +103,21 @@ class SearchedFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
     for. The Euler step is the parent's, so a pipeline and `CompressedSampler.sample` compute the same update."""
 
     searched_timesteps: tuple[int, ...] = ()
+    searched_sigmas: torch.Tensor | None = None  # the FlowSchedule's sigmas at the searched timesteps
 
     @classmethod
     def from_searched(cls, schedule: FlowSchedule, timesteps: Sequence[int]) -> SearchedFlowMatchScheduler:
         sched = cls(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
         sched.searched_timesteps = tuple(validate_timesteps(timesteps, schedule.num_train_timesteps))
-        sched._flow = schedule
+        sched.searched_sigmas = schedule.sigmas[list(sched.searched_timesteps)]
         sched.set_timesteps()
         return sched
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None, **_):
         """Use the searched timesteps; `num_inference_steps` and custom sigmas are ignored."""
-        if not self.searched_timesteps:
+        sigmas = self.searched_sigmas
+        if sigmas is None:
             raise TmpqError("no searched timesteps: build the scheduler with SearchedFlowMatchScheduler.from_searched")
-        flow = getattr(self, "_flow", None) or FlowSchedule(self.config.num_train_timesteps, self.config.shift)
-        sigmas = flow.sigmas[list(self.searched_timesteps)]
         self.num_inference_steps = len(sigmas)
         self.timesteps = (sigmas * self.config.num_train_timesteps).to(device)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)

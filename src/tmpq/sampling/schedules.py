@@ -153,16 +153,13 @@ class FlowSchedule:
         object.__setattr__(self, "sigmas", sigmas)
         object.__setattr__(self, "alphas_cumprod", (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2))
 
-    def _at(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-        s = self.sigmas.to(like.device)[torch.as_tensor(t, device=like.device)]
-        return s.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype) if s.ndim else s.to(like.dtype)
-
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the network is conditioned on: σ · T (a float), as the diffusers pipelines pass it."""
         return self.sigmas.to(t.device)[t] * self.num_train_timesteps
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = self._at(t, x0)
+        """Sample x_σ for a batch of integer timesteps t."""
+        s = self.sigmas.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         return (1 - s) * x0 + s * noise
 
     def to_dict(self) -> dict:
