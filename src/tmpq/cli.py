@@ -117,6 +117,9 @@ ClassesOpt = Annotated[
     str | None, typer.Option(help="class-conditional (DiT): label ids, e.g. 207,360 (default: every class)")
 ]
 GuidanceOpt = Annotated[float | None, typer.Option(help="text-to-image: classifier-free guidance scale (7.5)")]
+ImageSizeOpt = Annotated[
+    str | None, typer.Option(help="FLUX: the image size to compress for, in pixels: 512 or HEIGHTxWIDTH [1024]")
+]
 ReconOpt = Annotated[
     str,
     typer.Option(
@@ -143,7 +146,24 @@ BackendOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option(help="with --backend: float arithmetic float32|bfloat16|float16")]
 
 
-def _load(model: str, prompts: Path | None, guidance_scale: float | None, classes: str | None = None):
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    """--image-size: one side (a square) or HEIGHTxWIDTH, in pixels."""
+    if text is None:
+        return None
+    sides = text.lower().split("x")
+    if len(sides) > 2 or not all(v.strip().isdigit() for v in sides):
+        raise TmpqError(f"--image-size takes pixels as 512 or HEIGHTxWIDTH (e.g. 768x1024), got {text!r}")
+    h = int(sides[0])
+    return (h, int(sides[-1]))
+
+
+def _load(
+    model: str,
+    prompts: Path | None,
+    guidance_scale: float | None,
+    classes: str | None = None,
+    image_size: str | None = None,
+):
     """load_model with the conditional options, only when given (other models refuse them)."""
     from tmpq.models.loading import load_model
     from tmpq.models.parts import read_prompts
@@ -151,6 +171,8 @@ def _load(model: str, prompts: Path | None, guidance_scale: float | None, classe
     kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
     if classes is not None:
         kw["classes"] = parse_ints(classes, "--classes", distinct=False)
+    if image_size is not None:
+        kw["image_size"] = _image_size(image_size)
     return load_model(model, **kw, **({"prompts": read_prompts(prompts)} if prompts is not None else {}))
 
 
@@ -311,6 +333,7 @@ def sample(
     ] = None,
     guidance_scale: GuidanceOpt = None,
     classes: ClassesOpt = None,
+    image_size: ImageSizeOpt = None,
     backend: BackendOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -353,6 +376,8 @@ def sample(
         kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
         if classes is not None:
             kw["classes"] = parse_ints(classes, "--classes", distinct=False)
+        if image_size is not None:
+            kw["image_size"] = _image_size(image_size)
         loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {})).to(target)
         ts = _parse_timesteps(timesteps) or loaded.schedule.timesteps(
             schedule or "quad", 10 if steps is None else steps
@@ -453,6 +478,7 @@ def calibrate(
     prompts: PromptsOpt = None,
     classes: ClassesOpt = None,
     guidance_scale: GuidanceOpt = None,
+    image_size: ImageSizeOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -462,7 +488,7 @@ def calibrate(
 
     _threads(threads)
     spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8)
-    loaded = _load(model, prompts, guidance_scale, classes).to(resolve_device(device))
+    loaded = _load(model, prompts, guidance_scale, classes, image_size).to(resolve_device(device))
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
     typer.echo(f"super-network: {len(sn.units)} quantizable units, {len(calib)} calibration inputs, {what}")
@@ -569,6 +595,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         prompts: PromptsOpt = None,
         classes: ClassesOpt = None,
         guidance_scale: GuidanceOpt = None,
+        image_size: ImageSizeOpt = None,
         fid_reference: Annotated[
             str, typer.Option(help="FID against: fashion-mnist or a folder of your images (1x32x32 features)")
         ] = SearchConfig.fid_reference,
@@ -615,7 +642,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             seed_from=tuple(str(p) for p in seed_from or ()),
             staged=staged,
         )
-        loaded = _load(model, prompts, guidance_scale, classes)
+        loaded = _load(model, prompts, guidance_scale, classes, image_size)
         for note in loaded.notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         execution = Execution(workers, ray, worker_threads, candidate_timeout)

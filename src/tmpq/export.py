@@ -336,7 +336,14 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
     import diffusers
 
     from tmpq.models.builtin import build_unet
-    from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, PixArtDenoiser, SD3Denoiser, UNetDenoiser
+    from tmpq.models.denoiser import (
+        ClassDenoiser,
+        FluxDenoiser,
+        GuidedDenoiser,
+        PixArtDenoiser,
+        SD3Denoiser,
+        UNetDenoiser,
+    )
 
     unet_class = m.get("unet_class", "UNet2DModel")
     if unet_class == "UNet2DModel":
@@ -351,6 +358,10 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
     if unet_class == "SD3Transformer2DModel":
         sd3 = diffusers.SD3Transformer2DModel.from_config(m["unet_config"])
         return SD3Denoiser(sd3, schedule, tensors["fp.uncond"], float(tensors["fp.guidance_scale"])).eval()
+    if unet_class == "FluxTransformer2DModel":
+        flux = diffusers.FluxTransformer2DModel.from_config(m["unet_config"])
+        size = tuple(int(v) for v in tensors["fp.latent_size"].tolist())
+        return FluxDenoiser(flux, schedule, float(tensors["fp.guidance_scale"]), size).eval()
     if unet_class != "UNet2DConditionModel":
         raise ValueError(f"unknown UNet class {unet_class!r}")
     unet = diffusers.UNet2DConditionModel.from_config(m["unet_config"])

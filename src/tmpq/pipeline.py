@@ -29,9 +29,9 @@ DEFAULT_PIPELINES = {
 def _switch_hook(sampler: CompressedSampler):
     by_t = dict(sampler.step_configs())
     sn = sampler.supernet
-    schedule = sampler.schedule
-    if schedule.prediction_type == "flow":  # the network is called at σ · T, not at tmpq's timestep
-        by_t = {float(schedule.model_timestep(torch.tensor(k))): cfg for k, cfg in by_t.items()}
+    den = sampler.supernet.model
+    if hasattr(den, "network_timestep"):  # flow matching: the network is called at σ · T (FLUX: σ), not at k
+        by_t = {float(den.network_timestep(torch.tensor([k]))): cfg for k, cfg in by_t.items()}
 
     def hook(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)

@@ -281,12 +281,66 @@ def save_pixart_pipeline(directory: Path, pipeline: str = "PixArtAlphaPipeline")
     return directory
 
 
+def save_flux_pipeline(directory: Path, dev: bool = True) -> Path:
+    """FluxPipeline: a FluxTransformer2DModel (one double and one single block, 2 heads × 8 dims) on 4-channel
+    latents packed in 2×2 patches, a tiny CLIP (pooled width 16), a one-layer T5 (width 32), the character
+    tokenizers and the tiny VAE (shift factor 0.1). `dev`: FLUX.1-dev's embedded guidance and its scheduler's
+    resolution-dependent shift; otherwise FLUX.1-schnell's (no guidance, fixed shift 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tok = tiny_tokenizer(directory.parent / (directory.name + "_tok"))
+    t5_tok = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    clip = CLIPTextModel(tiny_clip_config(tok)).eval()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
+    ).eval()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=dev,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+    if dev:  # FLUX.1-dev's scheduler config
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(shift_factor=0.1),
+        text_encoder=clip,
+        tokenizer=tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
 if __name__ == "__main__":  # python tests/helpers/tiny_pipelines.py OUT_DIR: the tiny pipelines of docs/models.md
     import sys
 
     out = Path(sys.argv[1])
     saves = {"pixel": save_pixel_pipeline, "latent": save_latent_pipeline, "t2i": save_text2image_pipeline}
     saves |= {"dit": save_dit_pipeline, "pixart": save_pixart_pipeline, "sd3": save_sd3_pipeline}
+    saves |= {"flux": save_flux_pipeline}
     for name, save in saves.items():
         save(out / name)
     print(f"wrote {', '.join(f'{out}/{n}' for n in saves)}")

@@ -53,7 +53,7 @@ def test_a_dit_pipeline_loads_class_conditional_with_its_vae(dit_dir):
 
 def test_other_transformers_and_extra_components_are_refused(dit_dir, tmp_path):
     edits = {
-        "tmpq loads only": {"transformer": ["diffusers", "FluxTransformer2DModel"]},
+        "tmpq loads only": {"transformer": ["diffusers", "HunyuanDiT2DModel"]},
         "needs a DiTTransformer2DModel": {"transformer": ["diffusers", "PixArtTransformer2DModel"]},
         "components": {"text_encoder": ["transformers", "T5EncoderModel"]},
     }

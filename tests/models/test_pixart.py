@@ -108,7 +108,7 @@ def test_macs_are_flopcounters_and_other_layouts_are_refused(pixart_dir, tmp_pat
     for i, (why, change) in enumerate(
         {
             "missing": {"text_encoder": [None, None]},
-            "tmpq loads only": {"transformer": ["diffusers", "FluxTransformer2DModel"]},
+            "tmpq loads only": {"transformer": ["diffusers", "HunyuanDiT2DModel"]},
             "needs a PixArtTransformer2DModel": {"transformer": ["diffusers", "DiTTransformer2DModel"]},
         }.items()
     ):

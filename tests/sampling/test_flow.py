@@ -57,8 +57,46 @@ def test_flow_schedule_round_trips_noises_and_refuses_what_it_cannot_run():
     cfg = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
     assert is_flow_config(cfg) and not is_flow_config({"beta_start": 1e-4, "num_train_timesteps": 1000})
     assert FlowSchedule.from_scheduler_config(cfg) == schedule
-    with pytest.raises(TmpqError, match="use_dynamic_shifting"):
+    with pytest.raises(TmpqError, match="use_dynamic_shifting"):  # shifted by the image size, which is not given
         FlowSchedule.from_scheduler_config(cfg | {"use_dynamic_shifting": True})
+    with pytest.raises(TmpqError, match="use_karras_sigmas"):
+        FlowSchedule.from_scheduler_config(cfg | {"use_karras_sigmas": True})
+    with pytest.raises(TmpqError, match="time_shift_type"):
+        FlowSchedule.from_scheduler_config(cfg | {"use_dynamic_shifting": True, "time_shift_type": "linear"}, 64)
+    with pytest.raises(TmpqError, match="spacing"):
+        FlowSchedule(spacing="leading")
     with pytest.raises(TmpqError, match="eta = 0"):
         DDIMSampler(schedule, [999, 0], eta=0.5)
     assert schedule.timesteps("quad", 5)[0] == 999 and schedule.timesteps("quad", 5)[-1] == 0
+
+
+FLUX_DEV = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
+FLUX_DEV |= {"base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+@pytest.mark.parametrize("seq_len", [16, 1024, 4096])
+@pytest.mark.parametrize("steps", [4, 10, 50])
+def test_flux_dynamic_shift_and_trailing_spacing_equal_the_flux_pipeline_schedule(seq_len, steps):
+    """FluxPipeline asks for sigmas linspace(1, 1/N, N) shifted by mu(image tokens): on tmpq's grid exactly when N
+    divides T, and the Euler sampler over them equals the scheduler's."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    schedule = FlowSchedule.from_scheduler_config(FLUX_DEV, image_seq_len=seq_len, spacing="trailing")
+    assert schedule.mu == pytest.approx(calculate_shift(seq_len)) and schedule.spacing == "trailing"
+    assert schedule_from_dict(schedule.to_dict()) == schedule
+    theirs = FlowMatchEulerDiscreteScheduler(**FLUX_DEV)
+    theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq_len))
+    ks = schedule.timesteps("uniform", steps)
+    assert ks[0] == 999 and len(ks) == steps and ks[-1] == 1000 // steps - 1
+    assert torch.allclose(schedule.sigmas[ks], theirs.sigmas[:-1].float(), rtol=0, atol=1e-6)
+    model = ToyVelocity(schedule)
+    x0 = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    mine = DDIMSampler(schedule, ks).sample(model, x0.clone())
+    x = x0.clone()
+    for t in theirs.timesteps:
+        x = theirs.step(model.field(x, t.expand(len(x))), t, x).prev_sample
+    assert torch.allclose(mine, x, atol=1e-5)
+    fixed = FlowSchedule.from_scheduler_config({"shift": 1.0}, spacing="trailing")  # FLUX.1-schnell: no shift
+    assert fixed.mu is None and fixed.timesteps("uniform", 4) == [999, 749, 499, 249]
+    assert "mu" not in FlowSchedule(shift=3.0).to_dict()  # fixed-shift files (and fingerprints) are unchanged

@@ -25,7 +25,7 @@ class _DiffusersDenoiser(nn.Module):
     (2× output channels) gives its first half (the mean prediction).
     """
 
-    def __init__(self, unet: nn.Module, schedule) -> None:
+    def __init__(self, unet: nn.Module, schedule, sample_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.schedule = schedule
@@ -33,7 +33,7 @@ class _DiffusersDenoiser(nn.Module):
             self.prediction_type = schedule.prediction_type
         else:
             self.prediction_type = "epsilon"
-        self.sample_shape = _sample_shape(unet.config)
+        self.sample_shape = sample_shape or _sample_shape(unet.config)
         self.learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
 
     def _check(self, x: torch.Tensor) -> None:
@@ -43,7 +43,7 @@ class _DiffusersDenoiser(nn.Module):
                 "resize or pad the images to the model's size"
             )
 
-    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+    def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """What the network is conditioned on: the integer timestep, or σ · T on a flow-matching schedule."""
         if self.schedule is not None and self.schedule.prediction_type == "flow":
             return self.schedule.model_timestep(t)
@@ -96,7 +96,7 @@ class UNetDenoiser(_DiffusersDenoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return self._to_epsilon(self.unet(x, self._model_t(t)).sample, x, t)
+        return self._to_epsilon(self.unet(x, self.network_timestep(t)).sample, x, t)
 
 
 class GuidedDenoiser(_PromptGuided):
@@ -117,10 +117,10 @@ class GuidedDenoiser(_PromptGuided):
         emb = self._rows(x, cond)
         g = float(self.guidance_scale)
         if g == 1.0:
-            out = self.unet(x, self._model_t(t), encoder_hidden_states=emb).sample
+            out = self.unet(x, self.network_timestep(t), encoder_hidden_states=emb).sample
         else:
             un = self.uncond.to(emb.dtype).expand(len(x), -1, -1)
-            tt = self._model_t(torch.cat([t, t]))
+            tt = self.network_timestep(torch.cat([t, t]))
             both = self.unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.cat([un, emb])).sample
             out_u, out_c = both.chunk(2)
             out = out_u + g * (out_c - out_u)
@@ -155,10 +155,10 @@ class ClassDenoiser(_DiffusersDenoiser):
         labels = cond.embeddings().to(device=x.device, dtype=torch.long).reshape(-1)
         g = float(self.guidance_scale)
         if g == 1.0:
-            out = self.unet(x, timestep=self._model_t(t), class_labels=labels).sample
+            out = self.unet(x, timestep=self.network_timestep(t), class_labels=labels).sample
         else:
             null = self.null_label.expand(len(x))
-            tt = self._model_t(torch.cat([t, t]))
+            tt = self.network_timestep(torch.cat([t, t]))
             both = self.unet(torch.cat([x, x]), timestep=tt, class_labels=torch.cat([labels, null]))
             eps = both.sample[:, : x.shape[1]]
             out_c, out_u = eps.chunk(2)
@@ -201,7 +201,7 @@ class PixArtDenoiser(_PromptGuided):
             x,
             encoder_hidden_states=rows[..., :-1],
             encoder_attention_mask=rows[..., -1],
-            timestep=self._model_t(t),
+            timestep=self.network_timestep(t),
             added_cond_kwargs=self._added_cond(len(x), x.dtype),
         ).sample
         if g != 1.0:
@@ -235,11 +235,68 @@ class SD3Denoiser(_PromptGuided):
         cfg = self.unet.config
         out = self.unet(
             hidden_states=x2,
-            timestep=self._model_t(t2),
+            timestep=self.network_timestep(t2),
             encoder_hidden_states=rows[:, :-1, : cfg.joint_attention_dim],
             pooled_projections=rows[:, -1, : cfg.pooled_projection_dim],
         ).sample
         if g != 1.0:
             out_u, out_c = out.chunk(2)
             out = out_u + g * (out_c - out_u)
+        return self._to_epsilon(out, x, t)
+
+
+class FluxDenoiser(_DiffusersDenoiser):
+    """A FLUX transformer (`FluxTransformer2DModel`) as FluxPipeline runs it: the (C, H, W) latents packed into 2×2
+    patches of tokens with their position ids, the T5 embeddings and the pooled CLIP vector, the timestep σ, and
+    (FLUX.1-dev) the embedded guidance scale; no classifier-free guidance pass. The velocity comes back unpacked.
+
+    Prompt rows (from `FluxTextEncoder`) hold the T5 embeddings and, as the last row, the pooled CLIP vector. The
+    embedded guidance g and the latent size are buffers, so they belong to the fingerprint and travel with an
+    export. The sampler's (C, H, W) noise packed is the pipeline's own noise, so both sample the same images."""
+
+    network_class = "FluxTransformer2DModel"
+
+    def __init__(self, transformer: nn.Module, schedule, guidance_scale: float, latent_size: tuple[int, int]) -> None:
+        from diffusers import FluxTransformer2DModel
+
+        if not isinstance(transformer, FluxTransformer2DModel):
+            raise TmpqError(f"expected a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
+        h, w = (int(v) for v in latent_size)
+        if h < 2 or w < 2 or h % 2 or w % 2:
+            raise TmpqError(f"FLUX latents are packed in 2x2 patches: their size must be even, got {h}x{w}")
+        if not guidance_scale >= 0:
+            raise TmpqError(f"FLUX's embedded guidance scale must be >= 0, got {guidance_scale}")
+        super().__init__(transformer, schedule, (transformer.config.in_channels // 4, h, w))
+        self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+        self.register_buffer("latent_size", torch.tensor([h, w]))
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] += torch.arange(h // 2)[:, None]
+        ids[..., 2] += torch.arange(w // 2)[None, :]
+        self.img_ids: torch.Tensor  # FluxPipeline's latent image ids (not saved: a function of the latent size)
+        self.register_buffer("img_ids", ids.reshape(-1, 3), persistent=False)
+
+    def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """FluxPipeline passes the scheduler's timestep / 1000, i.e. σ for the usual T = 1000."""
+        return self.schedule.model_timestep(t) / 1000
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        if cond is None:
+            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
+        self._check(x)
+        rows = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        b, c, h, w = x.shape
+        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        cfg = self.unet.config
+        emb = rows[:, :-1, : cfg.joint_attention_dim]
+        guidance = self.guidance_scale.float().expand(b) if cfg.guidance_embeds else None
+        out = self.unet(
+            hidden_states=packed,
+            timestep=self.network_timestep(t).to(x.dtype),
+            guidance=guidance,
+            pooled_projections=rows[:, -1, : cfg.pooled_projection_dim],
+            encoder_hidden_states=emb,
+            txt_ids=torch.zeros(emb.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=self.img_ids.to(x.dtype),
+        ).sample
+        out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
         return self._to_epsilon(out, x, t)

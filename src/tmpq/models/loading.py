@@ -20,7 +20,7 @@ import json
 import operator
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +43,8 @@ SUPPORTED = (
     "(with vae, tokenizer and text_encoder, Stable Diffusion 1.x/2.x style), a class-conditional DiTPipeline "
     "(DiTTransformer2DModel with a vae), a PixArt-α/Σ pipeline (PixArtTransformer2DModel with a vae, T5 tokenizer and "
     "text_encoder), a Stable Diffusion 3 pipeline (SD3Transformer2DModel, two CLIP encoders with projection and "
-    "optionally T5, flow matching), a bare UNet2DModel, or 'package.module:factory'"
+    "optionally T5, flow matching), a FLUX.1 pipeline (FluxTransformer2DModel, CLIP and T5, flow matching), a bare "
+    "UNet2DModel, or 'package.module:factory'"
 )
 DEFAULT_GUIDANCE = 7.5
 """StableDiffusionPipeline's default guidance scale."""
@@ -53,18 +54,25 @@ DEFAULT_PIXART_GUIDANCE = 4.5
 """PixArtAlphaPipeline's and PixArtSigmaPipeline's default guidance scale."""
 DEFAULT_SD3_GUIDANCE = 7.0
 """StableDiffusion3Pipeline's default guidance scale."""
+DEFAULT_FLUX_GUIDANCE = 3.5
+"""FluxPipeline's default (embedded) guidance scale."""
+FLUX_DEFAULT_SAMPLE_SIZE = 128
+"""FluxPipeline's default_sample_size: the default image side is 128 × the VAE's scale factor (1024 px for FLUX.1)."""
 PIXART_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 KINDS = ("pixel", "latent", "text2image", "class2image")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unet": ("diffusers", ("UNet2DModel", "UNet2DConditionModel")),
-    "transformer": ("diffusers", ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")),
+    "transformer": (
+        "diffusers",
+        ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"),
+    ),
     "vae": ("diffusers", ("AutoencoderKL", "VQModel")),
     "vqvae": ("diffusers", ("AutoencoderKL", "VQModel")),
     "text_encoder": ("transformers", ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")),
     "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")),
-    "text_encoder_2": ("transformers", ("CLIPTextModelWithProjection",)),
-    "tokenizer_2": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
+    "text_encoder_2": ("transformers", ("CLIPTextModelWithProjection", "T5EncoderModel")),
+    "tokenizer_2": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")),
     "text_encoder_3": ("transformers", ("T5EncoderModel",)),
     "tokenizer_3": ("transformers", ("T5Tokenizer", "T5TokenizerFast")),
     "scheduler": ("diffusers", ()),  # only its config is read, never the class: any diffusers *Scheduler
@@ -157,17 +165,22 @@ def load_model(
     prompts: Sequence[str] | None = None,
     guidance_scale: float | None = None,
     classes: Sequence[int] | None = None,
+    image_size: int | Sequence[int] | None = None,
 ) -> LoadedModel:
     """Load any supported model spec (see the module doc); a clear error names what is supported.
 
     `prompts` (text-to-image only; default: the shipped list) condition calibration and fitness samples;
     `classes` (class-conditional DiT only; default: every class) likewise, as label ids; `guidance_scale` is the
-    classifier-free guidance the sampler applies (default 7.5 for text, 4.0 for classes, as their pipelines)."""
+    classifier-free guidance the sampler applies (default 7.5 for text, 4.0 for classes, as their pipelines; FLUX:
+    its embedded guidance, 3.5); `image_size` (FLUX only: pixels, one side or (height, width); default 1024) is the
+    resolution the model is compressed for (FLUX's schedule shift depends on it)."""
     is_factory = _FACTORY.fullmatch(spec) is not None and not Path(spec).exists()
     if not (spec.startswith("builtin:") or is_factory or spec.endswith(".safetensors") or Path(spec).is_file()):
-        return _from_diffusers(spec, prompts, guidance_scale, classes)
-    if prompts is not None or guidance_scale is not None or classes is not None:
-        raise TmpqError(f"prompts, classes and a guidance scale apply to conditional pipelines only, not to {spec!r}")
+        return _from_diffusers(spec, prompts, guidance_scale, classes, image_size)
+    if prompts is not None or guidance_scale is not None or classes is not None or image_size is not None:
+        raise TmpqError(
+            f"prompts, classes, a guidance scale and an image size apply to conditional pipelines only, not to {spec!r}"
+        )
     if spec == BUILTIN_SPEC:
         unet, path, schedule = load_builtin_unet(), BUILTIN_UNET, BUILTIN_SCHEDULE
     elif spec.startswith("builtin:"):
@@ -279,7 +292,11 @@ def _probe_factory(spec: str, loaded: LoadedModel) -> None:
 
 
 def _from_diffusers(
-    spec: str, prompts: Sequence[str] | None, guidance_scale: float | None, classes: Sequence[int] | None = None
+    spec: str,
+    prompts: Sequence[str] | None,
+    guidance_scale: float | None,
+    classes: Sequence[int] | None = None,
+    image_size: int | Sequence[int] | None = None,
 ) -> LoadedModel:
     """A diffusers pipeline (model_index.json) or a bare UNet2DModel, local or from the hub."""
     local = Path(spec)
@@ -296,6 +313,11 @@ def _from_diffusers(
         cache_only = _hub_cache_only(spec)
         index = _hub_json(spec, "model_index.json", cache_only)
         cfg = None if index is not None else _hub_json(spec, "config.json", cache_only)
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name == "FluxPipeline":
+        return _from_flux_pipeline(spec, index, prompts, guidance_scale, image_size, cache_only)
+    if image_size is not None:
+        raise TmpqError(f"an image size applies to FLUX pipelines only, not to {spec!r} ({name or 'a bare model'})")
     if index is not None:
         if isinstance(index, dict) and index.get("_class_name") == "DiTPipeline":
             return _from_dit_pipeline(spec, index, prompts, guidance_scale, classes, cache_only)
@@ -561,8 +583,55 @@ def _from_sd3_pipeline(
     return _text_transformer_model(spec, den, notes + _cache_note(cache_only), decoder, text, prompts, name, g)
 
 
+def _from_flux_pipeline(
+    spec: str,
+    index: dict,
+    prompts: Sequence[str] | None,
+    guidance_scale: float | None,
+    image_size: int | Sequence[int] | None,
+    cache_only: str | None,
+) -> LoadedModel:
+    """A FLUX.1 pipeline (dev or schnell): the transformer is the denoiser (flow matching; FLUX.1-dev's embedded
+    guidance), the VAE and both text encoders stay at full precision; prompts are encoded by the pipeline's own
+    `encode_prompt`. The latent size follows `image_size` as FluxPipeline's height and width do, and so does the
+    schedule's shift where the scheduler shifts by resolution (FLUX.1-dev)."""
+    from tmpq.models.denoiser import FluxDenoiser
+    from tmpq.models.parts import prompt_encoder
+
+    name = index["_class_name"]
+    texts = {"text_encoder": "CLIPTextModel", "tokenizer": None}
+    texts |= {"text_encoder_2": "T5EncoderModel", "tokenizer_2": None}
+    layout = {"transformer": "FluxTransformer2DModel", "vae": None, "scheduler": None, **texts}
+    latent: list[tuple[int, int]] = []
+
+    def seq_len(vae) -> int:
+        f = 2 * 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's factor times the 2×2 packing
+        size = FLUX_DEFAULT_SAMPLE_SIZE * f // 2 if image_size is None else image_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < f or v % f for v in hw):
+            raise TmpqError(f"{spec!r}: the image size must be one or two multiples of {f} pixels, got {size!r}")
+        latent.append((2 * hw[0] // f, 2 * hw[1] // f))
+        return latent[0][0] * latent[0][1] // 4
+
+    loaded = _transformer_pipeline(spec, index, layout, cache_only, seq_len, "trailing")
+    parts, schedule, notes, transformer, vae = loaded
+    if schedule.prediction_type != "flow":
+        raise TmpqError(f"{spec!r}: a {name} needs a FlowMatchEulerDiscreteScheduler; its scheduler config is not one")
+    text = prompt_encoder({k: _component(spec, k, *parts[k], cache_only) for k in texts}, name)
+    g = DEFAULT_FLUX_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    prompts = tuple(prompts) if prompts is not None else read_prompts()
+    den = FluxDenoiser(transformer, schedule, g, latent[0]).eval()
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    model = _text_transformer_model(
+        spec, den, notes + _cache_note(cache_only), LatentDecoder(vae, key="vae"), text, prompts, name, g
+    )
+    model.options["image_size"] = [latent[0][0] * f, latent[0][1] * f]
+    return model
+
+
 def _text_transformer_model(spec, den, notes, decoder, text, prompts, pipeline_class, g) -> LoadedModel:
-    """The LoadedModel of a text-conditioned transformer pipeline (PixArt, SD3): its options reload it exactly."""
+    """The LoadedModel of a text-conditioned transformer pipeline (PixArt, SD3, FLUX): its options reload it
+    exactly."""
     return LoadedModel(
         den,
         den.schedule,
@@ -579,10 +648,19 @@ def _text_transformer_model(spec, den, notes, decoder, text, prompts, pipeline_c
     )
 
 
-def _transformer_pipeline(spec: str, index: dict, layout: dict[str, str | None], cache_only: str | None) -> tuple:
+def _transformer_pipeline(
+    spec: str,
+    index: dict,
+    layout: dict[str, str | None],
+    cache_only: str | None,
+    image_seq_len: Callable[[nn.Module], int] | None = None,
+    spacing: str = "linspace",
+) -> tuple:
     """What the transformer pipeline loaders share: exactly the components of `layout`, each of the class it names
-    (None: any class tmpq loads there), checked before anything is imported; then the schedule, the transformer and
-    the VAE. Returns (parts, schedule, notes, transformer, vae)."""
+    (None: any class tmpq loads there), checked before anything is imported; then the transformer, the VAE and the
+    schedule (`image_seq_len(vae)`: the image's token count, for schedules shifted by resolution; `spacing`: how the
+    pipeline spaces its N-step schedules, see `FlowSchedule`).
+    Returns (parts, schedule, notes, transformer, vae)."""
     parts = _index_parts(spec, index)
     name = index.get("_class_name")
     if set(parts) != set(layout):
@@ -596,9 +674,10 @@ def _transformer_pipeline(spec: str, index: dict, layout: dict[str, str | None],
             raise TmpqError(
                 f"{spec!r}: a {name} needs a {cls} as its {key}; it names {parts[key][1]}. Supported: {SUPPORTED}"
             )
-    schedule, notes = _schedule(spec, "scheduler", cache_only)
     transformer = _component(spec, "transformer", *parts["transformer"], cache_only).eval()
     vae = _component(spec, "vae", *parts["vae"], cache_only)
+    seq_len = image_seq_len(vae) if image_seq_len is not None else None
+    schedule, notes = _schedule(spec, "scheduler", cache_only, seq_len, spacing)
     return parts, schedule, notes, transformer, vae
 
 
@@ -688,13 +767,19 @@ def _pickle_message(spec: str, subfolder: str | None, problem: str) -> str:
     )
 
 
-def _schedule(spec: str, subfolder: str | None, cache_only: str | None = None) -> tuple[NoiseSchedule, tuple[str, ...]]:
+def _schedule(
+    spec: str,
+    subfolder: str | None,
+    cache_only: str | None = None,
+    image_seq_len: int | None = None,
+    spacing: str = "linspace",
+) -> tuple[NoiseSchedule | FlowSchedule, tuple[str, ...]]:
     sched = _scheduler_config(spec, subfolder, cache_only)
     if sched is None:
         note = "no scheduler config found: assumed DDPM with T = 1000, linear betas 1e-4..0.02, epsilon"
         return NoiseSchedule.from_scheduler_config({}), (note,)
     if is_flow_config(sched):
-        return FlowSchedule.from_scheduler_config(sched), ()
+        return FlowSchedule.from_scheduler_config(sched, image_seq_len, spacing), ()
     return NoiseSchedule.from_scheduler_config(sched), ()
 
 

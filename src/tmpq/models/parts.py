@@ -107,23 +107,26 @@ class MaskedTextEncoder(TextEncoder):
         return torch.cat([emb, mask.unsqueeze(-1).float()], dim=-1)
 
 
-class SD3TextEncoder:
-    """Stable Diffusion 3's three text encoders (CLIP-L and CLIP-G with projection, T5 where the pipeline has it),
-    encoded by the pipeline's own `encode_prompt`: the joint (tokens, width) embeddings and the pooled projection.
+class _PipelinePromptEncoder:
+    """Text encoders run through their pipeline's own `encode_prompt` (a pipeline of just the text parts), so prompts
+    are encoded exactly as the pipeline encodes them: the (tokens, width) embeddings and a pooled vector.
 
     Both travel in one table row of (tokens + 1, width): the embeddings, then the pooled vector (zero-padded to the
-    width) as the last row (what `SD3Denoiser` reads)."""
+    width) as the last row (what the denoiser reads)."""
 
-    def __init__(self, components: dict[str, object], max_sequence_length: int = 256) -> None:
-        from diffusers import StableDiffusion3Pipeline
+    pipeline_class = ""  # the diffusers pipeline whose encode_prompt is used
+    components_of_pipeline: tuple[str, ...] = ()  # its other components (given as None)
+
+    def __init__(self, components: dict[str, object], max_sequence_length: int) -> None:
+        import diffusers
 
         self.parts = {k: v for k, v in components.items() if v is not None}
         self.max_sequence_length = int(max_sequence_length)
-        none = {k: None for k in ("transformer", "scheduler", "vae", "text_encoder_3", "tokenizer_3")}
-        self._pipe = StableDiffusion3Pipeline(**(none | self.parts))
+        none = {k: None for k in self.components_of_pipeline}
+        self._pipe = getattr(diffusers, self.pipeline_class)(**(none | self.parts))
         self._pipe.set_progress_bar_config(disable=True)
 
-    def to(self, device: torch.device | str) -> SD3TextEncoder:
+    def to(self, device: torch.device | str) -> _PipelinePromptEncoder:
         for v in self.parts.values():
             if isinstance(v, nn.Module):
                 v.to(device)
@@ -132,23 +135,60 @@ class SD3TextEncoder:
     def components(self) -> dict[str, object]:
         return dict(self.parts)
 
+    def _encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str) or not prompts:
             raise TmpqError("give a non-empty list of prompts (a single prompt as a one-item list)")
-        device = module_device(self.parts["text_encoder"])
+        emb, pooled = self._encode(list(prompts), module_device(self.parts["text_encoder"]))
+        width = max(emb.shape[-1], pooled.shape[-1])
+        emb = torch.nn.functional.pad(emb.float(), (0, width - emb.shape[-1]))
+        pooled = torch.nn.functional.pad(pooled.float(), (0, width - pooled.shape[-1]))
+        return torch.cat([emb, pooled[:, None]], dim=1)
+
+
+class SD3TextEncoder(_PipelinePromptEncoder):
+    """Stable Diffusion 3's three text encoders (CLIP-L and CLIP-G with projection, T5 where the pipeline has it):
+    the joint embeddings and the pooled projection, as StableDiffusion3Pipeline encodes them."""
+
+    pipeline_class = "StableDiffusion3Pipeline"
+    components_of_pipeline = ("transformer", "scheduler", "vae", "text_encoder_3", "tokenizer_3")
+
+    def __init__(self, components: dict[str, object], max_sequence_length: int = 256) -> None:
+        super().__init__(components, max_sequence_length)
+
+    def _encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         emb, _, pooled, _ = self._pipe.encode_prompt(
-            list(prompts),
+            prompts,
             None,
             None,
             device=device,
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        width = max(emb.shape[-1], pooled.shape[-1])
-        emb = torch.nn.functional.pad(emb.float(), (0, width - emb.shape[-1]))
-        pooled = torch.nn.functional.pad(pooled.float(), (0, width - pooled.shape[-1]))
-        return torch.cat([emb, pooled[:, None]], dim=1)
+        return emb, pooled
+
+
+class FluxTextEncoder(_PipelinePromptEncoder):
+    """FLUX's two text encoders: T5's embeddings (padded to 512 tokens, FluxPipeline's default) and CLIP's pooled
+    output, as FluxPipeline encodes them."""
+
+    pipeline_class = "FluxPipeline"
+    components_of_pipeline = ("transformer", "scheduler", "vae")
+
+    def __init__(self, components: dict[str, object], max_sequence_length: int = 512) -> None:
+        super().__init__(components, max_sequence_length)
+
+    def _encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, pooled, _ = self._pipe.encode_prompt(
+            prompts, None, device=device, max_sequence_length=self.max_sequence_length
+        )
+        return emb, pooled
+
+
+PIPELINE_PROMPT_ENCODERS = {cls.pipeline_class: cls for cls in (SD3TextEncoder, FluxTextEncoder)}
 
 
 MASKED_PROMPT_LENGTHS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -156,10 +196,10 @@ MASKED_PROMPT_LENGTHS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 
 
 def prompt_encoder(components: dict[str, object], pipeline_class: str | None):
-    """The prompt encoder a pipeline class uses, from its text components by pipeline name: SD3's three encoders,
-    masked T5 for PixArt, CLIP's padded last hidden state otherwise."""
-    if pipeline_class == "StableDiffusion3Pipeline":
-        return SD3TextEncoder(components)
+    """The prompt encoder a pipeline class uses, from its text components by pipeline name: the pipeline's own
+    encode_prompt for SD3 and FLUX, masked T5 for PixArt, CLIP's padded last hidden state otherwise."""
+    if pipeline_class in PIPELINE_PROMPT_ENCODERS:
+        return PIPELINE_PROMPT_ENCODERS[pipeline_class](components)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     if pipeline_class in MASKED_PROMPT_LENGTHS:
         return MaskedTextEncoder(tokenizer, text_encoder, MASKED_PROMPT_LENGTHS[pipeline_class])

@@ -437,10 +437,66 @@ class QuantJointAttnProcessor(nn.Module):
         return attn.to_out[1](attn.to_out[0](out)), ctx_out
 
 
+class QuantFluxAttnProcessor(nn.Module):
+    """diffusers' `FluxAttnProcessor` (FLUX's attention over [context; image] tokens in the double-stream blocks, over
+    the joined tokens in the single-stream ones, rotary position embeddings on q and k) with the q·kᵀ and softmax·v
+    operands fake-quantized. Projections (to_q/k/v, add_q/k/v_proj, to_out, to_add_out) are Linear twins."""
+
+    def __init__(self, name: str, a_candidates: Sequence[int], fp8: bool = False) -> None:
+        super().__init__()
+        self.qk = MatmulQuant(f"{name}.qk", a_candidates, fp8)
+        self.av = MatmulQuant(f"{name}.av", a_candidates, fp8)
+
+    @staticmethod
+    def _heads(attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        x = x.unflatten(-1, (-1, attn.head_dim))  # (batch, tokens, heads, head_dim)
+        return x if norm is None else norm(x)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query = self._heads(attn, attn.to_q(hidden_states), attn.norm_q)
+        key = self._heads(attn, attn.to_k(hidden_states), attn.norm_k)
+        value = self._heads(attn, attn.to_v(hidden_states), None)
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint:
+            ctx = encoder_hidden_states
+            query = torch.cat([self._heads(attn, attn.add_q_proj(ctx), attn.norm_added_q), query], dim=1)
+            key = torch.cat([self._heads(attn, attn.add_k_proj(ctx), attn.norm_added_k), key], dim=1)
+            value = torch.cat([self._heads(attn, attn.add_v_proj(ctx), None), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, head_dim)
+        q, k = self.qk.operands(q, k, transpose_b=True)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        if attention_mask is not None:  # as scaled_dot_product_attention reads a mask: boolean keep, or additive
+            scores = (
+                scores.masked_fill(~attention_mask, float("-inf"))
+                if attention_mask.dtype == torch.bool
+                else (scores + attention_mask)
+            )
+        probs, v = self.av.operands(torch.softmax(scores, dim=-1), v, transpose_b=False)
+        out = torch.matmul(probs, v).transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if not joint:
+            return out
+        n_ctx = encoder_hidden_states.shape[1]
+        ctx_out, out = out[:, :n_ctx], out[:, n_ctx:]
+        return attn.to_out[1](attn.to_out[0](out)), attn.to_add_out(ctx_out)
+
+
 ATTENTION_PROCESSORS: dict[str, type[nn.Module]] = {
     "AttnProcessor": QuantAttnProcessor,
     "AttnProcessor2_0": QuantAttnProcessor,
     "JointAttnProcessor2_0": QuantJointAttnProcessor,
+    "FluxAttnProcessor": QuantFluxAttnProcessor,
 }
 """diffusers attention processors by class name → the quantized processor that stands in for them; attention
 modules with any other processor keep their matmuls in full precision."""

@@ -45,12 +45,15 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _attention_type() -> type | None:
+def _attention_type() -> tuple[type, ...] | None:
+    """diffusers' attention module classes: the classic `Attention` and the per-model ones (FLUX's) built on
+    `AttentionModuleMixin`."""
     try:
+        from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
     except ImportError:  # diffusers is a core dependency, but a plain-torch model needs none of it
         return None
-    return Attention
+    return (Attention, AttentionModuleMixin)
 
 
 QUANT_PROCESSORS = tuple(set(ATTENTION_PROCESSORS.values()))

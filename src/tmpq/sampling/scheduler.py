@@ -113,8 +113,16 @@ class SearchedFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         sched.set_timesteps()
         return sched
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None, **_):
-        """Use the searched timesteps; `num_inference_steps` and custom sigmas are ignored."""
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+        **_,
+    ):
+        """Use the searched timesteps; `num_inference_steps`, custom `sigmas` and FLUX's `mu` are ignored (named
+        here because pipelines check the signature before passing them)."""
         sigmas = self.searched_sigmas
         if sigmas is None:
             raise TmpqError("no searched timesteps: build the scheduler with SearchedFlowMatchScheduler.from_searched")

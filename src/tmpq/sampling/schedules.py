@@ -106,8 +106,9 @@ class NoiseSchedule:
         return a.sqrt() * output + (1 - a).sqrt() * x_t  # v = sqrt(a) eps - sqrt(1 - a) x0
 
 
+FLOW_SPACINGS = ("linspace", "trailing")
+
 _FLOW_UNSUPPORTED = (
-    "use_dynamic_shifting",
     "shift_terminal",
     "use_karras_sigmas",
     "use_exponential_sigmas",
@@ -130,10 +131,17 @@ class FlowSchedule:
     DDIM's deterministic update keeps the x_0 and ε predictions of the current step fixed and moves to the next noise
     level; in flow coordinates that is exactly Euler's step x' = x + (σ' − σ) v, which is what `DDIMSampler` does on a
     flow schedule. `alphas_cumprod` holds the variance-preserving equivalent ᾱ = (1 − σ)² / ((1 − σ)² + σ²), for
-    what reads a noise level in those terms (plots, the 'change' grouping's error profile)."""
+    what reads a noise level in those terms (plots, the 'change' grouping's error profile).
+
+    FLUX-style resolution-dependent shifting (`use_dynamic_shifting`) is a fixed exponential shift `mu` once the
+    image size is known (`from_scheduler_config(..., image_seq_len=...)`), so it is just another grid. `spacing`
+    is how the pipeline spaces an N-step schedule: "linspace" (Stable Diffusion 3: σ from 1 to the smallest σ) or
+    "trailing" (FLUX: σ = 1, (N − 1)/N, …, 1/N before shifting, on the grid whenever N divides T)."""
 
     num_train_timesteps: int = 1000
     shift: float = 1.0
+    mu: float | None = None  # the exponential time shift of dynamic shifting; None: the fixed `shift`
+    spacing: str = "linspace"  # linspace | trailing: what 'uniform' means on this schedule
     prediction_type: str = field(default="flow", init=False)
     clip_sample: bool = field(default=False, init=False)
     clip_sample_range: float = field(default=1.0, init=False)
@@ -147,8 +155,15 @@ class FlowSchedule:
             raise TmpqError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise TmpqError(f"the flow schedule's shift must be a positive number, got {self.shift}")
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
-        sched.set_timesteps(self.num_train_timesteps)
+        if self.mu is not None and not math.isfinite(self.mu):
+            raise TmpqError(f"the flow schedule's mu must be a finite number, got {self.mu}")
+        if self.spacing not in FLOW_SPACINGS:
+            raise TmpqError(f"unknown flow schedule spacing {self.spacing!r}; use one of {', '.join(FLOW_SPACINGS)}")
+        dynamic = self.mu is not None
+        sched = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.num_train_timesteps, shift=self.shift, use_dynamic_shifting=dynamic
+        )
+        sched.set_timesteps(self.num_train_timesteps, **({"mu": self.mu} if dynamic else {}))
         sigmas = sched.sigmas[:-1].flip(0).float()  # the T sigmas without the final 0, smallest first
         object.__setattr__(self, "sigmas", sigmas)
         object.__setattr__(self, "alphas_cumprod", (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2))
@@ -163,24 +178,59 @@ class FlowSchedule:
         return (1 - s) * x0 + s * noise
 
     def to_dict(self) -> dict:
-        return {"kind": "flow", "num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
+        d = {"kind": "flow", "num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
+        if self.mu is not None:  # written only when set: files (and fingerprints) of fixed-shift schedules unchanged
+            d["mu"] = self.mu
+        if self.spacing != "linspace":
+            d["spacing"] = self.spacing
+        return d
 
     def timesteps(self, kind: str, num_steps: int) -> list[int]:
         """Sampling schedules that start from pure noise: k = T − 1 (σ = 1), then the named schedule with one step
-        fewer over [0, T − 1). 'uniform' is then diffusers' own N-step schedule wherever N − 1 divides T − 1."""
+        fewer over [0, T − 1). 'uniform' is then diffusers' own N-step schedule wherever N − 1 divides T − 1; on a
+        "trailing" schedule it is the FLUX pipeline's, k = T·j/N − 1 for j = N … 1 (exact when N divides T)."""
+        if kind == "uniform" and self.spacing == "trailing":
+            _check_num_steps(num_steps, self.num_train_timesteps)
+            t = self.num_train_timesteps
+            return [max(0, round(t * j / num_steps) - 1) for j in range(num_steps, 0, -1)]
         return flow_timesteps(kind, num_steps, self.num_train_timesteps)
 
     @classmethod
-    def from_scheduler_config(cls, config: dict) -> FlowSchedule:
-        """From a FlowMatchEulerDiscreteScheduler config; options that make the sigmas depend on the image size or
-        on the step count (FLUX's dynamic shifting, Karras sigmas, ...) are refused by name."""
+    def from_scheduler_config(
+        cls, config: dict, image_seq_len: int | None = None, spacing: str = "linspace"
+    ) -> FlowSchedule:
+        """From a FlowMatchEulerDiscreteScheduler config. Dynamic shifting needs the image's token count (the FLUX
+        pipeline's `calculate_shift`, from the config's base/max shift and sequence lengths); options that make the
+        sigmas depend on the step count (Karras sigmas, a terminal shift, ...) are refused by name."""
         used = [k for k in _FLOW_UNSUPPORTED if config.get(k)]
         if used:
             raise TmpqError(
                 f"the flow-matching scheduler sets {used}; tmpq supports FlowMatchEulerDiscreteScheduler with a fixed "
-                "`shift` (Stable Diffusion 3 style) only"
+                "`shift` (Stable Diffusion 3 style) or FLUX's dynamic shifting"
             )
-        return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+        num_train, shift = int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0))
+        if not config.get("use_dynamic_shifting"):
+            return cls(num_train, shift, spacing=spacing)
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise TmpqError(
+                f"the flow-matching scheduler's time_shift_type is {config.get('time_shift_type')!r}; tmpq supports "
+                "dynamic shifting of the 'exponential' type (FLUX) only"
+            )
+        if image_seq_len is None:
+            raise TmpqError(
+                "this flow-matching scheduler shifts its sigmas by the image size (use_dynamic_shifting); tmpq "
+                "supports it for FLUX pipelines, which give the image size"
+            )
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return cls(num_train, shift, mu=float(mu), spacing=spacing)
 
 
 def flow_timesteps(kind: str, num_steps: int, num_train_timesteps: int) -> list[int]:
