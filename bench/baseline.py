@@ -1,7 +1,8 @@
 """FP baseline table: the built-in model at several step counts, uniform and quadratic schedules.
 
-Same seeds and sample count for every row; each row is written to OUT/rows/ as soon as it is done,
-so an interrupted run resumes where it stopped. Prints (and writes OUT/baseline.md) a Markdown table.
+Same seeds and sample count for every row; each row is written to OUT/rows/ as soon as it is done, and a row's
+sampled batches as they finish (`evaluate`), so an interrupted run resumes where it stopped. Prints (and writes
+OUT/baseline.md) a Markdown table.
 
     .venv/bin/python bench/baseline.py --num-samples 5000 --out runs/baseline
 """
@@ -54,16 +55,20 @@ def main(
             rows.append(res)
             typer.echo(f"{sch:8s} {n:4d} steps: FID {res['fid']:.2f}  IS {res['inception_score']:.3f}", err=True)
     lines = [
-        "| steps | schedule | FID ↓ | IS ↑ | sampling s / 1k images |",
-        "|---:|:---|---:|---:|---:|",
+        "| steps | schedule | FID ↓ | FID halves | IS ↑ | sampling s / 1k images |",
+        "|---:|:---|---:|---:|---:|---:|",
     ]
     for r in rows:
         c = r["config"]
         per_k = r["sample_wall_s"] / c["num_samples"] * 1000
-        lines.append(f"| {c['steps']} | {c['schedule']} | {r['fid']:.2f} | {r['inception_score']:.3f} | {per_k:.1f} |")
+        halves = " / ".join(f"{h:.1f}" for h in r["fid_halves"]) if r.get("fid_halves") else "—"
+        lines.append(
+            f"| {c['steps']} | {c['schedule']} | {r['fid']:.2f} | {halves} | {r['inception_score']:.3f} | {per_k:.1f} |"
+        )
     table = "\n".join(lines)
     note = (
-        f"\n\n{num_samples} samples per row (seeds {seed}..{seed + num_samples - 1}), FID/IS in the shipped "
+        f"\n\n{num_samples} samples per row (seeds {seed}..{seed + num_samples - 1}; FID halves: samples of the first "
+        "and the second half, the error bar), FID/IS in the shipped "
         f"classifier's feature space against the 60,000 Fashion-MNIST training images; "
         f"this run took {time.time() - start:.0f} s (rows already on disk are reused).\n"
     )

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
@@ -60,6 +67,7 @@ class EvalResult:
     config: EvalConfig
     timesteps: list[int]
     fid: float
+    fid_halves: tuple[float, float] | None  # FIDs of the first and the second half: the error bar (each biased up)
     inception_score: float
     inception_score_std: float
     sample_wall_s: float
@@ -82,6 +90,50 @@ def reference_metric(reference: str) -> QualityMetric:
     return QualityMetric(reference=lambda: load_image_folder(folder), reference_key=f"folder:{folder.resolve()}")
 
 
+PARTIAL = "partial"
+"""Where `evaluate` keeps the batches sampled so far (OUT/partial/), so a killed run resumes; removed when done."""
+
+
+def _sample_resumable(
+    sample: Callable[[int, int], torch.Tensor],
+    cfg: EvalConfig,
+    out: Path | None,
+    device: str,
+    progress: bool,
+    steps: int,
+) -> torch.Tensor:
+    """cfg.num_samples images as `sample(start, count)` gives them (sample i from seed cfg.seed + i), batch by batch.
+    With `out`, each batch is saved to OUT/partial/ as it finishes and reused by a re-run of the same config on the
+    same device: the batches are the ones an uninterrupted run makes, so the result is the same tensor."""
+    n, bs = cfg.num_samples, cfg.batch_size
+    partial = None if out is None else out / PARTIAL
+    stamp = json.dumps({"config": cfg.to_dict(), "device": device}, sort_keys=True)
+    if partial is not None:
+        if partial.is_dir() and (
+            not (partial / "config.json").is_file() or (partial / "config.json").read_text() != stamp
+        ):
+            shutil.rmtree(partial)  # batches of another config: not this run's
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "config.json").write_text(stamp)
+    batches = []
+    bar = tqdm(total=n, desc=f"sample ({steps} steps)", disable=not progress, dynamic_ncols=True)
+    for start in range(0, n, bs):
+        count = min(bs, n - start)
+        path = None if partial is None else partial / f"{start:08d}.safetensors"
+        if path is not None and path.is_file():
+            batch = load_file(str(path))["images"]
+        else:
+            batch = sample(start, count)
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                save_file({"images": batch.contiguous()}, str(tmp))
+                tmp.replace(path)
+        batches.append(batch)
+        bar.update(count)
+    bar.close()
+    return torch.cat(batches)
+
+
 def evaluate(
     cfg: EvalConfig,
     out_dir: Path | str | None = None,
@@ -91,7 +143,8 @@ def evaluate(
     device: str = "cpu",
 ) -> EvalResult:
     """Generate cfg.num_samples images (sample i from seed cfg.seed + i) on `device`, score FID/IS, write eval.json
-    + grid. The device is recorded with the result: samples differ across devices by float rounding."""
+    + grid. The device is recorded with the result: samples differ across devices by float rounding. With `out_dir`,
+    an unconditional model's batches are kept as they finish, so re-running a killed evaluation resumes it."""
     metric = metric or reference_metric(cfg.reference)
     target = resolve_device(device)
     if cfg.compressed is not None:
@@ -106,24 +159,39 @@ def evaluate(
             compressed.to(target)
         timesteps = list(compressed.timesteps)
         inputs = {"compressed": Path(cfg.compressed) / TENSORS, "manifest": Path(cfg.compressed) / MANIFEST}
-        t0 = time.time()
-        images = compressed.sample(cfg.num_samples, cfg.seed, cfg.batch_size, progress=progress)
+        kind = compressed.parts.kind
+
+        def sample(start: int, count: int) -> torch.Tensor:
+            return compressed.sample(count, cfg.seed + start, cfg.batch_size)
     else:
         loaded = (loaded or load_model(cfg.model)).to(target)
         timesteps = cfg.resolved_timesteps(loaded.schedule)
         sampler = DDIMSampler(loaded.schedule, timesteps, eta=cfg.eta)
         inputs = {"model": loaded.weights_path} if loaded.weights_path else {}
-        t0 = time.time()
-        images = generate(
-            loaded.denoiser, sampler, cfg.num_samples, loaded.sample_shape, cfg.seed, cfg.batch_size, progress=progress
-        )
+        kind = loaded.kind
+
+        def sample(start: int, count: int) -> torch.Tensor:
+            den, shape = loaded.denoiser, loaded.sample_shape
+            return generate(den, sampler, count, shape, cfg.seed + start, cfg.batch_size, progress=False)
+
+    out = None if out_dir is None else Path(out_dir)
+    t0 = time.time()
+    if kind in ("pixel", "latent"):  # sample i depends on i alone: batch by batch, resumable
+        images = _sample_resumable(sample, cfg, out, device_name(target), progress, len(timesteps))
+    else:  # prompts / labels cycle from the first sample: one call
+        images = sample(0, cfg.num_samples)
     t1 = time.time()
     scores = metric.score(images, seed=cfg.seed)
+    half = cfg.num_samples // 2
+    halves = None
+    if half >= 2:
+        halves = (metric.fid(images[:half]), metric.fid(images[half:]))
     t2 = time.time()
     result = EvalResult(
         config=cfg,
         timesteps=timesteps,
         fid=scores.fid,
+        fid_halves=halves,
         inception_score=scores.inception_score,
         inception_score_std=scores.inception_score_std,
         sample_wall_s=round(t1 - t0, 2),
@@ -131,9 +199,9 @@ def evaluate(
         image_forwards=cfg.num_samples * len(timesteps),
         provenance=provenance(inputs) | {"feature_space": scores.feature_space, "device": device_name(target)},
     )
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", nrow=8)
         write_json_atomic(out / "eval.json", result.to_json(), indent=2)
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return result
