@@ -45,7 +45,10 @@ def main(
                 old = json.loads(path.read_text())
                 want = json.loads(json.dumps(asdict(cfg)))
                 defaults = json.loads(json.dumps(asdict(EvalConfig())))
-                same_cfg = {**defaults, **old["config"]} == want  # fields added since the row was made: defaults
+                # fields added since the row was made: defaults; the model is its weights (a path to the shipped
+                # file and builtin:fashion are one model), so the spec that named it is not compared
+                named = old["config"].get("model") if weights_sha is None else model  # no weights file: the spec
+                same_cfg = {**defaults, **old["config"], "model": named} == want
                 same_weights = old["provenance"].get("inputs_sha256", {}).get("model") == weights_sha
                 if same_cfg and same_weights:  # a row of other weights (a retrained model) is recomputed
                     rows.append(old)

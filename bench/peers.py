@@ -39,11 +39,6 @@ from tmpq.search import Budget, EvolutionConfig, Execution, FitnessConfig, Searc
 from tmpq.search.run import share_prepared
 from tmpq.search.summary import RunSummary
 
-FP100_QUOTED = {"fid": 195.93, "inception_score": 5.414}
-"""The FP-100 (uniform) row of the README's baseline table, 5,000 samples, seeds 0–4999, the same weights:
-`bench/baseline.py --num-samples 5000 --steps 100,20,10,5,50 --out runs/baseline5k`. Quoted (with --quote-fp100)
-because recomputing it costs 500,000 image-forwards (~25 min here); its JSON row is no longer on disk."""
-
 
 @dataclass(frozen=True)
 class Row:
@@ -156,7 +151,9 @@ def reused_fp_row(fp_rows: Path, row: Row, n: int, seed: int, weights_sha: str |
     old = json.loads(path.read_text())
     want = json.loads(json.dumps(asdict(EvalConfig(steps=row.steps, schedule=row.schedule, num_samples=n, seed=seed))))
     defaults = json.loads(json.dumps(asdict(EvalConfig())))
-    if {**defaults, **old["config"]} != want or old["provenance"].get("inputs_sha256", {}).get("model") != weights_sha:
+    named = want["model"] if weights_sha is not None else old["config"].get("model")  # the model is its weights
+    same_cfg = {**defaults, **old["config"], "model": named} == want
+    if not same_cfg or old["provenance"].get("inputs_sha256", {}).get("model") != weights_sha:
         return None
     return {"fid": old["fid"], "inception_score": old["inception_score"], "source": str(path)}
 
@@ -224,8 +221,6 @@ def compute_row(row: Row, ctx: dict, n: int, seed: int, time_n: int) -> dict:
         res |= {"timesteps": ts, "bitops": sn.cost.bitops(None, row.steps), "size_bits": sn.cost.size_bits(None)}
         res |= timing(row, ctx, seed, time_n)
         reused = reused_fp_row(ctx["fp_rows"], row, n, seed, ctx["weights_sha"])
-        if reused is None and row.name == "fp100" and ctx["quote_fp100"] and (n, seed) == (5000, 0):
-            reused = FP100_QUOTED | {"source": "README baseline table (bench/baseline.py, runs/baseline5k)"}
         if reused is not None:
             return res | reused | {"fid_halves": None, "fid_half_spread": None, "sample_wall_s": None}
         t0 = time.perf_counter()
@@ -295,7 +290,7 @@ def table(rows: list[dict], fp100_bitops: int, n: int) -> str:
     ]
     for r in rows:
         halves = "—" if r["fid_halves"] is None else " / ".join(f"{h:.1f}" for h in r["fid_halves"])
-        mark = "" if r["source"] == "computed" else "†" if r["source"].startswith("README") else "\\*"
+        mark = "" if r["source"] == "computed" else "\\*"
         fid = f"{r['fid']:.2f}{mark}"
         lines.append(
             f"| {r['label']} | {len(r['timesteps'])} | {fid} | {halves} | {r['inception_score']:.3f} "
@@ -343,9 +338,8 @@ def main(
     workers: Annotated[int, typer.Option(help="search worker processes (1 thread each); 0: in-process")] = 2,
     time_samples: Annotated[int, typer.Option(help="images sampled to time each row")] = 128,
     fp_rows: Annotated[Path, typer.Option(help="bench/baseline.py rows to reuse for FP rows")] = Path(
-        "runs/baseline5k/rows"
+        "runs/baseline/rows"
     ),
-    quote_fp100: Annotated[bool, typer.Option(help="quote FP-100 from the README instead of recomputing")] = True,
     retime: Annotated[bool, typer.Option(help="re-measure every row's sampling time in one pass at the end")] = False,
     proxy_check_rows: Annotated[
         str, typer.Option("--proxy-check", help="comma-separated search rows: proxy mean/median vs the W6A6 seeds")
@@ -369,7 +363,6 @@ def main(
         "metric": reference_metric("fashion-mnist"),
         "fp_rows": fp_rows,
         "weights_sha": weights_sha,
-        "quote_fp100": quote_fp100,
         "execution": Execution(workers=workers, threads=1) if workers else Execution(),
     }
     spec = rows_spec(fitness_samples, generations, ref_fitness_samples, ref_generations, tight, seed, grouping)
@@ -421,8 +414,7 @@ def main(
         f"\n\n{num_samples:,} samples per row, seeds {seed}–{seed + num_samples - 1}; FID/IS in the shipped "
         "classifier's feature space against the 60,000 training images. FID halves: the FID of samples "
         f"{seed}–{seed + num_samples // 2 - 1} and of the rest (each biased upward against the full-sample FID). "
-        "\\* not sampled by this run: reused from bench/baseline.py's rows (same seeds, same weights); † quoted from "
-        "the README's baseline table (bench/baseline.py, same seeds, same weights; its row file is gone). "
+        "\\* not sampled by this run: reused from bench/baseline.py's rows (same EvalConfig, same weights' SHA-256). "
         "Sampling time: "
         f"{time_samples} images in batches of 64 after a warm-up, torch threads "
         f"{sorted({r.get('time_threads') for r in results}, key=str)}; FP rows in PyTorch fp32, quantized rows on "

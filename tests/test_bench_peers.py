@@ -69,6 +69,10 @@ def test_fp_rows_are_reused_only_for_the_same_config_and_weights(peers, tmp_path
     assert peers.reused_fp_row(tmp_path, row, 50, 0, "abc")["fid"] == 12.5
     assert peers.reused_fp_row(tmp_path, row, 50, 0, "other weights") is None
     assert peers.reused_fp_row(tmp_path, row, 60, 0, "abc") is None  # another sample count: another file
+    by_path = saved | {"config": cfg | {"model": "/somewhere/fashion_unet.safetensors"}}
+    (tmp_path / "quad_10_50_0.json").write_text(json.dumps(by_path))
+    assert peers.reused_fp_row(tmp_path, row, 50, 0, "abc")["fid"] == 12.5  # same weights under another name
+    assert peers.reused_fp_row(tmp_path, row, 50, 0, None) is None  # no weights file: the spec must match
 
 
 def test_search_directories_share_the_prepared_files(peers, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ BUILTIN_UNET = ASSETS / "fashion_unet.safetensors"
 BUILTIN_SCHEDULE = NoiseSchedule(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
-def builtin_unet_config(block_out_channels: tuple[int, ...] = (16, 32, 64), layers_per_block: int = 1) -> dict:
+def builtin_unet_config(block_out_channels: tuple[int, ...] = (32, 32, 64), layers_per_block: int = 1) -> dict:
     """UNet2DModel kwargs of the built-in model (attention only at the 8x8 level, where it is cheap)."""
     n = len(block_out_channels)
     return {

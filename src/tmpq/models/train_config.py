@@ -17,15 +17,16 @@ class TrainConfig(DictConfig):
     How the run executes (device, `torch.compile`) is not part of it: those change speed, not the recipe.
     """
 
-    steps: int = 8000
+    # The defaults are the shipped built-in model's recipe: `tmpq train` with no options retrains it.
+    steps: int = 30000
     batch_size: int = 64
     lr: float = 1e-3
-    warmup_steps: int = 250
-    ema_decay: float = 0.999
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    warmup_steps: int = 500
+    ema_decay: float = 0.9995
+    block_out_channels: tuple[int, ...] = (32, 32, 64)
     layers_per_block: int = 1
     seed: int = 0
-    checkpoint_every: int = 250
+    checkpoint_every: int = 500
     log_every: int = 50  # the loss is read back to the host (a device sync) only this often
     autocast: str = "auto"  # "auto" | "bf16" | "off"
 
