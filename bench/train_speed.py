@@ -3,13 +3,14 @@
 Runs `train_ddpm` for a few steps on the real Fashion-MNIST set in a scratch directory and prints a table. To
 compare code versions, run the same command with another checkout's `src` first on PYTHONPATH.
 
-.venv/bin/python bench/train_speed.py [--steps 30] [--batch-size 64] [--device cpu] [--compile] [--arch 16,32,64:1 ...]
+.venv/bin/python bench/train_speed.py [--steps 30] [--batch-size 64] [--device cpu] [--compile] [--arch 32,32,64:1 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -17,8 +18,12 @@ from pathlib import Path
 import torch
 
 from tmpq.data import load_fashion_mnist
-from tmpq.device import cpu_model
 from tmpq.models.train import TrainConfig, train_ddpm
+
+try:
+    from tmpq.device import cpu_model
+except ImportError:  # a checkout from before tmpq.device had it (the "before" side of a comparison)
+    cpu_model = platform.processor
 
 
 def _config(arch: str, steps: int, batch_size: int) -> TrainConfig:
@@ -58,7 +63,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--arch", nargs="+", default=["16,32,64"], help="channels[:layers_per_block]")
+    default_arch = ",".join(str(c) for c in TrainConfig.block_out_channels)  # the built-in model's
+    ap.add_argument("--arch", nargs="+", default=[default_arch], help="channels[:layers_per_block]")
     args = ap.parse_args()
     images, _ = load_fashion_mnist("train")
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model()
