@@ -66,6 +66,8 @@ def test_the_image_size_sets_the_latents_and_the_shift(flux_dir):
     assert load_model(str(flux_dir)).sample_shape == (4, 128, 128)  # FluxPipeline's default: 128 × the VAE factor
     with pytest.raises(TmpqError, match="multiples of 4"):
         load_model(str(flux_dir), image_size=18)
+    with pytest.raises(TmpqError, match="class-conditional"):
+        load_model(str(flux_dir), classes=[1])
     with pytest.raises(TmpqError, match="an image size apply to conditional pipelines only"):
         load_model("builtin:fashion", image_size=16)
     bad = edited_copy(

@@ -314,15 +314,15 @@ def _from_diffusers(
         index = _hub_json(spec, "model_index.json", cache_only)
         cfg = None if index is not None else _hub_json(spec, "config.json", cache_only)
     name = index.get("_class_name") if isinstance(index, dict) else None
-    if name == "FluxPipeline":
-        return _from_flux_pipeline(spec, index, prompts, guidance_scale, image_size, cache_only)
-    if image_size is not None:
+    if image_size is not None and name != "FluxPipeline":
         raise TmpqError(f"an image size applies to FLUX pipelines only, not to {spec!r} ({name or 'a bare model'})")
     if index is not None:
         if isinstance(index, dict) and index.get("_class_name") == "DiTPipeline":
             return _from_dit_pipeline(spec, index, prompts, guidance_scale, classes, cache_only)
         if classes is not None:
             raise TmpqError(f"classes apply to class-conditional (DiT) pipelines only, not to {spec!r}")
+        if name == "FluxPipeline":
+            return _from_flux_pipeline(spec, index, prompts, guidance_scale, image_size, cache_only)
         if isinstance(index, dict) and index.get("_class_name") in PIXART_PIPELINES:
             return _from_pixart_pipeline(spec, index, prompts, guidance_scale, cache_only)
         if isinstance(index, dict) and index.get("_class_name") == "StableDiffusion3Pipeline":
@@ -602,31 +602,37 @@ def _from_flux_pipeline(
     texts = {"text_encoder": "CLIPTextModel", "tokenizer": None}
     texts |= {"text_encoder_2": "T5EncoderModel", "tokenizer_2": None}
     layout = {"transformer": "FluxTransformer2DModel", "vae": None, "scheduler": None, **texts}
-    latent: list[tuple[int, int]] = []
 
-    def seq_len(vae) -> int:
-        f = 2 * 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's factor times the 2×2 packing
-        size = FLUX_DEFAULT_SAMPLE_SIZE * f // 2 if image_size is None else image_size
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < f or v % f for v in hw):
-            raise TmpqError(f"{spec!r}: the image size must be one or two multiples of {f} pixels, got {size!r}")
-        latent.append((2 * hw[0] // f, 2 * hw[1] // f))
-        return latent[0][0] * latent[0][1] // 4
+    def tokens(vae) -> int:  # the packed image's token count, which FLUX.1-dev's schedule shift depends on
+        h, w = _flux_latent_size(spec, vae, image_size)
+        return (h // 2) * (w // 2)
 
-    loaded = _transformer_pipeline(spec, index, layout, cache_only, seq_len, "trailing")
+    loaded = _transformer_pipeline(spec, index, layout, cache_only, tokens, "trailing")
     parts, schedule, notes, transformer, vae = loaded
     if schedule.prediction_type != "flow":
         raise TmpqError(f"{spec!r}: a {name} needs a FlowMatchEulerDiscreteScheduler; its scheduler config is not one")
     text = prompt_encoder({k: _component(spec, k, *parts[k], cache_only) for k in texts}, name)
     g = DEFAULT_FLUX_GUIDANCE if guidance_scale is None else float(guidance_scale)
     prompts = tuple(prompts) if prompts is not None else read_prompts()
-    den = FluxDenoiser(transformer, schedule, g, latent[0]).eval()
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = _flux_latent_size(spec, vae, image_size)
+    den = FluxDenoiser(transformer, schedule, g, latent).eval()
     model = _text_transformer_model(
         spec, den, notes + _cache_note(cache_only), LatentDecoder(vae, key="vae"), text, prompts, name, g
     )
-    model.options["image_size"] = [latent[0][0] * f, latent[0][1] * f]
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    model.options["image_size"] = [latent[0] * f, latent[1] * f]
     return model
+
+
+def _flux_latent_size(spec: str, vae: nn.Module, image_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """FluxPipeline's latent (height, width) for an image size in pixels (default: 128 × the VAE's factor): the
+    image must be a multiple of the VAE's factor times the 2×2 packing."""
+    f = 2 * 2 ** (len(vae.config.block_out_channels) - 1)
+    size = FLUX_DEFAULT_SAMPLE_SIZE * f // 2 if image_size is None else image_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < f or v % f for v in hw):
+        raise TmpqError(f"{spec!r}: the image size must be one or two multiples of {f} pixels, got {size!r}")
+    return (2 * hw[0] // f, 2 * hw[1] // f)
 
 
 def _text_transformer_model(spec, den, notes, decoder, text, prompts, pipeline_class, g) -> LoadedModel:
