@@ -157,14 +157,10 @@ def save_sd3_pipeline(directory: Path) -> Path:
     encoders with projection (width 16 each: pooled 32), a one-layer T5 (width 32), the character tokenizers, the
     tiny VAE and FlowMatchEulerDiscreteScheduler with SD3's shift 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import T5Config, T5EncoderModel
 
     tok = tiny_tokenizer(directory.parent / (directory.name + "_tok"))
     t5_tok = tiny_t5_tokenizer()
-    torch.manual_seed(0)
-    t5 = T5EncoderModel(
-        T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
-    ).eval()
+    t5 = tiny_t5(t5_tok)
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=8,
@@ -233,6 +229,16 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def tiny_t5(tok):
+    """A one-layer T5 encoder of width 32 (2 heads × 8) over the character T5 tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(
+        T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
+    ).eval()
+
+
 def tiny_pixart():
     """A PixArtTransformer2DModel (2 blocks, 2 heads × 8 dims, 2×2 patches, learned sigma) on 8×8×4 latents,
     cross-attending to width-16 captions."""
@@ -287,16 +293,13 @@ def save_flux_pipeline(directory: Path, dev: bool = True) -> Path:
     tokenizers and the tiny VAE (shift factor 0.1). `dev`: FLUX.1-dev's embedded guidance and its scheduler's
     resolution-dependent shift; otherwise FLUX.1-schnell's (no guidance, fixed shift 1)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     tok = tiny_tokenizer(directory.parent / (directory.name + "_tok"))
     t5_tok = tiny_t5_tokenizer()
     torch.manual_seed(0)
     clip = CLIPTextModel(tiny_clip_config(tok)).eval()
-    torch.manual_seed(0)
-    t5 = T5EncoderModel(
-        T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
-    ).eval()
+    t5 = tiny_t5(t5_tok)
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1,

@@ -331,16 +331,20 @@ class MatmulQuant(QuantUnit):
         return self.left(a), self.right(b)
 
 
-class QuantAttnProcessor(nn.Module):
-    """diffusers' classic AttnProcessor with the q·kᵀ and softmax·v operands fake-quantized.
-
-    The projections (to_q, to_k, to_v, to_out) are ordinary Linear layers and get their own twins.
-    """
+class _QuantAttention(nn.Module):
+    """What every quantized attention processor holds: the q·kᵀ and softmax·v matmuls as units of their own."""
 
     def __init__(self, name: str, a_candidates: Sequence[int], fp8: bool = False) -> None:
         super().__init__()
         self.qk = MatmulQuant(f"{name}.qk", a_candidates, fp8)
         self.av = MatmulQuant(f"{name}.av", a_candidates, fp8)
+
+
+class QuantAttnProcessor(_QuantAttention):
+    """diffusers' classic AttnProcessor with the q·kᵀ and softmax·v operands fake-quantized.
+
+    The projections (to_q, to_k, to_v, to_out) are ordinary Linear layers and get their own twins.
+    """
 
     def __call__(  # __call__ itself, with diffusers' signature: Attention inspects it to decide which kwargs to pass
         self,
@@ -390,15 +394,10 @@ class QuantAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
 
-class QuantJointAttnProcessor(nn.Module):
+class QuantJointAttnProcessor(_QuantAttention):
     """diffusers' `JointAttnProcessor2_0` (Stable Diffusion 3's joint attention over [image; context] tokens) with
     the q·kᵀ and softmax·v operands fake-quantized, as `QuantAttnProcessor` does for self/cross attention. The
     image and context projections (to_q/k/v, add_q/k/v_proj, to_out, to_add_out) are Linear twins of their own."""
-
-    def __init__(self, name: str, a_candidates: Sequence[int], fp8: bool = False) -> None:
-        super().__init__()
-        self.qk = MatmulQuant(f"{name}.qk", a_candidates, fp8)
-        self.av = MatmulQuant(f"{name}.av", a_candidates, fp8)
 
     def _heads(self, attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
         b, n, inner = x.shape
@@ -437,15 +436,10 @@ class QuantJointAttnProcessor(nn.Module):
         return attn.to_out[1](attn.to_out[0](out)), ctx_out
 
 
-class QuantFluxAttnProcessor(nn.Module):
+class QuantFluxAttnProcessor(_QuantAttention):
     """diffusers' `FluxAttnProcessor` (FLUX's attention over [context; image] tokens in the double-stream blocks, over
     the joined tokens in the single-stream ones, rotary position embeddings on q and k) with the q·kᵀ and softmax·v
     operands fake-quantized. Projections (to_q/k/v, add_q/k/v_proj, to_out, to_add_out) are Linear twins."""
-
-    def __init__(self, name: str, a_candidates: Sequence[int], fp8: bool = False) -> None:
-        super().__init__()
-        self.qk = MatmulQuant(f"{name}.qk", a_candidates, fp8)
-        self.av = MatmulQuant(f"{name}.av", a_candidates, fp8)
 
     @staticmethod
     def _heads(attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
