@@ -152,10 +152,11 @@ def _tiny_clip_with_projection(tok, seed: int):
     return CLIPTextModelWithProjection(tiny_clip_config(tok, projection_dim=16)).eval()
 
 
-def save_sd3_pipeline(directory: Path) -> Path:
+def save_sd3_pipeline(directory: Path, sd35: bool = False) -> Path:
     """StableDiffusion3Pipeline: a one-block SD3Transformer2DModel (2 heads × 8 dims) on 8×8×4 latents, two tiny CLIP
     encoders with projection (width 16 each: pooled 32), a one-layer T5 (width 32), the character tokenizers, the
-    tiny VAE and FlowMatchEulerDiscreteScheduler with SD3's shift 3."""
+    tiny VAE and FlowMatchEulerDiscreteScheduler with SD3's shift 3. `sd35`: Stable Diffusion 3.5 medium's
+    transformer features instead, two blocks, the first with its second (image-only) attention, RMS QK-norm."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tok = tiny_tokenizer(directory.parent / (directory.name + "_tok"))
@@ -166,7 +167,7 @@ def save_sd3_pipeline(directory: Path) -> Path:
         sample_size=8,
         patch_size=2,
         in_channels=4,
-        num_layers=1,
+        **({} if sd35 else {"num_layers": 1}),
         attention_head_dim=8,
         num_attention_heads=2,
         joint_attention_dim=32,
@@ -174,6 +175,7 @@ def save_sd3_pipeline(directory: Path) -> Path:
         pooled_projection_dim=32,
         out_channels=4,
         pos_embed_max_size=8,
+        **({"num_layers": 2, "dual_attention_layers": (0,), "qk_norm": "rms_norm"} if sd35 else {}),
     ).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,

@@ -61,6 +61,24 @@ def test_joint_attention_macs_and_fp_output(sd3_dir):
     assert any(n.endswith("attn.processor.qk") for n in names)
 
 
+def test_sd35_dual_attention_and_qk_norm(tmp_path):
+    """Stable Diffusion 3.5 medium's transformer features (a second, image-only attention in the first blocks; RMS
+    QK-norm): samples equal the pipeline's, and the second attention gets its own quantized matmuls."""
+    from diffusers import StableDiffusion3Pipeline
+
+    d = save_sd3_pipeline(tmp_path / "sd35", sd35=True)
+    m = load_model(str(d), prompts=["a red shirt"], guidance_scale=3.0)
+    assert m.denoiser.unet.config.dual_attention_layers == [0] and m.denoiser.unet.config.qk_norm == "rms_norm"
+    ts = m.schedule.timesteps("uniform", 4)
+    mine = generate(m.denoiser, DDIMSampler(m.schedule, ts), 1, m.sample_shape, seed=3, cond=m.conditioning(1))
+    mine = (m.decode(mine) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(d))
+    pipe.set_progress_bar_config(disable=True)
+    assert abs(_pipe_images(pipe, "a red shirt", 3, 4, 3.0) - mine).max() < 1e-5
+    names = check_fp_output_and_macs(m)
+    assert "unet.transformer_blocks.0.attn2.processor.qk" in names and "unet.transformer_blocks.0.attn2.to_q" in names
+
+
 def test_sd3_journey_search_export_load_pipeline(sd3_dir, tmp_path):
     run = tmp_path / "run"
     prompts = tmp_path / "prompts.txt"
