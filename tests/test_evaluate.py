@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 
+from tmpq.errors import TmpqError
 from tmpq.evaluate import PARTIAL, EvalConfig, evaluate
 from tmpq.metrics.fid import QualityMetric
 from tmpq.models.denoiser import UNetDenoiser
@@ -64,13 +65,24 @@ def test_a_killed_evaluation_resumes_to_the_uninterrupted_result(loaded, metric,
     assert not (tmp_path / "run" / PARTIAL).exists()
 
 
-def test_batches_of_another_config_are_not_reused(loaded, metric, tmp_path, monkeypatch):
+def test_stale_batches_are_dropped_and_a_foreign_folder_is_refused(loaded, metric, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
     cfg = EvalConfig(model="tiny", steps=2, schedule="uniform", num_samples=6, batch_size=3)
+    other = EvalConfig(model="tiny", steps=3, schedule="uniform", num_samples=6, batch_size=3)
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):  # leaves our stamp for the other config, no batch
+        evaluate(other, tmp_path / "run", loaded=loaded, metric=metric, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
     stale = tmp_path / "run" / PARTIAL
-    stale.mkdir(parents=True)
-    (stale / "config.json").write_text("{}")
     torch.save(torch.zeros(1), stale / "00000000.safetensors")  # not even a safetensors file: must not be read
     res = evaluate(cfg, tmp_path / "run", loaded=loaded, metric=metric, progress=False)
     ref = evaluate(cfg, None, loaded=loaded, metric=metric, progress=False)
     assert res.fid == ref.fid and not stale.exists()
+
+    theirs = tmp_path / "mine" / PARTIAL
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("a user's file")
+    with pytest.raises(TmpqError, match="not written by"):
+        evaluate(cfg, tmp_path / "mine", loaded=loaded, metric=metric, progress=False)
+    assert (theirs / "notes.txt").read_text() == "a user's file"

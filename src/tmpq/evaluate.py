@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -90,8 +90,16 @@ def reference_metric(reference: str) -> QualityMetric:
     return QualityMetric(reference=lambda: load_image_folder(folder), reference_key=f"folder:{folder.resolve()}")
 
 
-PARTIAL = "partial"
-"""Where `evaluate` keeps the batches sampled so far (OUT/partial/), so a killed run resumes; removed when done."""
+PARTIAL = "tmpq_partial"
+"""Where `evaluate` keeps the batches sampled so far (OUT/tmpq_partial/), so a killed run resumes; removed when
+done. A folder of that name that `evaluate` did not write is never touched."""
+_PARTIAL_STAMP = "evaluate.json"
+
+
+def _clear_batches(partial: Path) -> None:
+    """Remove the batch files `_sample_resumable` writes (finished and half-written), nothing else."""
+    for old in [*partial.glob("*.safetensors"), *partial.glob("*.tmp")]:
+        old.unlink()
 
 
 def _sample_resumable(
@@ -103,18 +111,24 @@ def _sample_resumable(
     steps: int,
 ) -> torch.Tensor:
     """cfg.num_samples images as `sample(start, count)` gives them (sample i from seed cfg.seed + i), batch by batch.
-    With `out`, each batch is saved to OUT/partial/ as it finishes and reused by a re-run of the same config on the
-    same device: the batches are the ones an uninterrupted run makes, so the result is the same tensor."""
+    With `out`, each batch is saved to OUT/tmpq_partial/ as it finishes and reused by a re-run of the same config on
+    the same device: the batches are the ones an uninterrupted run makes, so the result is the same tensor."""
     n, bs = cfg.num_samples, cfg.batch_size
     partial = None if out is None else out / PARTIAL
-    stamp = json.dumps({"config": cfg.to_dict(), "device": device}, sort_keys=True)
+    stamp = json.dumps({"written_by": "tmpq evaluate", "config": cfg.to_dict(), "device": device}, sort_keys=True)
     if partial is not None:
-        if partial.is_dir() and (
-            not (partial / "config.json").is_file() or (partial / "config.json").read_text() != stamp
-        ):
-            shutil.rmtree(partial)  # batches of another config: not this run's
+        if partial.exists():
+            mark = partial / _PARTIAL_STAMP
+            ours = mark.is_file() and '"written_by": "tmpq evaluate"' in mark.read_text(errors="replace")
+            if not ours:
+                raise TmpqError(
+                    f"{partial} exists and was not written by tmpq's evaluation; it is left untouched: "
+                    "pick another --out or move it"
+                )
+            if mark.read_text() != stamp:  # our batches, of another config or device: not this run's
+                _clear_batches(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        (partial / "config.json").write_text(stamp)
+        (partial / _PARTIAL_STAMP).write_text(stamp)
     batches = []
     bar = tqdm(total=n, desc=f"sample ({steps} steps)", disable=not progress, dynamic_ncols=True)
     for start in range(0, n, bs):
@@ -203,5 +217,9 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", nrow=8)
         write_json_atomic(out / "eval.json", result.to_json(), indent=2)
-        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+        if (out / PARTIAL / _PARTIAL_STAMP).is_file():  # ours: the batches, then the stamp, then the folder
+            _clear_batches(out / PARTIAL)
+            (out / PARTIAL / _PARTIAL_STAMP).unlink()
+            with contextlib.suppress(OSError):  # a file someone else put there keeps the folder
+                (out / PARTIAL).rmdir()
     return result
