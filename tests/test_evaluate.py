@@ -86,3 +86,29 @@ def test_stale_batches_are_dropped_and_a_foreign_folder_is_refused(loaded, metri
     with pytest.raises(TmpqError, match="not written by"):
         evaluate(cfg, tmp_path / "mine", loaded=loaded, metric=metric, progress=False)
     assert (theirs / "notes.txt").read_text() == "a user's file"
+
+
+def test_batches_of_other_weights_at_the_same_path_are_not_reused(tiny_unet, metric, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    den = UNetDenoiser(tiny_unet, NoiseSchedule()).eval()
+    loaded = LoadedModel(den, den.schedule, den.sample_shape, str(weights), weights)
+    cfg = EvalConfig(model=str(weights), steps=2, schedule="uniform", num_samples=6, batch_size=3)
+    real_generate = ev.generate
+    calls = []
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 2:
+            raise Killed
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate", dies_on_second_batch)
+    with pytest.raises(Killed):
+        evaluate(cfg, tmp_path / "run", loaded=loaded, metric=metric, progress=False)
+    weights.write_bytes(b"retrained weights")  # same path, other file: its batches are another model's
+    spy = []
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: spy.append(a[4]) or real_generate(*a, **k))
+    evaluate(cfg, tmp_path / "run", loaded=loaded, metric=metric, progress=False)
+    assert spy == [0, 3]

@@ -20,7 +20,7 @@ from tmpq.fileio import write_json_atomic
 from tmpq.images import save_grid
 from tmpq.metrics.fid import QualityMetric, fashion_mnist_metric
 from tmpq.models.loading import BUILTIN_SPEC, LoadedModel, load_model
-from tmpq.provenance import provenance
+from tmpq.provenance import file_sha256, provenance
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import validate_timesteps
 from tmpq.serialization import DictConfig
@@ -109,13 +109,17 @@ def _sample_resumable(
     device: str,
     progress: bool,
     steps: int,
+    inputs: dict[str, Path],
 ) -> torch.Tensor:
     """cfg.num_samples images as `sample(start, count)` gives them (sample i from seed cfg.seed + i), batch by batch.
     With `out`, each batch is saved to OUT/tmpq_partial/ as it finishes and reused by a re-run of the same config on
-    the same device: the batches are the ones an uninterrupted run makes, so the result is the same tensor."""
+    the same device and the same input files (by SHA-256: retrained weights at the same path are another model):
+    the batches are the ones an uninterrupted run makes, so the result is the same tensor."""
     n, bs = cfg.num_samples, cfg.batch_size
     partial = None if out is None else out / PARTIAL
-    stamp = json.dumps({"written_by": "tmpq evaluate", "config": cfg.to_dict(), "device": device}, sort_keys=True)
+    files = {k: file_sha256(v) for k, v in inputs.items()} if partial is not None else {}
+    stamp = {"written_by": "tmpq evaluate", "config": cfg.to_dict(), "device": device, "inputs_sha256": files}
+    stamp = json.dumps(stamp, sort_keys=True)
     if partial is not None:
         if partial.exists():
             mark = partial / _PARTIAL_STAMP
@@ -191,7 +195,7 @@ def evaluate(
     out = None if out_dir is None else Path(out_dir)
     t0 = time.time()
     if kind in ("pixel", "latent"):  # sample i depends on i alone: batch by batch, resumable
-        images = _sample_resumable(sample, cfg, out, device_name(target), progress, len(timesteps))
+        images = _sample_resumable(sample, cfg, out, device_name(target), progress, len(timesteps), inputs)
     else:  # prompts / labels cycle from the first sample: one call
         images = sample(0, cfg.num_samples)
     t1 = time.time()
