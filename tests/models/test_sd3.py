@@ -34,6 +34,12 @@ def _pipe_images(pipe, prompt: str, seed: int, steps: int, g: float):
                 generator=gen).images  # fmt: skip
 
 
+def _mine(m, steps: int, seed: int):
+    ts = m.schedule.timesteps("uniform", steps)
+    x = generate(m.denoiser, DDIMSampler(m.schedule, ts), 1, m.sample_shape, seed=seed, cond=m.conditioning(1))
+    return (m.decode(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
 def test_an_sd3_pipeline_samples_as_diffusers_does(sd3_dir):
     from diffusers import StableDiffusion3Pipeline
 
@@ -41,9 +47,7 @@ def test_an_sd3_pipeline_samples_as_diffusers_does(sd3_dir):
     assert m.kind == "text2image" and m.pipeline_class == "StableDiffusion3Pipeline"
     assert isinstance(m.schedule, FlowSchedule) and m.schedule.shift == 3.0 and m.sample_shape == (4, 8, 8)
     assert m.prompt_table().shape == (1, 16 + 256 + 1, 32)  # CLIP tokens, T5 tokens, the pooled projection
-    ts = m.schedule.timesteps("uniform", 4)
-    mine = generate(m.denoiser, DDIMSampler(m.schedule, ts), 1, m.sample_shape, seed=3, cond=m.conditioning(1))
-    mine = (m.decode(mine) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    mine = _mine(m, 4, 3)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir))
     pipe.set_progress_bar_config(disable=True)
     assert abs(_pipe_images(pipe, "a red shirt", 3, 4, 3.0) - mine).max() < 1e-5
@@ -69,9 +73,7 @@ def test_sd35_dual_attention_and_qk_norm(tmp_path):
     d = save_sd3_pipeline(tmp_path / "sd35", sd35=True)
     m = load_model(str(d), prompts=["a red shirt"], guidance_scale=3.0)
     assert m.denoiser.unet.config.dual_attention_layers == [0] and m.denoiser.unet.config.qk_norm == "rms_norm"
-    ts = m.schedule.timesteps("uniform", 4)
-    mine = generate(m.denoiser, DDIMSampler(m.schedule, ts), 1, m.sample_shape, seed=3, cond=m.conditioning(1))
-    mine = (m.decode(mine) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    mine = _mine(m, 4, 3)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(d))
     pipe.set_progress_bar_config(disable=True)
     assert abs(_pipe_images(pipe, "a red shirt", 3, 4, 3.0) - mine).max() < 1e-5

@@ -27,6 +27,17 @@ class ToyVelocity(torch.nn.Module):
         return self.field(x, self.schedule.model_timestep(t))
 
 
+def assert_samples_as_scheduler(schedule: FlowSchedule, ks: list[int], theirs: FlowMatchEulerDiscreteScheduler):
+    """DDIMSampler on tmpq's timesteps `ks` and the diffusers scheduler on its own ones give the same samples."""
+    model = ToyVelocity(schedule)
+    x0 = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    mine = DDIMSampler(schedule, ks).sample(model, x0.clone())
+    x = x0.clone()
+    for t in theirs.timesteps:
+        x = theirs.step(model.field(x, t.expand(len(x))), t, x).prev_sample
+    assert torch.allclose(mine, x, atol=1e-5)
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("steps", [2, 4, 10, 28])
 def test_diffusers_schedules_are_subsets_of_the_grid_and_sampling_equals_theirs(shift, steps):
@@ -36,13 +47,7 @@ def test_diffusers_schedules_are_subsets_of_the_grid_and_sampling_equals_theirs(
     ks = schedule.timesteps("uniform", steps)
     assert ks[0] == 999 and ks[-1] == 0 and len(ks) == steps
     assert torch.allclose(schedule.sigmas[ks], theirs.sigmas[:-1], rtol=0, atol=1e-6)
-    model = ToyVelocity(schedule)
-    x0 = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    mine = DDIMSampler(schedule, ks).sample(model, x0.clone())
-    x = x0.clone()
-    for t in theirs.timesteps:
-        x = theirs.step(model.field(x, t.expand(len(x))), t, x).prev_sample
-    assert torch.allclose(mine, x, atol=1e-5)
+    assert_samples_as_scheduler(schedule, ks, theirs)
 
 
 def test_flow_schedule_round_trips_noises_and_refuses_what_it_cannot_run():
@@ -90,13 +95,7 @@ def test_flux_dynamic_shift_and_trailing_spacing_equal_the_flux_pipeline_schedul
     ks = schedule.timesteps("uniform", steps)
     assert ks[0] == 999 and len(ks) == steps and ks[-1] == 1000 // steps - 1
     assert torch.allclose(schedule.sigmas[ks], theirs.sigmas[:-1].float(), rtol=0, atol=1e-6)
-    model = ToyVelocity(schedule)
-    x0 = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    mine = DDIMSampler(schedule, ks).sample(model, x0.clone())
-    x = x0.clone()
-    for t in theirs.timesteps:
-        x = theirs.step(model.field(x, t.expand(len(x))), t, x).prev_sample
-    assert torch.allclose(mine, x, atol=1e-5)
+    assert_samples_as_scheduler(schedule, ks, theirs)
     fixed = FlowSchedule.from_scheduler_config({"shift": 1.0}, spacing="trailing")  # FLUX.1-schnell: no shift
     assert fixed.mu is None and fixed.timesteps("uniform", 4) == [999, 749, 499, 249]
     assert "mu" not in FlowSchedule(shift=3.0).to_dict()  # fixed-shift files (and fingerprints) are unchanged
