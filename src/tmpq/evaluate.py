@@ -109,7 +109,7 @@ def _sample_resumable(
     device: str,
     progress: bool,
     steps: int,
-    inputs: dict[str, Path],
+    inputs_sha256: dict[str, str],
 ) -> torch.Tensor:
     """cfg.num_samples images as `sample(start, count)` gives them (sample i from seed cfg.seed + i), batch by batch.
     With `out`, each batch is saved to OUT/tmpq_partial/ as it finishes and reused by a re-run of the same config on
@@ -117,8 +117,7 @@ def _sample_resumable(
     the batches are the ones an uninterrupted run makes, so the result is the same tensor."""
     n, bs = cfg.num_samples, cfg.batch_size
     partial = None if out is None else out / PARTIAL
-    files = {k: file_sha256(v) for k, v in inputs.items()} if partial is not None else {}
-    stamp = {"written_by": "tmpq evaluate", "config": cfg.to_dict(), "device": device, "inputs_sha256": files}
+    stamp = {"written_by": "tmpq evaluate", "config": cfg.to_dict(), "device": device, "inputs_sha256": inputs_sha256}
     stamp = json.dumps(stamp, sort_keys=True)
     if partial is not None:
         if partial.exists():
@@ -193,9 +192,10 @@ def evaluate(
             return generate(den, sampler, count, shape, cfg.seed + start, cfg.batch_size, progress=False)
 
     out = None if out_dir is None else Path(out_dir)
+    hashes = {k: file_sha256(v) for k, v in inputs.items() if Path(v).is_file()}  # once: batch stamp and provenance
     t0 = time.time()
     if kind in ("pixel", "latent"):  # sample i depends on i alone: batch by batch, resumable
-        images = _sample_resumable(sample, cfg, out, device_name(target), progress, len(timesteps), inputs)
+        images = _sample_resumable(sample, cfg, out, device_name(target), progress, len(timesteps), hashes)
     else:  # prompts / labels cycle from the first sample: one call
         images = sample(0, cfg.num_samples)
     t1 = time.time()
@@ -215,7 +215,8 @@ def evaluate(
         sample_wall_s=round(t1 - t0, 2),
         score_wall_s=round(t2 - t1, 2),
         image_forwards=cfg.num_samples * len(timesteps),
-        provenance=provenance(inputs) | {"feature_space": scores.feature_space, "device": device_name(target)},
+        provenance=provenance()
+        | {"inputs_sha256": hashes, "feature_space": scores.feature_space, "device": device_name(target)},
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,21 @@ class _DiffusersDenoiser(nn.Module):
         self.sample_shape = sample_shape or _sample_shape(unet.config)
         self.learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
 
+    network_class = ""  # the diffusers class an adapter accepts (checked by _check_network)
+
+    def _check_network(self, network: nn.Module) -> None:
+        import diffusers
+
+        if not isinstance(network, getattr(diffusers, self.network_class)):
+            raise TmpqError(f"expected a diffusers {self.network_class}, got {type(network).__name__}")
+
+    def _rows(self, x: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
+        """The prompt rows of a text-conditioned adapter, on x's device and dtype."""
+        if cond is None:
+            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
+        self._check(x)
+        return cond.embeddings().to(device=x.device, dtype=x.dtype)
+
     def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != self.sample_shape:
             raise TmpqError(
@@ -61,24 +76,13 @@ class _PromptGuided(_DiffusersDenoiser):
     """What the text-conditioned adapters share: the network class check, and the negative-prompt row and guidance
     scale g as buffers (so they belong to the fingerprint and travel with an export)."""
 
-    network_class = ""  # the diffusers class the adapter accepts
-
     def __init__(self, network: nn.Module, schedule, uncond: torch.Tensor, guidance_scale: float) -> None:
-        import diffusers
-
-        if not isinstance(network, getattr(diffusers, self.network_class)):
-            raise TmpqError(f"expected a diffusers {self.network_class}, got {type(network).__name__}")
+        self._check_network(network)
         if guidance_scale < 1.0:
             raise TmpqError(f"guidance scale must be >= 1 (1: no guidance), got {guidance_scale}")
         super().__init__(network, schedule)
         self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
         self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
-
-    def _rows(self, x: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
-        if cond is None:
-            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
-        self._check(x)
-        return cond.embeddings().to(device=x.device, dtype=x.dtype)
 
 
 class UNetDenoiser(_DiffusersDenoiser):
@@ -257,10 +261,7 @@ class FluxDenoiser(_DiffusersDenoiser):
     network_class = "FluxTransformer2DModel"
 
     def __init__(self, transformer: nn.Module, schedule, guidance_scale: float, latent_size: tuple[int, int]) -> None:
-        from diffusers import FluxTransformer2DModel
-
-        if not isinstance(transformer, FluxTransformer2DModel):
-            raise TmpqError(f"expected a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
+        self._check_network(transformer)
         h, w = (int(v) for v in latent_size)
         if h < 2 or w < 2 or h % 2 or w % 2:
             raise TmpqError(f"FLUX latents are packed in 2x2 patches: their size must be even, got {h}x{w}")
@@ -280,10 +281,7 @@ class FluxDenoiser(_DiffusersDenoiser):
         return self.schedule.model_timestep(t) / 1000
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        if cond is None:
-            raise TmpqError("this text-to-image denoiser needs prompts: call it as model(x, t, cond)")
-        self._check(x)
-        rows = cond.embeddings().to(device=x.device, dtype=x.dtype)
+        rows = self._rows(x, cond)
         b, c, h, w = x.shape
         packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
         cfg = self.unet.config
