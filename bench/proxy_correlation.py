@@ -1,16 +1,20 @@
-"""How well does the cheap paired proxy rank candidates the way FID does? Spearman ρ over random candidates.
+"""How well does each cheap fitness rank candidates the way FID does? Spearman ρ against FID on held-out seeds.
 
 Draws candidates of the joint space at a budget (random schedules inside the quad groups, random bits,
-repaired into the budget), scores each with the proxy (few samples) and with FID (many samples), same
-seeds for all, and prints the rank correlation. Resumable: scores are kept in OUT/scores.json.
+repaired into the budget), or takes them from a finished search (`--from-run RUN`; `--pick spread`: spread over the
+run's fitness range, `--pick top`: its best, where a search has to tell close candidates apart). Each candidate is
+sampled once on the fitness seeds (0…N-1, N the largest fitness sample count) and once on the truth seeds
+(`--truth-seed` onwards, disjoint from the fitness seeds so a fitness cannot share the truth's sampling noise).
+Every fitness in `--fitness` is scored on a prefix of the same fitness samples:
 
-Random candidates span a wide range of quality, where any sensible proxy ranks well. What matters for a search is
-the ranking among the candidates it actually visits: `--from-run RUN` takes them from a finished search instead
-(`--pick spread`: `--candidates` of them spread over the run's fitness range, every k-th; `--pick top`: the best
-`--candidates` by the run's own fitness, where a search has to tell close candidates apart).
+- `proxy:N` the paired proxy (mean per-sample feature distance to FP at `--reference-steps` from the same noise),
+- `proxy-median:N` the same pooled by the median,
+- `fid:N` FID against the real data on N samples.
 
-    .venv/bin/python bench/proxy_correlation.py --candidates 24 --proxy-samples 64 --fid-samples 1000
-    .venv/bin/python bench/proxy_correlation.py --from-run runs/demo --candidates 16 --out runs/proxy_corr_demo
+Resumable: scores are kept in OUT/scores.json (keyed by candidate; a fitness added later is computed then).
+
+    .venv/bin/python bench/proxy_correlation.py --from-run runs/demo --pick top --candidates 12 \
+        --fitness proxy:64,fid:128,fid:256 --truth-samples 1000 --out runs/proxy_corr_top
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import random
 import time
 from pathlib import Path
 
+import torch
 import typer
 from scipy.stats import spearmanr
 
@@ -29,10 +34,22 @@ from tmpq.quant.prepare import prepare_supernet
 from tmpq.search import Budget, Candidate, CandidateCost, FitnessConfig, Repairer, SampleFitness, SearchSpace
 
 
+def _parse(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for item in spec.split(","):
+        kind, _, n = item.partition(":")
+        if kind not in ("proxy", "proxy-median", "fid") or not n.isdigit():
+            raise typer.BadParameter(f"{item!r}: use proxy:N, proxy-median:N or fid:N")
+        out.append((kind, int(n)))
+    return out
+
+
 def main(
     candidates: int = 24,
-    proxy_samples: int = 64,
-    fid_samples: int = 1000,
+    fitness: str = "proxy:64,fid:128,fid:256",
+    truth_samples: int = 1000,
+    truth_seed: int = 10_000,
+    reference_steps: int = 100,
     like: str = "W6A6",
     steps: int = 10,
     seed: int = 0,
@@ -41,8 +58,9 @@ def main(
     pick: str = "spread",
 ) -> None:
     start = time.time()
+    kinds = _parse(fitness)
     loaded = load_model("builtin:fashion")
-    sn, _, _ = prepare_supernet(loaded, out)
+    sn, _, _ = prepare_supernet(loaded, from_run or out)
     space = SearchSpace.from_supernet(sn, steps=(steps,))
     cost = CandidateCost(space, sn.cost)
     budget = Budget.like(like, steps).resolve(cost)
@@ -61,23 +79,58 @@ def main(
             cands.append(c)
     metric = reference_metric("fashion-mnist")
     args = (sn, space, loaded.schedule, loaded.sample_shape, metric)
-    proxy = SampleFitness(*args, FitnessConfig("proxy", proxy_samples, seed))
-    fid = SampleFitness(*args, FitnessConfig("fid", fid_samples, seed))
+    n_fit = max(n for _, n in kinds)
+    sampler = SampleFitness(*args, FitnessConfig("fid", n_fit, seed))
+    truth = SampleFitness(*args, FitnessConfig("fid", truth_samples, truth_seed))
+    proxies = {
+        n: SampleFitness(*args, FitnessConfig("proxy", n, seed, reference_steps=reference_steps))
+        for kind, n in kinds
+        if kind != "fid"
+    }
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "scores.json"
     scores = json.loads(path.read_text()) if path.is_file() else {}
     for i, c in enumerate(cands):
-        if c.key in scores:
-            continue
-        scores[c.key] = {"proxy": proxy(c).value, "fid": fid(c).value, "bitops": cost.bitops(c)}
+        row = scores.setdefault(c.key, {"bitops": cost.bitops(c)})
+        if f"truth:{truth_samples}@{truth_seed}" not in row:
+            row[f"truth:{truth_samples}@{truth_seed}"] = truth(c).value
+        missing = [(k, n) for k, n in kinds if f"{k}:{n}" not in row]
+        if missing:
+            with torch.no_grad():
+                images = sampler.samples(c)
+            for kind, n in missing:
+                if kind == "fid":
+                    row[f"{kind}:{n}"] = metric.fid(images[:n])
+                else:
+                    p = proxies[n]
+                    row[f"{kind}:{n}"] = _pooled(p, images[:n], median=kind == "proxy-median")
         path.write_text(json.dumps(scores, indent=1))
-        r = scores[c.key]
-        typer.echo(f"{i + 1}/{len(cands)}: proxy {r['proxy']:.3f}  FID {r['fid']:.2f}", err=True)
+        shown = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "bitops")
+        typer.echo(f"{i + 1}/{len(cands)}: {shown}", err=True)
     rows = [scores[c.key] for c in cands]
-    rho = spearmanr([r["proxy"] for r in rows], [r["fid"] for r in rows])
+    gt = [r[f"truth:{truth_samples}@{truth_seed}"] for r in rows]
+    typer.echo(f"{len(rows)} candidates; truth = FID on {truth_samples} samples from seed {truth_seed}")
+    typer.echo("| fitness | Spearman ρ | p | truth FID of the fitness's pick | its truth rank |")
+    typer.echo("|---|---:|---:|---:|---:|")
+    order = sorted(range(len(rows)), key=lambda j: gt[j])
+    for kind, n in kinds:
+        vals = [r[f"{kind}:{n}"] for r in rows]
+        rho = spearmanr(vals, gt)
+        pick_j = min(range(len(rows)), key=lambda j: vals[j])
+        typer.echo(
+            f"| {kind}:{n} | {rho.statistic:.3f} | {rho.pvalue:.2g} | {gt[pick_j]:.2f} | {order.index(pick_j) + 1} |"
+        )
     typer.echo(
-        f"Spearman rho(proxy@{proxy_samples}, FID@{fid_samples}) over {len(rows)} candidates: "
-        f"{rho.statistic:.3f} (p = {rho.pvalue:.2g}); {time.time() - start:.0f} s"
+        f"best truth FID {min(gt):.2f}; the uniform baseline is candidate 1 when not --from-run; "
+        f"{time.time() - start:.0f} s"
     )
+
+
+def _pooled(p: SampleFitness, images: torch.Tensor, median: bool) -> float:
+    """The paired proxy on `images`, pooled by the mean or the median."""
+    ref = p.metric.features(p.fp_reference())
+    d = (p.metric.features(images) - ref).pow(2).sum(dim=1)
+    return float(d.median() if median else d.mean())
 
 
 if __name__ == "__main__":

@@ -543,9 +543,9 @@ def _search_command(full: bool) -> Callable[..., None]:
             SearchConfig.fixed_precision
         ),
         preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
-        fitness: Annotated[str, typer.Option(help="proxy (distance to FP-100 samples, same noise) | fid")] = (
-            FitnessConfig.kind
-        ),
+        fitness: Annotated[
+            str, typer.Option(help="fid (against the data) | proxy (distance to FP samples, same noise)")
+        ] = (FitnessConfig.kind),
         fitness_samples: int = FitnessConfig.num_samples,
         proxy_space: Annotated[str, typer.Option(help="proxy distance in: features (classifier) | pixels")] = (
             FitnessConfig.proxy_space

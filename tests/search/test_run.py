@@ -187,6 +187,30 @@ def test_final_table_shows_fp_on_every_rule_schedule(make_tiny_unet, tmp_path):
     assert "FP, 4 steps (quad)" in labels and "FP, 4 steps (uniform)" in labels
 
 
+def test_fp_rows_are_reused_by_a_search_with_other_flags_and_equal_fresh_ones(make_tiny_unet, tmp_path):
+    """The final table's FP rows depend on the model, steps, samples and seeds only: a search with another fitness
+    in a run that borrowed RUN/final_fp (share_prepared) reuses them instead of sampling FP again; with other
+    sample counts they are made afresh."""
+    from tmpq.search.run import share_prepared
+
+    def fp_rows(run):
+        rows = json.loads((run / "search.json").read_text())["final"]["rows"]
+        return {r["label"]: (r["fid"], r["wall_s"]) for r in rows if r["kind"] == "fp"}
+
+    cfg = _cfg(final_samples=4, final_top=1)
+    run_search(_loaded(make_tiny_unet), cfg, tmp_path / "a", progress=False)
+    first = fp_rows(tmp_path / "a")
+    assert len(first) == 3  # FP at 100 steps, and at 4 steps on the quad and uniform schedules
+    share_prepared(tmp_path / "a", tmp_path / "b")
+    other = _cfg(final_samples=4, final_top=1, fitness=FitnessConfig(kind="proxy", proxy_space="pixels",
+                 num_samples=4, reference_steps=6))  # fmt: skip
+    run_search(_loaded(make_tiny_unet), other, tmp_path / "b", progress=False)
+    assert fp_rows(tmp_path / "b") == first  # the same rows, not re-timed: reused
+    share_prepared(tmp_path / "a", tmp_path / "d")
+    run_search(_loaded(make_tiny_unet), _cfg(final_samples=6, final_top=1), tmp_path / "d", progress=False)
+    assert all(fid != first[k][0] for k, (fid, _) in fp_rows(tmp_path / "d").items())  # 6 samples: made afresh
+
+
 def test_fp_steps_advice_warns_only_when_more_steps_are_clearly_worse():
     from tmpq.search.run import fp_steps_advice
 

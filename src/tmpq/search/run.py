@@ -7,6 +7,7 @@ checksums, and the cost of the search in denoiser image-forwards and wall time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -512,6 +513,7 @@ PREPARED_FILES = (
     "proxy_reference.safetensors",
     GROUPING_FILE,
     FP_STEPS_FILE,
+    "final_fp",
 )
 """What one run directory can lend another of the same model: each is keyed by its inputs and checked on reuse,
 so a file made under other settings is remade, never misused."""
@@ -547,6 +549,51 @@ def _run_stages(loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, resume, p
         res = run_search(loaded, stage_cfg, stage_dir, resume=resume, progress=progress, execution=execution)
         res.supernet.unwrap()  # the next stage wraps the same model again
         share_prepared(stage_dir, run_dir)
+
+
+class FpRowCache:
+    """The final table's FP rows, kept in RUN/final_fp/ apart from final.json: they depend only on the model, the
+    steps, the samples and seeds and the FID reference (not on the search, its fitness or its top candidates), so a
+    search with other flags, or a run that borrowed the folder (`share_prepared`), reuses them instead of sampling
+    FP at 100 steps again. Each row is stored under the JSON of everything it depends on."""
+
+    def __init__(self, ctx: SearchContext, fit: SampleFitness) -> None:
+        self.run_dir = ctx.run_dir
+        self.dir, self.path = ctx.run_dir / "final_fp", ctx.run_dir / "final_fp" / "rows.json"
+        loaded, fcfg = ctx.loaded, fit.config
+        self.base = {
+            "model": ctx.sn.fingerprint,
+            "options": json.loads(json.dumps(loaded.options, default=str)),  # guidance scale, image size, ...
+            "schedule": repr(loaded.schedule),
+            "shape": list(loaded.sample_shape),
+            "samples": fcfg.num_samples,
+            "seed": fcfg.seed,
+            "fid_reference": ctx.cfg.fid_reference,
+            "conditioning": fit.cond.digest() if fit.cond is not None else None,
+        }
+        self.rows: dict = {}
+        if self.path.is_file():
+            try:
+                self.rows = json.loads(self.path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.rows = {}  # a damaged cache is remade, like a stale one
+
+    def _key(self, timesteps) -> str:
+        return json.dumps(self.base | {"timesteps": [int(t) for t in timesteps]}, sort_keys=True)
+
+    def get(self, timesteps) -> dict | None:
+        row = self.rows.get(self._key(timesteps))
+        if row is None or not (self.run_dir / row.get("grid", "")).is_file():
+            return None
+        return row
+
+    def grid_path(self, timesteps, name: str) -> Path:
+        digest = hashlib.sha256(self._key(timesteps).encode()).hexdigest()[:10]
+        return self.dir / f"{name}_{digest}.png"
+
+    def put(self, timesteps, row: dict) -> None:
+        self.rows[self._key(timesteps)] = row
+        write_json_atomic(self.path, self.rows)
 
 
 def _final_eval(
@@ -588,8 +635,13 @@ def _final_eval(
         if g != space.grouping and ts != space.default_timesteps(k):
             todo.append((f"fp:{k}:{g}", f"FP, {k} steps ({g})", None, ts))
     grids = run_dir / "final"
+    fp_rows = FpRowCache(ctx, fit)
     for row_key, label, cand, timesteps in todo:
         if row_key in done:
+            continue
+        if cand is None and (row := fp_rows.get(timesteps)) is not None:
+            done[row_key] = {**row, "label": label}  # the FP model on these steps, scored by an earlier search
+            write_json_atomic(path, {"key": key, "rows": done})
             continue
         t0 = time.perf_counter()
         if cand is None:
@@ -599,7 +651,9 @@ def _final_eval(
             images = fit.samples(cand)
             bitops = cost.bitops(cand)
         scores = metric.score(images, seed=cfg.fitness.seed)
-        grid = save_grid(images[:64], grids / f"{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.png", nrow=8)
+        name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+        grid_path = fp_rows.grid_path(timesteps, name) if cand is None else grids / f"{name}.png"
+        grid = save_grid(images[:64], grid_path, nrow=8)
         done[row_key] = FinalRow(
             label=label,
             kind="fp" if cand is None else "quantized",
@@ -612,6 +666,8 @@ def _final_eval(
             wall_s=round(time.perf_counter() - t0, 2),
             grid=str(grid.relative_to(run_dir)),
         ).to_dict()
+        if cand is None:
+            fp_rows.put(timesteps, done[row_key])
         write_json_atomic(path, {"key": key, "rows": done})
         if progress:
             print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")

@@ -1,0 +1,99 @@
+"""What `tmpq run` ships under one flag combination, scored on 5,000 samples: the measurement behind its defaults.
+
+Runs `tmpq run --model MODEL --run-dir OUT/<tag> --like W6A6 --budget-steps 10 --steps 10 <flags>` (a subprocess,
+exactly as a user would, so the search, the final re-scoring against FP and uniform PTQ and the choice of what to
+ship all happen), then scores the sampler the run exported (RUN/export) on --num-samples images from seeds 0…N-1,
+with the FID of each half as the error bar. Every row shares one calibration (OUT/shared, copied into each run
+before it starts), so rows differ only by their flags. Resumable: a finished run is resumed by `tmpq run` itself
+(nothing recomputed) and a scored one is read back from RUN/fid5000.json when its config matches.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags ""                   # the defaults
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--grouping quad"
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--staged"
+    .venv/bin/python bench/run_flags.py --table                                         # the Markdown table
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from tmpq.api import CompressionResult
+from tmpq.evaluate import reference_metric
+from tmpq.provenance import provenance
+from tmpq.search.run import share_prepared
+
+BASE = ["--like", "W6A6", "--budget-steps", "10", "--steps", "10"]
+
+
+def tag_of(flags: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", flags).strip("_") or "defaults"
+
+
+def main(
+    flags: str = typer.Option("", help="the flags under test, as one string"),
+    model: str = "builtin:fashion",
+    num_samples: int = 5000,
+    out: Path = Path("runs/run_flags"),
+    table: bool = typer.Option(False, help="print the table of every scored row under OUT and stop"),
+) -> None:
+    if table:
+        return _table(out)
+    run = out / tag_of(flags)
+    if model == "builtin:fashion":  # one calibration for every row (each file is checked on reuse)
+        share_prepared(out / "shared", run)
+    cmd = [sys.executable, "-m", "tmpq", "run", "--model", model, "--run-dir", str(run), *BASE, *shlex.split(flags)]
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    wall = time.time() - t0
+    if model == "builtin:fashion" and not (out / "shared").exists():
+        share_prepared(run, out / "shared")
+    config = {"model": model, "flags": flags, "base": BASE, "num_samples": num_samples, "seeds": [0, num_samples - 1]}
+    path = run / "fid5000.json"
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    if res.get("config") != config:
+        summary = json.loads((run / "search.json").read_text())
+        exported = json.loads((run / "export" / "tmpq_compressed.json").read_text())
+        result = CompressionResult.open(run)
+        s = result.sampler("best")
+        images = s.sample(num_samples, seed=0, batch_size=100)
+        metric = reference_metric("fashion-mnist")
+        half = num_samples // 2
+        res = {
+            "fid": metric.fid(images),
+            "halves": [metric.fid(images[:half]), metric.fid(images[half:])],
+            "shipped": exported["info"]["label"],  # 'baseline' (uniform PTQ) or the search's 'top1', 'top2', ...
+            "timesteps": list(s.timesteps),
+            "gbitops": s.bitops() / 1e9,
+            "final": {k: r.get("fid") for k, r in summary["final"]["rows"].items()} if summary.get("final") else None,
+            "search_cost": summary["search_cost"],
+            "run_wall_s": wall,
+            "config": config,
+            "provenance": provenance(),
+        }
+        path.write_text(json.dumps(res, indent=1))
+    typer.echo(json.dumps({k: v for k, v in res.items() if k not in ("config", "provenance")}))
+
+
+def _table(out: Path) -> None:
+    typer.echo("| flags | shipped FID (5,000) | halves | shipped | schedule | search evaluations | run wall |")
+    typer.echo("|---|---:|---|---|---|---:|---:|")
+    for path in sorted(out.glob("*/fid5000.json")):
+        r = json.loads(path.read_text())
+        flags = r["config"]["flags"] or "(defaults)"
+        ts = ",".join(map(str, r["timesteps"]))
+        halves = " / ".join(f"{h:.1f}" for h in r["halves"])
+        ev = r["search_cost"].get("evaluations")
+        wall = r["search_cost"].get("this_call_wall_s") or r["run_wall_s"]
+        typer.echo(f"| `{flags}` | {r['fid']:.2f} | {halves} | {r['shipped']} | {ts} | {ev} | {wall:.0f} s |")
+
+
+if __name__ == "__main__":
+    typer.run(main)
