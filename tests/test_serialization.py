@@ -149,6 +149,11 @@ def test_the_final_verdict_says_plainly_what_won():
     rows = final.rows
     base_best = FinalScores(final.samples, (rows[0], replace(rows[1], fid=70.0), rows[2]))
     assert base_best.verdict().startswith("uniform PTQ (FID 70.00) scored best: the search found nothing better")
+    on_uniform = replace(rows[1], label="baseline (uniform schedule)", fid=65.0)  # PTQ where FP scored best
+    text = FinalScores(final.samples, (rows[0], replace(rows[1], fid=70.0), on_uniform, rows[2])).verdict()
+    assert text.startswith("uniform PTQ on the uniform schedule (FID 65.00) scored best: the search found nothing")
+    text = FinalScores(final.samples, (rows[0], rows[1], replace(on_uniform, fid=85.0), rows[2])).verdict()
+    assert "beat uniform PTQ at the budget (FID 85.00)" in text  # measured against the better PTQ row
     fp3 = FinalRow("FP, 3 steps (uniform)", "fp", None, (900, 500, 100), 60.0, 10**8)
     text = FinalScores(final.samples, (*rows, fp3)).verdict()
     assert "against FP, 3 steps (uniform) (FID 60.00) it is 20.00 worse at 810x fewer BitOPs" in text

@@ -181,10 +181,17 @@ def test_grouping_auto_picks_the_best_fp_schedule_and_searches_it(make_tiny_unet
     assert again.best.candidate == auto.best.candidate
 
 
-def test_final_table_shows_fp_on_every_rule_schedule(make_tiny_unet, tmp_path):
+def test_final_table_shows_fp_on_every_rule_schedule_and_ptq_where_fp_scored_best(make_tiny_unet, tmp_path):
+    """Beside the search's own grouping, FP on the other rule schedules; when FP scored best on one of them, uniform
+    PTQ on that schedule too, so the strongest obvious alternative is measured (and shipped if it wins)."""
     run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=1), tmp_path, progress=False)
-    labels = [r["label"] for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]]
-    assert "FP, 4 steps (quad)" in labels and "FP, 4 steps (uniform)" in labels
+    rows = {r["label"]: r for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]}
+    assert "FP, 4 steps (quad)" in rows and "FP, 4 steps (uniform)" in rows
+    best_fp = min((r for r in rows.values() if r["kind"] == "fp" and len(r["timesteps"]) == 4), key=lambda r: r["fid"])
+    ptq = {label: r for label, r in rows.items() if label.startswith("baseline")}
+    assert best_fp["timesteps"] in [r["timesteps"] for r in ptq.values()]  # PTQ on the best FP schedule is a row
+    assert len(ptq) == (1 if best_fp["timesteps"] == rows["baseline"]["timesteps"] else 2)
+    assert len({json.dumps(r["candidate"]["bits"]) for r in ptq.values()}) == 1  # the same uniform precision
 
 
 def test_fp_rows_are_reused_by_a_search_with_other_flags_and_equal_fresh_ones(make_tiny_unet, tmp_path):

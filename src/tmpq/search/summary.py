@@ -104,11 +104,16 @@ class FinalScores:
     def verdict(self) -> str | None:
         """One plain sentence: did the search beat uniform PTQ at the budget, and how far is it from FP at the same
         step count on the best schedule? None without a quantized row."""
-        best, base = self.best, self.baseline
+        best = self.best
         if best is None:
             return None
+        ptq = [r for r in self.rows if r.quantized and r.label.startswith("baseline")]
+        base = min(ptq, key=lambda r: r.fid) if ptq else None
         if base is not None and best is base:
-            head = f"uniform PTQ (FID {base.fid:.2f}) scored best: the search found nothing better at this budget"
+            where = "" if base.label == "baseline" else f" on the {base.label.partition('(')[2].rstrip(')')}"
+            head = (
+                f"uniform PTQ{where} (FID {base.fid:.2f}) scored best: the search found nothing better at this budget"
+            )
         elif base is not None:
             head = f"the search ({best.label}, FID {best.fid:.2f}) beat uniform PTQ at the budget (FID {base.fid:.2f})"
         else:
