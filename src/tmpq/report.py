@@ -86,7 +86,7 @@ def _pareto_plot(run: RunData, peers: Mapping[str, RunData], path: Path) -> Path
             if pb:
                 rows.append(replace(pb, label=label))
         for r in rows:
-            color = "tab:green" if not r.quantized else "tab:purple" if r.label == "baseline" else "tab:red"
+            color = "tab:green" if not r.quantized else "tab:purple" if r.label.startswith("baseline") else "tab:red"
             ax.scatter([r.bitops / 1e9], [r.fid], color=color, s=40, zorder=3)
             ax.annotate(r.label, (r.bitops / 1e9, r.fid), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.axvline(s.budget_bitops / 1e9, ls="--", color="gray", lw=1)
@@ -198,6 +198,8 @@ def peers_rows(run: RunData, peers: Mapping[str, RunData]) -> list[PeerRow]:
         for r in run.final.rows:
             if r.label == "baseline":
                 label = f"uniform PTQ ({s.budget})"
+            elif r.label.startswith("baseline ("):  # PTQ on the schedule where FP scored best
+                label = f"uniform PTQ ({s.budget}, {r.label.partition('(')[2].rstrip(')')})"
             elif r.label.startswith("top"):
                 label = f"tmpq search, {r.label} ({s.config.lever})"
             else:
@@ -288,6 +290,7 @@ def write_report(
                 dst = out / f"grid_{src.name}"
                 shutil.copyfile(src, dst)
                 title = "compressed (best)" if r is best else "uniform PTQ" if r.label == "baseline" else r.label
+                title = "compressed (best: uniform PTQ)" if r is best and r.label.startswith("baseline") else title
                 grids.append((f"{title}: FID {r.fid:.2f}, {r.bitops / 1e9:.2f} GBitOPs", dst.name))
     rows = peers_rows(run, peer_runs)
     s = run.search
