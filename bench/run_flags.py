@@ -11,6 +11,9 @@ before it starts), so rows differ only by their flags. Resumable: a finished run
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--grouping quad"
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--staged"
     .venv/bin/python bench/run_flags.py --table                                         # the Markdown table
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --model runs/heldout_pipeline --out runs/run_flags_heldout
+
+One OUT per model: its rows share OUT/shared.
 """
 
 from __future__ import annotations
@@ -47,14 +50,12 @@ def main(
     if table:
         return _table(out)
     run = out / tag_of(flags)
-    if model == "builtin:fashion":  # one calibration for every row (each file is checked on reuse)
-        share_prepared(out / "shared", run)
+    share_prepared(out / "shared", run)  # one calibration for every row of OUT (each file is checked on reuse)
     cmd = [sys.executable, "-m", "tmpq", "run", "--model", model, "--run-dir", str(run), *BASE, *shlex.split(flags)]
     t0 = time.time()
     subprocess.run(cmd, check=True)
     wall = time.time() - t0
-    if model == "builtin:fashion" and not (out / "shared").exists():
-        share_prepared(run, out / "shared")
+    share_prepared(run, out / "shared")  # what the shared folder still lacks (e.g. the FP rows of the final table)
     config = {"model": model, "flags": flags, "base": BASE, "num_samples": num_samples, "seeds": [0, num_samples - 1]}
     path = run / "fid5000.json"
     res = json.loads(path.read_text()) if path.is_file() else {}
