@@ -3,11 +3,9 @@
 Every candidate sees the same seeds, so differences between candidates are not sampling noise of the
 initial latents. 'fid' (the default, and the paper's fitness) is FID against the real data; 'proxy' is the mean
 distance, sample by sample, to the FP model's samples from the same noise at many steps. The proxy was the default
-until it was measured on the sound built-in model: a 10-step sampler cannot follow a 100-step one sample by sample,
-so the paired distance mostly measures how far apart two different images are, rewards blurred (hedging) samples,
-and a few diverged samples swing its mean; among a search's best candidates it ranked the uniform baseline (FID 65
-on 1,000 held-out samples) level with a candidate at 125, where FID on 128 samples ranked them right
-(docs/results.md, "Which fitness ranks candidates"). The proxy stays for models the classifier cannot score
+until it was measured on the sound built-in model: among a search's 14 best candidates it ranked the uniform
+baseline (FID 65 on 1,000 held-out samples) level with a candidate at 125 (Spearman ρ 0.69 with that FID), where FID
+on 128 samples ranked them as the held-out FID does (ρ 0.96; docs/results.md, "Which fitness ranks candidates"). The proxy stays for models the classifier cannot score
 (`proxy_space='pixels'`).
 
 Latent models are scored on decoded images, not latents: the decoder is nonlinear and weighs latent channels
