@@ -54,6 +54,7 @@ class Row:
 
 
 def rows_spec(
+    fitness: str,
     fitness_samples: int,
     generations: int,
     ref_fitness_samples: int,
@@ -64,16 +65,17 @@ def rows_spec(
 ) -> list[Row]:
     """The rows of issue 6, most telling first (so a run cut short still answers the main question; the table
     sorts rows by BitOPs). The three tmpq-engine searches (joint, bits-only, timesteps-only) share everything but
-    the lever: preset, proxy fitness, budget, and the timestep grouping `grouping`, whose first timesteps are also
-    the bits-only search's fixed schedule. The reference preset keeps its own rule, the quad grouping."""
-    proxy = FitnessConfig("proxy", fitness_samples, seed=seed, reference_steps=100)  # the table's setting: FP-100
+    the lever: preset, fitness (`tmpq run`'s default kind unless --fitness says otherwise), budget, and the timestep
+    grouping `grouping`, whose first timesteps are also the bits-only search's fixed schedule. The reference preset
+    keeps its own rule, the quad grouping."""
+    fit = FitnessConfig(fitness, fitness_samples, seed=seed)
     tmpq_evo = EvolutionConfig.tmpq(seed=seed, generations=generations)
     w6 = SearchConfig(
         budget=Budget.like("W6A6", 10),
         steps=(10,),
         grouping=grouping,
         evolution=tmpq_evo,
-        fitness=proxy,
+        fitness=fit,
         final_samples=0,  # this script re-scores every row itself
     )
     ref = replace(
@@ -327,7 +329,12 @@ def main(
     out: Path = Path("runs/peers"),
     num_samples: Annotated[int, typer.Option(help="final samples per row (seeds SEED..SEED+N-1)")] = 5000,
     seed: int = 0,
-    fitness_samples: Annotated[int, typer.Option(help="proxy fitness samples of the tmpq-preset searches")] = 64,
+    fitness: Annotated[str, typer.Option(help="fitness of the tmpq-preset searches: fid | proxy")] = (
+        FitnessConfig.kind
+    ),
+    fitness_samples: Annotated[int, typer.Option(help="fitness samples of the tmpq-preset searches")] = (
+        FitnessConfig.num_samples
+    ),
     generations: Annotated[int, typer.Option(help="generations of the tmpq-preset searches")] = 10,
     ref_fitness_samples: Annotated[int, typer.Option(help="FID fitness samples of the reference preset")] = 128,
     ref_generations: Annotated[int, typer.Option(help="generations of the reference preset")] = 2,
@@ -365,7 +372,7 @@ def main(
         "weights_sha": weights_sha,
         "execution": Execution(workers=workers, threads=1) if workers else Execution(),
     }
-    spec = rows_spec(fitness_samples, generations, ref_fitness_samples, ref_generations, tight, seed, grouping)
+    spec = rows_spec(fitness, fitness_samples, generations, ref_fitness_samples, ref_generations, tight, seed, grouping)
     wanted = {s for s in only.split(",") if s}
     results = []
     for i, row in enumerate(r for r in spec if not wanted or r.name in wanted):

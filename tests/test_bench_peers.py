@@ -25,9 +25,10 @@ def peers():
 
 
 def test_single_lever_rows_differ_from_joint_only_in_the_lever(peers) -> None:
-    rows = {r.name: r for r in peers.rows_spec(64, 10, 128, 2, "W4A6", 0, "uniform")}
+    rows = {r.name: r for r in peers.rows_spec("fid", 128, 10, 128, 2, "W4A6", 0, "uniform")}
     assert len(rows) == 12
     joint = rows["joint_tmpq_w6a6_uniform"].search
+    assert (joint.fitness.kind, joint.fitness.num_samples) == ("fid", 128)  # the fitness it was given
     for name, lever in (("bits_w6a6_uniform", "bits"), ("timesteps_w6a6_uniform", "timesteps")):
         other = rows[name].search
         assert other.lever == lever
@@ -43,7 +44,7 @@ def test_single_lever_rows_differ_from_joint_only_in_the_lever(peers) -> None:
     )
     assert ref.budget == joint.budget
     assert rows["joint_tmpq_w4a6_uniform"].search.budget.w == 4
-    quad = [r.name for r in peers.rows_spec(64, 10, 128, 2, "W4A6", 0, "quad")]
+    quad = [r.name for r in peers.rows_spec("fid", 128, 10, 128, 2, "W4A6", 0, "quad")]
     assert len(quad) == len(set(quad)) == 11  # the quad-schedule W6A6 PTQ row is not listed twice
 
 
