@@ -57,7 +57,9 @@ def test_run_writes_search_export_and_report(finished_run):
     labels = [r["label"] for r in summary["final"]["rows"]]
     chosen = summary["grouping_choice"]["chosen"]  # the default --grouping auto picked it from FP's scores
     assert summary["grouping"] == chosen == min(summary["grouping_choice"]["scores"].items(), key=lambda kv: kv[1])[0]
-    assert labels[:3] == ["FP, 100 steps", f"FP, 3 steps ({chosen})", "baseline"] and "top1" in labels
+    assert labels[:2] == ["FP, 100 steps", f"FP, 3 steps ({chosen})"] and "top1" in labels
+    fp_last = max(i for i, r in enumerate(summary["final"]["rows"]) if r["kind"] == "fp")
+    assert labels.index("baseline") == fp_last + 1  # the FP peers first, then uniform PTQ, then the search's best
     fp100 = summary["final"]["rows"][0]
     assert fp100["kind"] == "fp" and len(fp100["timesteps"]) == 100 and fp100["bitops"] == summary["fp_bitops_full_100"]
     for r in summary["final"]["rows"]:
