@@ -5,8 +5,8 @@ initial latents. 'fid' (the default, and the paper's fitness) is FID against the
 distance, sample by sample, to the FP model's samples from the same noise at many steps. The proxy was the default
 until it was measured on the sound built-in model: among a search's 14 best candidates it ranked the uniform
 baseline (FID 65 on 1,000 held-out samples) level with a candidate at 125 (Spearman ρ 0.69 with that FID), where FID
-on 128 samples ranked them as the held-out FID does (ρ 0.96; docs/results.md, "Which fitness ranks candidates"). The proxy stays for models the classifier cannot score
-(`proxy_space='pixels'`).
+on 128 samples ranked them close to the held-out FID (ρ 0.96; docs/results.md, "Which fitness ranks candidates").
+The proxy stays for models the classifier cannot score (`proxy_space='pixels'`).
 
 Latent models are scored on decoded images, not latents: the decoder is nonlinear and weighs latent channels
 unequally, so a latent distance can rank candidates differently from what the user sees; one full-precision
