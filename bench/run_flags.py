@@ -73,7 +73,7 @@ def main(
             "shipped": exported["info"]["label"],  # 'baseline' (uniform PTQ) or the search's 'top1', 'top2', ...
             "timesteps": list(s.timesteps),
             "gbitops": s.bitops() / 1e9,
-            "final": {k: r.get("fid") for k, r in summary["final"]["rows"].items()} if summary.get("final") else None,
+            "final": {r["label"]: r["fid"] for r in summary["final"]["rows"]} if summary.get("final") else None,
             "search_cost": summary["search_cost"],
             "run_wall_s": wall,
             "config": config,
