@@ -34,6 +34,19 @@ def metric():
     return QualityMetric(reference=lambda: ref, reference_key="test-random")
 
 
+def _dies_on_batch(n: int, real_generate):
+    """`generate` that samples batches as usual and raises Killed when asked for the n-th one (a kill mid-run)."""
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append(args[4])  # the batch's first seed
+        if len(calls) == n:
+            raise Killed
+        return real_generate(*args, **kwargs)
+
+    return generate
+
+
 def test_a_killed_evaluation_resumes_to_the_uninterrupted_result(loaded, metric, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
     cfg = EvalConfig(model="tiny", steps=2, schedule="uniform", num_samples=10, batch_size=4)
@@ -41,16 +54,8 @@ def test_a_killed_evaluation_resumes_to_the_uninterrupted_result(loaded, metric,
     assert not (tmp_path / "whole" / PARTIAL).exists() and whole.fid_halves is not None
     assert all(h > 0 for h in whole.fid_halves)
 
-    calls = []
     real_generate = ev.generate
-
-    def dies_on_third_batch(*args, **kwargs):
-        calls.append(args[4])  # the batch's first seed
-        if len(calls) == 3:
-            raise Killed
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(ev, "generate", dies_on_third_batch)
+    monkeypatch.setattr(ev, "generate", _dies_on_batch(3, real_generate))
     with pytest.raises(Killed):
         evaluate(cfg, tmp_path / "run", loaded=loaded, metric=metric, progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / PARTIAL).glob("*.safetensors")) == [
@@ -96,15 +101,7 @@ def test_batches_of_other_weights_at_the_same_path_are_not_reused(tiny_unet, met
     loaded = LoadedModel(den, den.schedule, den.sample_shape, str(weights), weights)
     cfg = EvalConfig(model=str(weights), steps=2, schedule="uniform", num_samples=6, batch_size=3)
     real_generate = ev.generate
-    calls = []
-
-    def dies_on_second_batch(*args, **kwargs):
-        calls.append(args[4])
-        if len(calls) == 2:
-            raise Killed
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(ev, "generate", dies_on_second_batch)
+    monkeypatch.setattr(ev, "generate", _dies_on_batch(2, real_generate))
     with pytest.raises(Killed):
         evaluate(cfg, tmp_path / "run", loaded=loaded, metric=metric, progress=False)
     weights.write_bytes(b"retrained weights")  # same path, other file: its batches are another model's

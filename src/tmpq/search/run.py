@@ -662,21 +662,20 @@ def _final_eval(
     score(f"fp:{FULL_STEPS}", f"FP, {FULL_STEPS} steps", None, tuple(loaded.schedule.timesteps("uniform", FULL_STEPS)))
     # plain step reduction on the search's grouping and on the rule-based schedules, so the table shows the
     # strongest FP peer at K steps
-    fp_k = {space.grouping: tuple(space.default_timesteps(k))}
-    score(f"fp:{k}", f"FP, {k} steps ({space.grouping})", None, fp_k[space.grouping])
+    fp_k = {space.grouping: (f"fp:{k}", tuple(space.default_timesteps(k)))}  # grouping: (row key, schedule)
     for g in ("quad", "uniform"):
         ts = tuple(loaded.schedule.timesteps(g, k))
-        if g != space.grouping and ts != fp_k[space.grouping]:
-            fp_k[g] = ts
-            score(f"fp:{k}:{g}", f"FP, {k} steps ({g})", None, ts)
+        if g != space.grouping and ts != fp_k[space.grouping][1]:
+            fp_k[g] = (f"fp:{k}:{g}", ts)
+    for g, (row_key, ts) in fp_k.items():
+        score(row_key, f"FP, {k} steps ({g})", None, ts)
     if baseline is not None:
         score(baseline.key, "baseline", baseline, baseline.timesteps)
         # uniform PTQ on the schedule where FP scored best, when that is not the search's own default schedule: the
         # obvious alternative a user would try, so it is measured (and shipped if it wins)
-        fids = {g: done[f"fp:{k}" if g == space.grouping else f"fp:{k}:{g}"]["fid"] for g in fp_k}
-        best_g = min(fp_k, key=lambda g: (fids[g], g != space.grouping))
-        if fp_k[best_g] != tuple(baseline.timesteps):
-            other = Candidate(fp_k[best_g], baseline.bits)
+        best_g = min(fp_k, key=lambda g: (done[fp_k[g][0]]["fid"], g != space.grouping))
+        if fp_k[best_g][1] != tuple(baseline.timesteps):
+            other = Candidate(fp_k[best_g][1], baseline.bits)
             score(other.key, f"baseline ({best_g} schedule)", other, other.timesteps)
     for i, r in enumerate(result.top(cfg.final_top)):
         score(r.candidate.key, f"top{i + 1}", r.candidate, r.candidate.timesteps)
