@@ -6,9 +6,12 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from tmpq.allocator import keep_freed_memory
 from tmpq.models.denoiser import UNetDenoiser
 from tmpq.quant import CalibConfig, CalibrationSet, QuantSpec, collect_calibration
 from tmpq.sampling.schedules import NoiseSchedule
+
+keep_freed_memory()  # as the command line does: the suite samples a lot (tmpq.allocator)
 
 
 def tiny_unet_config() -> dict:

@@ -8,6 +8,7 @@ timesteps and per-layer bits under a BitOPs budget (`run_search`, `tmpq search`)
 `tmpq.compress(model, budget=...)`, export of the compressed sampler and `tmpq.load`, and the report.
 """
 
+from tmpq.allocator import keep_freed_memory
 from tmpq.api import CompressionResult, compress
 from tmpq.api import parse_budget as parse_budget  # deprecated: warns when called
 from tmpq.api import sampler_from_run as sampler_from_run  # deprecated: warns when called
@@ -58,6 +59,7 @@ __all__ = [
     "EvalResult",
     "NoiseSchedule",
     "TmpqError",
+    "keep_freed_memory",
     "evaluate",
     "generate",
     "load_model",

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tmpq.allocator import keep_freed_memory
 from tmpq.compressed import CompressedSampler
 from tmpq.device import resolve_device
 from tmpq.errors import TmpqError
@@ -197,8 +198,9 @@ def compress(
     `config` overrides everything but `model`, `run_dir`, `resume`, `progress` and `execution` (where candidates
     are evaluated: `Execution(workers=4)` for local processes, `Execution(ray_address="auto")` for Ray).
     `device`: where the model runs — calibration, search, final scoring (`auto`: CUDA when available); a loaded model
-    is moved there.
+    is moved there. Sets glibc to keep freed memory for reuse (`tmpq.allocator`: ~1.5x faster CPU sampling).
     """
+    keep_freed_memory()
     target = resolve_device(device)
     if isinstance(model, str):
         loaded = load_model(model, prompts=prompts, guidance_scale=guidance_scale)

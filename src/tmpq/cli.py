@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tmpq.allocator import keep_freed_memory
 from tmpq.device import resolve_device
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig
@@ -41,6 +42,7 @@ _DEBUG = {"on": False}  # set by --debug (the app callback); read only by the er
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="on an error, show the full traceback")] = False) -> None:
     _DEBUG["on"] = debug
+    keep_freed_memory()  # every command samples or searches: ~1.5x faster on glibc (tmpq.allocator)
 
 
 _OS_FIXES = {

@@ -61,6 +61,9 @@ class WorkerSpec:
     def build(self) -> Callable[[Candidate], FitnessValue]:
         import torch
 
+        from tmpq.allocator import keep_freed_memory
+
+        keep_freed_memory()  # a worker samples all its life: keep freed memory for reuse (tmpq.allocator)
         torch.set_num_threads(self.threads)
         module, _, name = self.factory.partition(":")
         try:
