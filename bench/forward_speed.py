@@ -45,4 +45,8 @@ def main(supernet: str | None = None, bf16: bool = True) -> None:
 if __name__ == "__main__":
     import typer
 
+    from tmpq.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the tmpq command line does (docs/usage.md#speed-on-the-cpu)
+
     typer.run(main)

@@ -134,4 +134,7 @@ def _pooled(p: SampleFitness, images: torch.Tensor, median: bool) -> float:
 
 
 if __name__ == "__main__":
+    from tmpq.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the tmpq command line does (docs/usage.md#speed-on-the-cpu)
     typer.run(main)

@@ -55,4 +55,7 @@ def main(
 
 
 if __name__ == "__main__":
+    from tmpq.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the tmpq command line does (docs/usage.md#speed-on-the-cpu)
     typer.run(main)

@@ -139,4 +139,7 @@ def _select(run: Path, search: dict, metric, top: int, samples: int, num_samples
 
 
 if __name__ == "__main__":
+    from tmpq.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the tmpq command line does (docs/usage.md#speed-on-the-cpu)
     typer.run(main)
