@@ -119,6 +119,10 @@ ClassesOpt = Annotated[
     str | None, typer.Option(help="class-conditional (DiT): label ids, e.g. 207,360 (default: every class)")
 ]
 GuidanceOpt = Annotated[float | None, typer.Option(help="text-to-image: classifier-free guidance scale (7.5)")]
+TrueCfgOpt = Annotated[
+    float | None,
+    typer.Option(help='FLUX: FluxPipeline\'s true classifier-free guidance against the negative prompt "" [1: off]'),
+]
 ImageSizeOpt = Annotated[
     str | None, typer.Option(help="FLUX: the image size to compress for, in pixels: 512 or HEIGHTxWIDTH [1024]")
 ]
@@ -165,6 +169,7 @@ def _load(
     guidance_scale: float | None,
     classes: str | None = None,
     image_size: str | None = None,
+    true_cfg_scale: float | None = None,
 ):
     """load_model with the conditional options, only when given (other models refuse them)."""
     from tmpq.models.loading import load_model
@@ -175,6 +180,8 @@ def _load(
         kw["classes"] = parse_ints(classes, "--classes", distinct=False)
     if image_size is not None:
         kw["image_size"] = _image_size(image_size)
+    if true_cfg_scale is not None:
+        kw["true_cfg_scale"] = true_cfg_scale
     return load_model(model, **kw, **({"prompts": read_prompts(prompts)} if prompts is not None else {}))
 
 
@@ -336,6 +343,7 @@ def sample(
     guidance_scale: GuidanceOpt = None,
     classes: ClassesOpt = None,
     image_size: ImageSizeOpt = None,
+    true_cfg_scale: TrueCfgOpt = None,
     backend: BackendOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -380,6 +388,8 @@ def sample(
             kw["classes"] = parse_ints(classes, "--classes", distinct=False)
         if image_size is not None:
             kw["image_size"] = _image_size(image_size)
+        if true_cfg_scale is not None:
+            kw["true_cfg_scale"] = true_cfg_scale
         loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {})).to(target)
         ts = _parse_timesteps(timesteps) or loaded.schedule.timesteps(
             schedule or "quad", 10 if steps is None else steps
@@ -481,6 +491,7 @@ def calibrate(
     classes: ClassesOpt = None,
     guidance_scale: GuidanceOpt = None,
     image_size: ImageSizeOpt = None,
+    true_cfg_scale: TrueCfgOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -490,7 +501,7 @@ def calibrate(
 
     _threads(threads)
     spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8)
-    loaded = _load(model, prompts, guidance_scale, classes, image_size).to(resolve_device(device))
+    loaded = _load(model, prompts, guidance_scale, classes, image_size, true_cfg_scale).to(resolve_device(device))
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
     typer.echo(f"super-network: {len(sn.units)} quantizable units, {len(calib)} calibration inputs, {what}")
@@ -598,6 +609,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         classes: ClassesOpt = None,
         guidance_scale: GuidanceOpt = None,
         image_size: ImageSizeOpt = None,
+        true_cfg_scale: TrueCfgOpt = None,
         fid_reference: Annotated[
             str, typer.Option(help="FID against: fashion-mnist or a folder of your images (1x32x32 features)")
         ] = SearchConfig.fid_reference,
@@ -644,7 +656,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             seed_from=tuple(str(p) for p in seed_from or ()),
             staged=staged,
         )
-        loaded = _load(model, prompts, guidance_scale, classes, image_size)
+        loaded = _load(model, prompts, guidance_scale, classes, image_size, true_cfg_scale)
         for note in loaded.notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         execution = Execution(workers, ray, worker_threads, candidate_timeout)

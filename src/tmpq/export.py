@@ -361,7 +361,8 @@ def _denoiser(m: dict, tensors: dict[str, torch.Tensor], schedule: NoiseSchedule
     if unet_class == "FluxTransformer2DModel":
         flux = diffusers.FluxTransformer2DModel.from_config(m["unet_config"])
         size = tuple(int(v) for v in tensors["fp.latent_size"].tolist())
-        return FluxDenoiser(flux, schedule, float(tensors["fp.guidance_scale"]), size).eval()
+        g, tc = float(tensors["fp.guidance_scale"]), float(tensors.get("fp.true_cfg_scale", torch.tensor(1.0)))
+        return FluxDenoiser(flux, schedule, g, size, tensors.get("fp.uncond"), tc).eval()
     if unet_class != "UNet2DConditionModel":
         raise ValueError(f"unknown UNet class {unet_class!r}")
     unet = diffusers.UNet2DConditionModel.from_config(m["unet_config"])

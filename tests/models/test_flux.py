@@ -114,3 +114,47 @@ def test_flux_journey_search_export_load_pipeline(flux_dir, tmp_path):
     g = float(s.supernet.model.guidance_scale)
     mine = (s.sample(1, seed=5, prompts=["a red shirt"]) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(_pipe_images(pipe, "a red shirt", 5, 28, g) - mine).max() < 1e-5
+
+
+def test_true_cfg_samples_as_flux_pipeline_does_and_travels_with_an_export(flux_dir, tmp_path):
+    """FluxPipeline's true CFG (`true_cfg_scale` > 1 with the negative prompt ""): the same images as the pipeline's,
+    different from without it; a search's export carries it, and its pipeline, called with the same scale, matches."""
+    from diffusers import FluxPipeline
+
+    m = load_model(str(flux_dir), prompts=["a red shirt"], guidance_scale=2.0, image_size=16, true_cfg_scale=3.0)
+    assert m.options["true_cfg_scale"] == 3.0 and m.denoiser.true_cfg == 3.0
+    pipe = FluxPipeline.from_pretrained(str(flux_dir))
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(3)
+    kw = {"num_inference_steps": 4, "height": 16, "width": 16, "guidance_scale": 2.0, "output_type": "np"}
+    theirs = pipe("a red shirt", negative_prompt="", true_cfg_scale=3.0, generator=gen, **kw).images
+    assert abs(theirs - _mine(m, 4, 3)).max() < 1e-5
+    assert abs(_pipe_images(pipe, "a red shirt", 3, 4, 2.0) - _mine(m, 4, 3)).max() > 1e-4  # the second pass counts
+    off = load_model(str(flux_dir), prompts=["a red shirt"], image_size=16)
+    assert "true_cfg_scale" not in dict(off.denoiser.named_buffers())  # off: the model (and its fingerprint) as before
+
+    run = tmp_path / "run"
+    args = ["search", "--model", str(flux_dir), "--image-size", "16", "--true-cfg-scale", "3", "--run-dir", str(run)]
+    res = runner.invoke(app, [*args, *SEARCH, "--generations", "1", "--population", "2"])  # the export is under test
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", "--run-dir", str(run), "--out", str(tmp_path / "export")])
+    assert res.exit_code == 0, res.output
+    s = tmpq.load(tmp_path / "export")
+    assert s.supernet.model.true_cfg == 3.0
+    mine = (s.sample(1, seed=5, prompts=["a red shirt"]) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    gen = torch.Generator().manual_seed(5)
+    kw |= {"num_inference_steps": 28, "guidance_scale": float(s.supernet.model.guidance_scale)}
+    theirs = s.to_diffusers()("a red shirt", negative_prompt="", true_cfg_scale=3.0, generator=gen, **kw).images
+    assert abs(theirs - mine).max() < 1e-5
+
+
+def test_true_cfg_is_refused_where_it_does_not_apply(flux_dir, tmp_path):
+    with pytest.raises(TmpqError, match="true CFG scale must be >= 1"):
+        load_model(str(flux_dir), image_size=16, true_cfg_scale=0.5)
+    with pytest.raises(TmpqError, match="apply to conditional pipelines only"):
+        load_model("builtin:fashion", true_cfg_scale=2.0)
+    other = edited_copy(flux_dir, tmp_path / "other", {"_class_name": "StableDiffusion3Pipeline"})
+    with pytest.raises(TmpqError, match="true CFG scale applies to FLUX pipelines only"):
+        load_model(str(other), true_cfg_scale=2.0)
+    res = runner.invoke(app, ["sample", "--true-cfg-scale", "2", "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 2 and "apply to conditional pipelines only" in res.output

@@ -252,23 +252,46 @@ class SD3Denoiser(_PromptGuided):
 class FluxDenoiser(_DiffusersDenoiser):
     """A FLUX transformer (`FluxTransformer2DModel`) as FluxPipeline runs it: the (C, H, W) latents packed into 2×2
     patches of tokens with their position ids, the T5 embeddings and the pooled CLIP vector, the timestep σ, and
-    (FLUX.1-dev) the embedded guidance scale; no classifier-free guidance pass. The velocity comes back unpacked.
+    (FLUX.1-dev) the embedded guidance scale. The velocity comes back unpacked.
+
+    FluxPipeline's "true" classifier-free guidance (`true_cfg_scale` > 1 with a negative prompt) is on when
+    `true_cfg_scale` > 1: then `uncond` (the encoded negative prompt) is required and v = v(x, ∅) + s · (v(x, c) −
+    v(x, ∅)), both passes with the same embedded guidance, in one doubled batch. Off (1, the pipeline's default),
+    no negative-prompt pass is made and no buffer is added, so such a model's fingerprint is what it was before.
 
     Prompt rows (from `FluxTextEncoder`) hold the T5 embeddings and, as the last row, the pooled CLIP vector. The
-    embedded guidance g and the latent size are buffers, so they belong to the fingerprint and travel with an
-    export. The sampler's (C, H, W) noise packed is the pipeline's own noise, so both sample the same images."""
+    embedded guidance g, the latent size and (with true guidance) its scale and negative-prompt row are buffers, so
+    they belong to the fingerprint and travel with an export. The sampler's (C, H, W) noise packed is the pipeline's
+    own noise, so both sample the same images."""
 
     network_class = "FluxTransformer2DModel"
 
-    def __init__(self, transformer: nn.Module, schedule, guidance_scale: float, latent_size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        transformer: nn.Module,
+        schedule,
+        guidance_scale: float,
+        latent_size: tuple[int, int],
+        uncond: torch.Tensor | None = None,
+        true_cfg_scale: float = 1.0,
+    ) -> None:
         self._check_network(transformer)
         h, w = (int(v) for v in latent_size)
         if h < 2 or w < 2 or h % 2 or w % 2:
             raise TmpqError(f"FLUX latents are packed in 2x2 patches: their size must be even, got {h}x{w}")
         if not guidance_scale >= 0:
             raise TmpqError(f"FLUX's embedded guidance scale must be >= 0, got {guidance_scale}")
+        if not true_cfg_scale >= 1.0:
+            raise TmpqError(
+                f"FLUX's true CFG scale must be >= 1 (1: off, FluxPipeline's default), got {true_cfg_scale}"
+            )
+        if true_cfg_scale > 1.0 and uncond is None:
+            raise TmpqError("FLUX's true CFG needs the encoded negative prompt (uncond)")
         super().__init__(transformer, schedule, (transformer.config.in_channels // 4, h, w))
         self.register_buffer("guidance_scale", torch.tensor(float(guidance_scale)))
+        if true_cfg_scale > 1.0:
+            self.register_buffer("true_cfg_scale", torch.tensor(float(true_cfg_scale)))
+            self.register_buffer("uncond", uncond.detach().reshape(1, *uncond.shape[-2:]).clone())
         self.register_buffer("latent_size", torch.tensor([h, w]))
         ids = torch.zeros(h // 2, w // 2, 3)
         ids[..., 1] += torch.arange(h // 2)[:, None]
@@ -280,16 +303,27 @@ class FluxDenoiser(_DiffusersDenoiser):
         """FluxPipeline passes the scheduler's timestep / 1000, i.e. σ for the usual T = 1000."""
         return self.schedule.model_timestep(t) / 1000
 
+    @property
+    def true_cfg(self) -> float:
+        """FluxPipeline's true CFG scale this denoiser applies (1.0: off)."""
+        s = getattr(self, "true_cfg_scale", None)
+        return 1.0 if s is None else float(s)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         rows = self._rows(x, cond)
-        b, c, h, w = x.shape
-        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        s = self.true_cfg
+        xs, ts = x, t
+        if s != 1.0:  # [negative prompt; prompt] in one doubled batch
+            rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
+            xs, ts = torch.cat([x, x]), torch.cat([t, t])
+        b, c, h, w = xs.shape
+        packed = xs.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
         cfg = self.unet.config
         emb = rows[:, :-1, : cfg.joint_attention_dim]
         guidance = self.guidance_scale.float().expand(b) if cfg.guidance_embeds else None
         out = self.unet(
             hidden_states=packed,
-            timestep=self.network_timestep(t).to(x.dtype),
+            timestep=self.network_timestep(ts).to(x.dtype),
             guidance=guidance,
             pooled_projections=rows[:, -1, : cfg.pooled_projection_dim],
             encoder_hidden_states=emb,
@@ -297,4 +331,7 @@ class FluxDenoiser(_DiffusersDenoiser):
             img_ids=self.img_ids.to(x.dtype),
         ).sample
         out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        if s != 1.0:
+            out_u, out_c = out.chunk(2)
+            out = out_u + s * (out_c - out_u)
         return self._to_epsilon(out, x, t)

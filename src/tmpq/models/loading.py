@@ -166,6 +166,7 @@ def load_model(
     guidance_scale: float | None = None,
     classes: Sequence[int] | None = None,
     image_size: int | Sequence[int] | None = None,
+    true_cfg_scale: float | None = None,
 ) -> LoadedModel:
     """Load any supported model spec (see the module doc); a clear error names what is supported.
 
@@ -173,13 +174,15 @@ def load_model(
     `classes` (class-conditional DiT only; default: every class) likewise, as label ids; `guidance_scale` is the
     classifier-free guidance the sampler applies (default 7.5 for text, 4.0 for classes, as their pipelines; FLUX:
     its embedded guidance, 3.5); `image_size` (FLUX only: pixels, one side or (height, width); default 1024) is the
-    resolution the model is compressed for (FLUX's schedule shift depends on it)."""
+    resolution the model is compressed for (FLUX's schedule shift depends on it); `true_cfg_scale` (FLUX only;
+    default 1, off) is FluxPipeline's true classifier-free guidance, against the negative prompt "" (a second pass)."""
     is_factory = _FACTORY.fullmatch(spec) is not None and not Path(spec).exists()
     if not (spec.startswith("builtin:") or is_factory or spec.endswith(".safetensors") or Path(spec).is_file()):
-        return _from_diffusers(spec, prompts, guidance_scale, classes, image_size)
-    if prompts is not None or guidance_scale is not None or classes is not None or image_size is not None:
+        return _from_diffusers(spec, prompts, guidance_scale, classes, image_size, true_cfg_scale)
+    given = (prompts, guidance_scale, classes, image_size, true_cfg_scale)
+    if any(v is not None for v in given):
         raise TmpqError(
-            f"prompts, classes, a guidance scale and an image size apply to conditional pipelines only, not to {spec!r}"
+            f"prompts, classes, guidance scales and an image size apply to conditional pipelines only, not to {spec!r}"
         )
     if spec == BUILTIN_SPEC:
         unet, path, schedule = load_builtin_unet(), BUILTIN_UNET, BUILTIN_SCHEDULE
@@ -297,6 +300,7 @@ def _from_diffusers(
     guidance_scale: float | None,
     classes: Sequence[int] | None = None,
     image_size: int | Sequence[int] | None = None,
+    true_cfg_scale: float | None = None,
 ) -> LoadedModel:
     """A diffusers pipeline (model_index.json) or a bare UNet2DModel, local or from the hub."""
     local = Path(spec)
@@ -316,13 +320,18 @@ def _from_diffusers(
     name = index.get("_class_name") if isinstance(index, dict) else None
     if image_size is not None and name != "FluxPipeline":
         raise TmpqError(f"an image size applies to FLUX pipelines only, not to {spec!r} ({name or 'a bare model'})")
+    if true_cfg_scale is not None and name != "FluxPipeline":
+        raise TmpqError(
+            f"a true CFG scale applies to FLUX pipelines only, not to {spec!r} ({name or 'a bare model'}); other "
+            "pipelines take --guidance-scale"
+        )
     if index is not None:
         if isinstance(index, dict) and index.get("_class_name") == "DiTPipeline":
             return _from_dit_pipeline(spec, index, prompts, guidance_scale, classes, cache_only)
         if classes is not None:
             raise TmpqError(f"classes apply to class-conditional (DiT) pipelines only, not to {spec!r}")
         if name == "FluxPipeline":
-            return _from_flux_pipeline(spec, index, prompts, guidance_scale, image_size, cache_only)
+            return _from_flux_pipeline(spec, index, prompts, guidance_scale, image_size, cache_only, true_cfg_scale)
         if isinstance(index, dict) and index.get("_class_name") in PIXART_PIPELINES:
             return _from_pixart_pipeline(spec, index, prompts, guidance_scale, cache_only)
         if isinstance(index, dict) and index.get("_class_name") == "StableDiffusion3Pipeline":
@@ -590,11 +599,13 @@ def _from_flux_pipeline(
     guidance_scale: float | None,
     image_size: int | Sequence[int] | None,
     cache_only: str | None,
+    true_cfg_scale: float | None = None,
 ) -> LoadedModel:
     """A FLUX.1 pipeline (dev or schnell): the transformer is the denoiser (flow matching; FLUX.1-dev's embedded
-    guidance), the VAE and both text encoders stay at full precision; prompts are encoded by the pipeline's own
-    `encode_prompt`. The latent size follows `image_size` as FluxPipeline's height and width do, and so does the
-    schedule's shift where the scheduler shifts by resolution (FLUX.1-dev)."""
+    guidance; with `true_cfg_scale` > 1, FluxPipeline's true CFG against the negative prompt ""), the VAE and both
+    text encoders stay at full precision; prompts are encoded by the pipeline's own `encode_prompt`. The latent size
+    follows `image_size` as FluxPipeline's height and width do, and so does the schedule's shift where the scheduler
+    shifts by resolution (FLUX.1-dev)."""
     from tmpq.models.denoiser import FluxDenoiser
     from tmpq.models.parts import prompt_encoder
 
@@ -615,12 +626,16 @@ def _from_flux_pipeline(
     g = DEFAULT_FLUX_GUIDANCE if guidance_scale is None else float(guidance_scale)
     prompts = tuple(prompts) if prompts is not None else read_prompts()
     latent = _flux_latent_size(spec, vae, image_size)
-    den = FluxDenoiser(transformer, schedule, g, latent).eval()
+    tc = 1.0 if true_cfg_scale is None else float(true_cfg_scale)
+    uncond = text([""]) if tc > 1.0 else None
+    den = FluxDenoiser(transformer, schedule, g, latent, uncond, tc).eval()
     model = _text_transformer_model(
         spec, den, notes + _cache_note(cache_only), LatentDecoder(vae, key="vae"), text, prompts, name, g
     )
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     model.options["image_size"] = [latent[0] * f, latent[1] * f]
+    if true_cfg_scale is not None:
+        model.options["true_cfg_scale"] = tc
     return model
 
 
