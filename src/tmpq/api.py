@@ -194,7 +194,8 @@ def compress(
     """Search timesteps and per-layer bits jointly under `budget`; calibration, search and the final
     re-scoring all live in `run_dir` (a temporary directory when None) and resume after an interruption.
 
-    `prompts` and `guidance_scale` (text-to-image pipelines) condition calibration, search and the sampler.
+    `prompts` and `guidance_scale` (text-to-image pipelines) condition calibration, search and the sampler; for the
+    other model options (`classes`, `image_size`, `true_cfg_scale`) pass `load_model(spec, ...)` as `model`.
     `config` overrides everything but `model`, `run_dir`, `resume`, `progress` and `execution` (where candidates
     are evaluated: `Execution(workers=4)` for local processes, `Execution(ray_address="auto")` for Ray).
     `device`: where the model runs — calibration, search, final scoring (`auto`: CUDA when available); a loaded model
