@@ -11,6 +11,7 @@ before it starts), so rows differ only by their flags. Resumable: a finished run
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--grouping quad"
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--staged"
     .venv/bin/python bench/run_flags.py --table                                         # the Markdown table
+    .venv/bin/python bench/run_flags.py --final                        # each run's final table, a column per run
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --model runs/heldout_pipeline --out runs/run_flags_heldout
 
 One OUT per model: its rows share OUT/shared.
@@ -47,9 +48,12 @@ def main(
     num_samples: int = 5000,
     out: Path = Path("runs/run_flags"),
     table: bool = typer.Option(False, help="print the table of every scored row under OUT and stop"),
+    final: bool = typer.Option(False, help="print each scored run's own final table (FP, PTQ, top rows) and stop"),
 ) -> None:
     if table:
         return _table(out)
+    if final:
+        return _final_table(out)
     keep_freed_memory()  # as `tmpq run` does; scoring 5,000 samples is 1.5x faster with it
     run = out / tag_of(flags)
     share_prepared(out / "shared", run)  # one calibration for every row of OUT (each file is checked on reuse)
@@ -83,6 +87,20 @@ def main(
         }
         path.write_text(json.dumps(res, indent=1))
     typer.echo(json.dumps({k: v for k, v in res.items() if k not in ("config", "provenance")}))
+
+
+def _final_table(out: Path) -> None:
+    """Each scored run's own final table (its --final-samples, same seeds), one column per run."""
+    runs = {}
+    for path in sorted(out.glob("*/fid5000.json")):
+        r = json.loads(path.read_text())
+        runs[r["config"]["flags"] or "(defaults)"] = r.get("final") or {}
+    labels = list(dict.fromkeys(label for final in runs.values() for label in final))
+    typer.echo("| row | " + " | ".join(f"`{f}`" for f in runs) + " |")
+    typer.echo("|---|" + "---:|" * len(runs))
+    for label in labels:
+        cells = [f"{final[label]:.2f}" if label in final else "—" for final in runs.values()]
+        typer.echo(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def _table(out: Path) -> None:
