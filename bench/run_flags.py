@@ -104,10 +104,12 @@ def _final_table(out: Path) -> None:
 
 
 def _table(out: Path) -> None:
-    typer.echo("| flags | shipped FID (5,000) | halves | shipped | schedule | search evaluations | search wall |")
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/fid5000.json"))]
+    counts = sorted({r["config"]["num_samples"] for r in rows})
+    n = ", ".join(f"{c:,}" for c in counts)
+    typer.echo(f"| flags | shipped FID ({n}) | halves | shipped | schedule | search evaluations | search wall |")
     typer.echo("|---|---:|---|---|---|---:|---:|")
-    for path in sorted(out.glob("*/fid5000.json")):
-        r = json.loads(path.read_text())
+    for r in rows:
         flags = r["config"]["flags"] or "(defaults)"
         ts = ",".join(map(str, r["timesteps"]))
         halves = " / ".join(f"{h:.1f}" for h in r["halves"])
