@@ -34,7 +34,7 @@ def test_keeping_freed_memory_removes_the_page_faults_of_reallocation():
     assert kept["ok"] is True
     pages = (64 << 20) // 4096  # one 64 MB tensor is 16,384 small pages (fewer faults where huge pages are on)
     assert kept["faults"] * 4 < default["faults"]  # glibc maps and zero-fills every re-allocation again
-    assert kept["faults"] < pages  # kept memory is reused: not even one tensor's worth of faults in ten
+    assert kept["faults"] <= 2 * pages  # kept memory is reused: at most a heap extension or two, not ten tensors
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
