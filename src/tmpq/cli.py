@@ -175,14 +175,22 @@ def _load(
     from tmpq.models.loading import load_model
     from tmpq.models.parts import read_prompts
 
-    kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+    kw = _model_options(guidance_scale, classes, image_size, true_cfg_scale)
+    return load_model(model, **kw, **({"prompts": read_prompts(prompts)} if prompts is not None else {}))
+
+
+def _model_options(
+    guidance_scale: float | None, classes: str | None, image_size: str | None, true_cfg_scale: float | None
+) -> dict[str, Any]:
+    """load_model's conditional keyword arguments from their command-line values, only those given."""
+    kw: dict[str, Any] = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
     if classes is not None:
         kw["classes"] = parse_ints(classes, "--classes", distinct=False)
     if image_size is not None:
         kw["image_size"] = _image_size(image_size)
     if true_cfg_scale is not None:
         kw["true_cfg_scale"] = true_cfg_scale
-    return load_model(model, **kw, **({"prompts": read_prompts(prompts)} if prompts is not None else {}))
+    return kw
 
 
 @app.command()
@@ -383,13 +391,7 @@ def sample(
         from tmpq.models.loading import load_model
         from tmpq.sampling.ddim import DDIMSampler, generate
 
-        kw = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
-        if classes is not None:
-            kw["classes"] = parse_ints(classes, "--classes", distinct=False)
-        if image_size is not None:
-            kw["image_size"] = _image_size(image_size)
-        if true_cfg_scale is not None:
-            kw["true_cfg_scale"] = true_cfg_scale
+        kw = _model_options(guidance_scale, classes, image_size, true_cfg_scale)
         loaded = load_model(model, **kw, **({"prompts": tuple(prompt)} if prompt else {})).to(target)
         ts = _parse_timesteps(timesteps) or loaded.schedule.timesteps(
             schedule or "quad", 10 if steps is None else steps

@@ -64,6 +64,18 @@ class _DiffusersDenoiser(nn.Module):
             return self.schedule.model_timestep(t)
         return t
 
+    @staticmethod
+    def _doubled(uncond: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
+        """Classifier-free guidance's one pass on both halves: the rows [negative prompt; prompt] and x, t twice."""
+        rows = torch.cat([uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
+        return rows, torch.cat([x, x]), torch.cat([t, t])
+
+    @staticmethod
+    def _guided(out: torch.Tensor, g: float) -> torch.Tensor:
+        """ε∅ + g · (ε_c − ε∅) from the output of the doubled batch [negative prompt; prompt]."""
+        out_u, out_c = out.chunk(2)
+        return out_u + g * (out_c - out_u)
+
     def _to_epsilon(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.learned_variance:
             out = out[:, : x.shape[1]]
@@ -123,11 +135,8 @@ class GuidedDenoiser(_PromptGuided):
         if g == 1.0:
             out = self.unet(x, self.network_timestep(t), encoder_hidden_states=emb).sample
         else:
-            un = self.uncond.to(emb.dtype).expand(len(x), -1, -1)
-            tt = self.network_timestep(torch.cat([t, t]))
-            both = self.unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.cat([un, emb])).sample
-            out_u, out_c = both.chunk(2)
-            out = out_u + g * (out_c - out_u)
+            rows, x2, t2 = self._doubled(self.uncond, emb, x, t)
+            out = self._guided(self.unet(x2, self.network_timestep(t2), encoder_hidden_states=rows).sample, g)
         return self._to_epsilon(out, x, t)
 
 
@@ -198,20 +207,18 @@ class PixArtDenoiser(_PromptGuided):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         rows = self._rows(x, cond)
         g = float(self.guidance_scale)
+        x2, t2 = x, t
         if g != 1.0:
-            rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
-            x, t = torch.cat([x, x]), torch.cat([t, t])
+            rows, x2, t2 = self._doubled(self.uncond, rows, x, t)
         out = self.unet(
-            x,
+            x2,
             encoder_hidden_states=rows[..., :-1],
             encoder_attention_mask=rows[..., -1],
-            timestep=self.network_timestep(t),
-            added_cond_kwargs=self._added_cond(len(x), x.dtype),
+            timestep=self.network_timestep(t2),
+            added_cond_kwargs=self._added_cond(len(x2), x2.dtype),
         ).sample
         if g != 1.0:
-            out_u, out_c = out.chunk(2)
-            out = out_u + g * (out_c - out_u)
-            x, t = x.chunk(2)[0], t.chunk(2)[0]
+            out = self._guided(out, g)
         return self._to_epsilon(out, x, t)
 
 
@@ -231,11 +238,9 @@ class SD3Denoiser(_PromptGuided):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         rows = self._rows(x, cond)
         g = float(self.guidance_scale)
+        x2, t2 = x, t
         if g != 1.0:
-            rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
-            x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-        else:
-            x2, t2 = x, t
+            rows, x2, t2 = self._doubled(self.uncond, rows, x, t)
         cfg = self.unet.config
         out = self.unet(
             hidden_states=x2,
@@ -244,8 +249,7 @@ class SD3Denoiser(_PromptGuided):
             pooled_projections=rows[:, -1, : cfg.pooled_projection_dim],
         ).sample
         if g != 1.0:
-            out_u, out_c = out.chunk(2)
-            out = out_u + g * (out_c - out_u)
+            out = self._guided(out, g)
         return self._to_epsilon(out, x, t)
 
 
@@ -313,9 +317,8 @@ class FluxDenoiser(_DiffusersDenoiser):
         rows = self._rows(x, cond)
         s = self.true_cfg
         xs, ts = x, t
-        if s != 1.0:  # [negative prompt; prompt] in one doubled batch
-            rows = torch.cat([self.uncond.to(rows.dtype).expand(len(x), -1, -1), rows])
-            xs, ts = torch.cat([x, x]), torch.cat([t, t])
+        if s != 1.0:
+            rows, xs, ts = self._doubled(self.uncond, rows, x, t)
         b, c, h, w = xs.shape
         packed = xs.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
         cfg = self.unet.config
@@ -332,6 +335,5 @@ class FluxDenoiser(_DiffusersDenoiser):
         ).sample
         out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
         if s != 1.0:
-            out_u, out_c = out.chunk(2)
-            out = out_u + s * (out_c - out_u)
+            out = self._guided(out, s)
         return self._to_epsilon(out, x, t)
