@@ -8,6 +8,7 @@ from tiny_search import tiny_loaded, tiny_search_config
 from tmpq.errors import TmpqError
 from tmpq.quant import CalibConfig
 from tmpq.search import Budget, FitnessConfig, run_search
+from tmpq.search.space import GROUPINGS, group_starts
 
 _loaded, _cfg = tiny_loaded, tiny_search_config
 
@@ -187,6 +188,10 @@ def test_final_table_shows_fp_on_every_rule_schedule_and_ptq_where_fp_scored_bes
     run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=1), tmp_path, progress=False)
     rows = {r["label"]: r for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]}
     assert "FP, 4 steps (quad)" in rows and "FP, 4 steps (uniform)" in rows
+    # every grouping's default schedule has its FP row, the measured 'change' one too, whatever the search's grouping
+    prof = json.loads((tmp_path / "change_profile.json").read_text())["value"]
+    expected = {tuple(reversed(group_starts(g, 4, len(prof), prof))) for g in GROUPINGS}
+    assert {tuple(r["timesteps"]) for r in rows.values() if r["kind"] == "fp" and len(r["timesteps"]) == 4} == expected
     best_fp = min((r for r in rows.values() if r["kind"] == "fp" and len(r["timesteps"]) == 4), key=lambda r: r["fid"])
     ptq = {label: r for label, r in rows.items() if label.startswith("baseline")}
     assert best_fp["timesteps"] in [r["timesteps"] for r in ptq.values()]  # PTQ on the best FP schedule is a row
@@ -207,7 +212,7 @@ def test_fp_rows_are_reused_by_a_search_with_other_flags_and_equal_fresh_ones(ma
     cfg = _cfg(final_samples=4, final_top=1)
     run_search(_loaded(make_tiny_unet), cfg, tmp_path / "a", progress=False)
     first = fp_rows(tmp_path / "a")
-    assert len(first) == 3  # FP at 100 steps, and at 4 steps on the quad and uniform schedules
+    assert {"FP, 100 steps", "FP, 4 steps (quad)", "FP, 4 steps (uniform)"} <= set(first)
     share_prepared(tmp_path / "a", tmp_path / "b")
     other = _cfg(final_samples=4, final_top=1, fitness=FitnessConfig(kind="proxy", proxy_space="pixels",
                  num_samples=4, reference_steps=6))  # fmt: skip

@@ -411,7 +411,9 @@ def run_search(
     result = search.run(resume=resume)
     final = None
     if cfg.final_samples > 0:
-        final = _final_eval(ctx, space, cost, result, baseline)
+        peers, forwards = _peer_schedules(ctx, min(space.steps))
+        ledger.record("change_profile:final", forwards)
+        final = _final_eval(ctx, space, cost, result, baseline, peers)
     wall = time.perf_counter() - t_start
     _write_result(
         ctx,
@@ -596,8 +598,23 @@ class FpRowCache:
         write_json_atomic(self.path, self.rows)
 
 
+def _peer_schedules(ctx: SearchContext, k: int) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Each grouping's default schedule at K steps (the plain step reductions a user could pick instead of searching)
+    and the image-forwards a fresh change profile cost (0 when RUN holds it)."""
+    out, forwards = {}, 0
+    for g in GROUPINGS:
+        space, spent = _build_space(replace(ctx, cfg=replace(ctx.cfg, grouping=g)))
+        out[g], forwards = tuple(space.default_timesteps(k)), forwards + spent
+    return out, forwards
+
+
 def _final_eval(
-    ctx: SearchContext, space: SearchSpace, cost: CandidateCost, result: SearchResult, baseline
+    ctx: SearchContext,
+    space: SearchSpace,
+    cost: CandidateCost,
+    result: SearchResult,
+    baseline,
+    peer_schedules: dict[str, tuple[int, ...]],
 ) -> FinalScores:
     """Re-score, on more samples and the same seeds for all: the FP model at full steps and at the search's
     step count on every rule-based schedule (plain step reduction), uniform precision on the default schedule and
@@ -660,12 +677,11 @@ def _final_eval(
             print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")
 
     score(f"fp:{FULL_STEPS}", f"FP, {FULL_STEPS} steps", None, tuple(loaded.schedule.timesteps("uniform", FULL_STEPS)))
-    # plain step reduction on the search's grouping and on the rule-based schedules, so the table shows the
-    # strongest FP peer at K steps
+    # plain step reduction on the search's grouping and on every other rule-based schedule, so the table shows the
+    # strongest FP peer at K steps whatever grouping the search was given
     fp_k = {space.grouping: (f"fp:{k}", tuple(space.default_timesteps(k)))}  # grouping: (row key, schedule)
-    for g in ("quad", "uniform"):
-        ts = tuple(loaded.schedule.timesteps(g, k))
-        if g != space.grouping and ts != fp_k[space.grouping][1]:
+    for g, ts in peer_schedules.items():
+        if g != space.grouping and ts not in [s for _, s in fp_k.values()]:
             fp_k[g] = (f"fp:{k}:{g}", ts)
     for g, (row_key, ts) in fp_k.items():
         score(row_key, f"FP, {k} steps ({g})", None, ts)
