@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tmpq.compressed import CompressedSampler
 from tmpq.errors import TmpqError
 from tmpq.fileio import write_json_atomic
-from tmpq.models.parts import LatentDecoder, PipelineParts, prompt_encoder
+from tmpq.models.parts import LatentDecoder, PipelineParts, prompt_encoder, quiet_load_kwargs
 from tmpq.provenance import file_sha256, provenance
 from tmpq.quant.config import QuantConfig, QuantSpec
 from tmpq.quant.cost import CostModel
@@ -313,7 +313,7 @@ def _load_parts(m: dict, directory: Path) -> PipelineParts:
             raise TmpqError(f"{p['library']} has no class {p['class']!r} (the export's {name}); re-export it") from None
         if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
             raise TmpqError(f"{p['library']}.{p['class']} is not a model or tokenizer class; re-export it")
-        loaded[name] = cls.from_pretrained(str(directory / p["dir"]))
+        loaded[name] = cls.from_pretrained(str(directory / p["dir"]), **quiet_load_kwargs(cls))
     vae_key = next((k for k in ("vae", "vqvae") if k in loaded), None)
     decoder = LatentDecoder(loaded[vae_key], key=vae_key) if vae_key else None
     text = None

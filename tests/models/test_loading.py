@@ -65,6 +65,26 @@ def test_pipeline_dir_loads_with_its_schedule_and_v_prediction_becomes_epsilon(v
     assert torch.allclose(x, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-5)
 
 
+def test_loading_a_pipeline_prints_no_warning_about_accelerate(v_pipeline):
+    """diffusers warns on every model load that `accelerate` is missing (it asks for low-memory loading by default);
+    tmpq asks for that only where accelerate is installed, so a user's output carries no such warning."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("accelerate") is not None:
+        pytest.skip("accelerate is installed: diffusers has nothing to warn about")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("diffusers")  # diffusers' loggers report here and do not propagate to the root
+    log.addHandler(handler)
+    try:
+        load_model(str(v_pipeline))
+    finally:
+        log.removeHandler(handler)
+    assert not [m for m in seen if "accelerate" in m]
+
+
 def test_sample_and_x0_prediction_and_learned_variance(tmp_path):
     d = tmp_path / "p"
     DDPMPipeline(unet=rgb_unet(out_mult=2), scheduler=DDPMScheduler(prediction_type="sample")).save_pretrained(d)

@@ -32,7 +32,7 @@ from tmpq.device import module_device
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import BUILTIN_SCHEDULE, BUILTIN_UNET, load_builtin_unet, load_unet_safetensors
 from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
-from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder, read_prompts
+from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder, quiet_load_kwargs, read_prompts
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.schedules import FlowSchedule, NoiseSchedule, is_flow_config
 
@@ -761,7 +761,7 @@ def _component(spec: str, subfolder: str | None, library: str, class_name: str, 
         _refuse_pickle(spec, Path(spec), subfolder)
         kwargs["use_safetensors"] = True
     try:
-        return cls.from_pretrained(spec, **kwargs)
+        return cls.from_pretrained(spec, **kwargs, **quiet_load_kwargs(cls))
     except (OSError, ValueError) as e:
         if has_weights and not Path(spec).exists() and ".safetensors" in str(e):
             problem = "has no .safetensors weights in its Hub repository"

@@ -6,6 +6,7 @@ super-network cannot reach them. Each does one job: turn latents into images, or
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,3 +240,12 @@ def read_prompts(path: str | Path | None = None) -> tuple[str, ...]:
     if not prompts:
         raise TmpqError(f"{where} holds no prompts; write one prompt per line")
     return prompts
+
+
+def quiet_load_kwargs(cls: type) -> dict:
+    """Keyword arguments for `cls.from_pretrained` that keep a diffusers model's load silent: diffusers asks for
+    low-memory loading by default and, without `accelerate`, warns on every load that it cannot; tmpq asks for it
+    only where `accelerate` is installed, so users see no warning about a package they did not ask for."""
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("diffusers"):
+        return {"low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+    return {}
