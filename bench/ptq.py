@@ -6,6 +6,7 @@ as they finish, so an interrupted run resumes; the calibration set and super-net
 
     .venv/bin/python bench/ptq.py --num-samples 1000 --out runs/ptq
     .venv/bin/python bench/ptq.py --format8 fp8_e4m3 --configs W8A8 --out runs/ptq_fp8   # float8 8-bit candidates
+    .venv/bin/python bench/ptq.py --no-bias-correction --out runs/ptq_nearest              # nearest rounding
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def main(
     recon_preset: Annotated[str, typer.Option(help="demo | paper")] = "demo",
     recon_iters: Annotated[int | None, typer.Option(help="override the preset's iterations")] = None,
     format8: Annotated[str, typer.Option(help="8-bit candidates: int8 | fp8_e4m3")] = "int8",
+    bias_correction: Annotated[
+        bool, typer.Option("--bias-correction/--no-bias-correction", help="bias-corrected rounding (QuantSpec)")
+    ] = QuantSpec.bias_correction,
     out: Path = Path("runs/ptq"),
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
@@ -93,7 +97,7 @@ def main(
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
-    spec = QuantSpec(format8=format8)
+    spec = QuantSpec(format8=format8, bias_correction=bias_correction)
     if reconstruction != "none":
         spec = spec.with_reconstruction(reconstruction, recon_preset)
         spec = spec if recon_iters is None else replace(spec, recon_iters=recon_iters)
@@ -109,7 +113,7 @@ def main(
             path = out / "rows" / f"{label}_{schedule}{n}_{num_samples}_{seed}.json"
             if path.is_file():  # reuse a row only if it was made with this spec and sampling config
                 row = json.loads(path.read_text())
-                if row["quant_spec"] == json.loads(json.dumps(spec.to_dict())) and row["config"] == json.loads(
+                if QuantSpec.from_dict(row["quant_spec"]) == spec and row["config"] == json.loads(
                     json.dumps(asdict(cfg))
                 ):
                     rows.append(row)
@@ -143,7 +147,7 @@ def main(
         )
     recon = cal["supernet_detail"].get("reconstruction")
     how = (
-        "range-only"
+        ("range-only, bias-corrected rounding" if spec.bias_correction else "range-only, nearest rounding")
         if recon is None
         else (
             f"{recon['method']} ({recon['iters']} iterations x batch {recon['batch']} per unit and width, on "

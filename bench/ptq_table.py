@@ -4,7 +4,7 @@ Each folder is one `bench/ptq.py --out` (one reconstruction method; every schedu
 and schedule; columns: FP at the same steps (from whichever folder has it), then each method's FID with its change
 against FP. A second table gives each method's calibration cost as the run recorded it.
 
-    .venv/bin/python bench/ptq_table.py runs/ptq_v2_range runs/ptq_v2_adaround runs/ptq_v2_brecq
+    .venv/bin/python bench/ptq_table.py runs/ptq_v2_range runs/ptq_v2_range_bc runs/ptq_v2_adaround runs/ptq_v2_brecq
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ NAMES = {None: "range-only", "adaround": "AdaRound", "brecq": "BRECQ"}
 
 
 def _method(folder: Path) -> str:
+    """The calibration a folder's super-network had: its method, and the rounding it started from."""
     detail = json.loads((folder / "calibration.json").read_text())["supernet_detail"]
     recon = detail.get("reconstruction")
-    return NAMES.get(None if recon is None else recon["method"], str(recon))
+    name = NAMES.get(None if recon is None else recon["method"], str(recon))
+    start = "bias-corrected" if "bias_correction" in detail else "nearest"
+    return f"{name}, {start} rounding" if recon is None else f"{name} (from {start} rounding)"
 
 
 def _rows(folder: Path, steps: int, samples: int, seed: int) -> dict[tuple[str, str], dict]:

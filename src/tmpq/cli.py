@@ -134,6 +134,13 @@ ReconOpt = Annotated[
     ),
 ]
 ReconPresetOpt = Annotated[str, typer.Option(help="reconstruction cost: demo (2 CPU cores) | paper (20k iterations)")]
+BiasCorrectionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--bias-correction/--no-bias-correction",
+        help="round weights so each output channel's error on the mean calibration input cancels (docs/search.md)",
+    ),
+]
 ReconItersOpt = Annotated[int | None, typer.Option(help="override the preset's iterations per unit and width")]
 Format8Opt = Annotated[
     str,
@@ -488,6 +495,7 @@ def calibrate(
     reconstruction: ReconOpt = "none",
     recon_preset: ReconPresetOpt = "demo",
     recon_iters: ReconItersOpt = None,
+    bias_correction: BiasCorrectionOpt = QuantSpec.bias_correction,
     format8: Format8Opt = "int8",
     prompts: PromptsOpt = None,
     classes: ClassesOpt = None,
@@ -502,7 +510,7 @@ def calibrate(
     from tmpq.quant.prepare import prepare_supernet
 
     _threads(threads)
-    spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8)
+    spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8, bias_correction)
     loaded = _load(model, prompts, guidance_scale, classes, image_size, true_cfg_scale).to(resolve_device(device))
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
@@ -511,13 +519,15 @@ def calibrate(
     typer.echo(f"  FP: {sn.cost.macs / 1e6:.1f} MMACs per forward; saved in {run_dir / 'supernet'}")
 
 
-def _quant_spec(w_bits: str, a_bits: str, reconstruction: str, preset: str, iters: int | None, format8: str):
+def _quant_spec(
+    w_bits: str, a_bits: str, reconstruction: str, preset: str, iters: int | None, format8: str, bias_correction: bool
+):
     from tmpq.quant import QuantSpec
 
     if reconstruction not in ("none", "adaround", "brecq"):
         raise TmpqError(f"--reconstruction must be none, adaround or brecq, got {reconstruction!r}")
     w, a = parse_ints(w_bits, "--w-bits"), parse_ints(a_bits, "--a-bits")
-    spec = QuantSpec(w_bits=w, a_bits=a, format8=format8)
+    spec = QuantSpec(w_bits=w, a_bits=a, format8=format8, bias_correction=bias_correction)
     if reconstruction == "none":
         return spec
     spec = spec.with_reconstruction(reconstruction, preset)
@@ -600,6 +610,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         reconstruction: ReconOpt = "none",
         recon_preset: ReconPresetOpt = "demo",
         recon_iters: ReconItersOpt = None,
+        bias_correction: BiasCorrectionOpt = QuantSpec.bias_correction,
         format8: Format8Opt = "int8",
         seed: int = 0,
         fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,
@@ -651,7 +662,7 @@ def _search_command(full: bool) -> Callable[..., None]:
                 reference_steps=proxy_reference_steps,
             ),
             calib=CalibConfig(calib_samples, calib_steps),
-            quant=_quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8),
+            quant=_quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8, bias_correction),
             final_samples=final_samples,
             final_top=final_top,
             fid_reference=fid_reference,

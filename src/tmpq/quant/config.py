@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
+from typing import Any
 
 from tmpq.errors import TmpqError
 from tmpq.quant.primitives import FORMATS_8BIT, MAX_BITS
@@ -60,6 +61,9 @@ class QuantSpec(DictConfig):
     # what every 8-bit candidate (weights and activations, pins included) is: "int8" affine codes, or "fp8_e4m3"
     # (per-channel weight / per-tensor activation scales, no rounding to learn: reconstruction skips it)
     format8: str = "int8"
+    # round weights so that each output channel's error on the layer's mean calibration input cancels
+    # (quant/bias_correction.py): without it the built-in model's 8-bit last layer shifts ε̂ by +0.007 everywhere
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _bits_tuple(self.w_bits, "weight"))
@@ -91,6 +95,12 @@ class QuantSpec(DictConfig):
         for name in ("recon_iters", "recon_batch", "recon_rows"):
             if getattr(self, name) < 1:
                 raise TmpqError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')})")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        """As DictConfig's; a spec recorded before `bias_correction` existed rounded to nearest, so it reads as
+        False (its super-network and exports hold uncorrected codes), not as today's default."""
+        return super().from_dict({"bias_correction": False, **d})
 
     def with_reconstruction(self, method: str | None, preset: str = "demo") -> QuantSpec:
         """This spec with `method` ("adaround", "brecq", or None for range-only) at a cost preset: `demo` fits
