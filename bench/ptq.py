@@ -88,7 +88,7 @@ def main(
     format8: Annotated[str, typer.Option(help="8-bit candidates: int8 | fp8_e4m3")] = "int8",
     bias_correction: Annotated[
         bool, typer.Option("--bias-correction/--no-bias-correction", help="bias-corrected rounding (QuantSpec)")
-    ] = QuantSpec.bias_correction,
+    ] = True,
     out: Path = Path("runs/ptq"),
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
@@ -147,7 +147,11 @@ def main(
         )
     recon = cal["supernet_detail"].get("reconstruction")
     how = (
-        ("range-only, bias-corrected rounding" if spec.bias_correction else "range-only, nearest rounding")
+        (
+            f"range-only, bias-corrected rounding of {list(spec.bias_correction)}"
+            if spec.bias_correction
+            else "range-only, nearest rounding"
+        )
         if recon is None
         else (
             f"{recon['method']} ({recon['iters']} iterations x batch {recon['batch']} per unit and width, on "

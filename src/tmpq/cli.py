@@ -138,7 +138,7 @@ BiasCorrectionOpt = Annotated[
     bool,
     typer.Option(
         "--bias-correction/--no-bias-correction",
-        help="round weights so each output channel's error on the mean calibration input cancels (docs/search.md)",
+        help="bias-correct the output layer's rounding (its offset is eps-hat's own); off: nearest everywhere",
     ),
 ]
 ReconItersOpt = Annotated[int | None, typer.Option(help="override the preset's iterations per unit and width")]
@@ -495,7 +495,7 @@ def calibrate(
     reconstruction: ReconOpt = "none",
     recon_preset: ReconPresetOpt = "demo",
     recon_iters: ReconItersOpt = None,
-    bias_correction: BiasCorrectionOpt = QuantSpec.bias_correction,
+    bias_correction: BiasCorrectionOpt = True,
     format8: Format8Opt = "int8",
     prompts: PromptsOpt = None,
     classes: ClassesOpt = None,
@@ -610,7 +610,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         reconstruction: ReconOpt = "none",
         recon_preset: ReconPresetOpt = "demo",
         recon_iters: ReconItersOpt = None,
-        bias_correction: BiasCorrectionOpt = QuantSpec.bias_correction,
+        bias_correction: BiasCorrectionOpt = True,
         format8: Format8Opt = "int8",
         seed: int = 0,
         fresh: Annotated[bool, typer.Option(help="ignore a saved search state and start over")] = False,

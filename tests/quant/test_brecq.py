@@ -18,7 +18,7 @@ def _spec(small_spec: QuantSpec, **kw) -> QuantSpec:
 @pytest.fixture(scope="module")
 def pair(make_denoiser, calib, small_spec):
     """Range-only with nearest rounding (what reconstruction improves on), and BRECQ."""
-    plain = build_supernet(make_denoiser(), calib, replace(small_spec, bias_correction=False), progress=False)
+    plain = build_supernet(make_denoiser(), calib, replace(small_spec, bias_correction=()), progress=False)
     learned = build_supernet(make_denoiser(), calib, _spec(small_spec), progress=False)
     return plain, learned
 
@@ -57,7 +57,7 @@ def test_learned_rounding_and_steps_lower_the_block_error_at_every_width(pair, m
     for a in small_spec.a_bits:
         assert _block_errors(learned, calib, None, a) < _block_errors(plain, calib, None, a), f"A{a}"
     info = learned.calibration_info["reconstruction"]
-    assert info["method"] == "brecq" and info["blocks"] > 0 and info["median_error_ratio"] > 0
+    assert info["method"] == "brecq" and info["blocks"] > 0 and info["median_error_ratio"] >= 1.0
     assert info["act_iters"] == 10  # a quarter of the weight iterations, as the reference's 5,000 / 20,000
 
 

@@ -97,7 +97,7 @@ def test_fp8_supernet_holds_e4m3_codes_and_keeps_integer_widths(fp8_net, make_de
 def test_reconstruction_learns_integer_widths_only(make_denoiser, calib, fp8_spec, fp8_net, method):
     """e4m3 has no integer rounding to learn: its codes stay the nearest ones, the integer widths move."""
     # learning starts from nearest rounding here, so any learned code shows as a move
-    spec = replace(fp8_spec, reconstruction=method, recon_iters=20, recon_batch=2, recon_rows=4, bias_correction=False)
+    spec = replace(fp8_spec, reconstruction=method, recon_iters=20, recon_batch=2, recon_rows=4, bias_correction=())
     sn = build_supernet(make_denoiser(), calib, spec, progress=False)
     moved = 0
     for name, unit in sn.units.items():

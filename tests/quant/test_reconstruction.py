@@ -42,7 +42,7 @@ def _unit_error(sn, calib, bits: int) -> float:
 @pytest.fixture(scope="module")
 def pair(make_denoiser, calib, small_spec):
     """Range-only with nearest rounding (what learned rounding improves on), and AdaRound."""
-    plain = build_supernet(make_denoiser(), calib, replace(small_spec, bias_correction=False), progress=False)
+    plain = build_supernet(make_denoiser(), calib, replace(small_spec, bias_correction=()), progress=False)
     learned = build_supernet(make_denoiser(), calib, _spec(small_spec), progress=False)
     return plain, learned
 
@@ -52,7 +52,7 @@ def test_learned_rounding_lowers_the_output_error_at_every_width(pair, calib, sm
     for b in small_spec.w_bits:
         assert _unit_error(learned, calib, b) < _unit_error(plain, calib, b), b
     info = learned.calibration_info["reconstruction"]
-    assert info["method"] == "adaround" and info["units"] > 0 and info["median_error_ratio"] > 0
+    assert info["method"] == "adaround" and info["units"] > 0 and info["median_error_ratio"] >= 1.0
 
 
 def test_learned_codes_lower_the_model_error_at_low_width(pair, probe, small_spec):

@@ -61,15 +61,23 @@ class QuantSpec(DictConfig):
     # what every 8-bit candidate (weights and activations, pins included) is: "int8" affine codes, or "fp8_e4m3"
     # (per-channel weight / per-tensor activation scales, no rounding to learn: reconstruction skips it)
     format8: str = "int8"
-    # round weights so that each output channel's error on the layer's mean calibration input cancels
-    # (quant/bias_correction.py): without it the built-in model's 8-bit last layer shifts ε̂ by +0.007 everywhere
-    bias_correction: bool = True
+    # layers (name patterns) whose rounding is bias-corrected (quant/bias_correction.py): the output layer, whose
+    # offset is ε̂'s own (the built-in model's 8-bit conv_out shifted ε̂ by +0.007 at every timestep); () rounds every
+    # layer to nearest. Inner layers are left alone: correcting them by rounding raised the W4 error (docs/search.md)
+    bias_correction: tuple[str, ...] = ("*conv_out",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _bits_tuple(self.w_bits, "weight"))
         object.__setattr__(self, "a_bits", _bits_tuple(self.a_bits, "activation"))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if isinstance(self.bias_correction, bool):  # True: the default layers; False: none
+            object.__setattr__(self, "bias_correction", QuantSpec.bias_correction if self.bias_correction else ())
+        if isinstance(self.bias_correction, str) or not all(isinstance(p, str) for p in self.bias_correction):
+            raise TmpqError(
+                f"bias_correction takes layer-name patterns (e.g. ('*conv_out',)), got {self.bias_correction!r}"
+            )
+        object.__setattr__(self, "bias_correction", tuple(self.bias_correction))
         raw = [(p, *wa) for p, wa in self.pin.items()] if isinstance(self.pin, Mapping) else self.pin
 
         def opt(v):
@@ -98,9 +106,9 @@ class QuantSpec(DictConfig):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
-        """As DictConfig's; a spec recorded before `bias_correction` existed rounded to nearest, so it reads as
-        False (its super-network and exports hold uncorrected codes), not as today's default."""
-        return super().from_dict({"bias_correction": False, **d})
+        """As DictConfig's; a spec recorded before `bias_correction` existed rounded every layer to nearest, so it
+        reads as () (its super-network and exports hold uncorrected codes), not as today's default."""
+        return super().from_dict({"bias_correction": (), **d})
 
     def with_reconstruction(self, method: str | None, preset: str = "demo") -> QuantSpec:
         """This spec with `method` ("adaround", "brecq", or None for range-only) at a cost preset: `demo` fits
@@ -116,6 +124,10 @@ class QuantSpec(DictConfig):
 
     def selects(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
+
+    def corrects(self, name: str) -> bool:
+        """Whether layer `name`'s rounding is bias-corrected."""
+        return any(fnmatchcase(name, p) for p in self.bias_correction)
 
     def pinned(self, name: str) -> tuple[int | None, int | None] | None:
         for p, w, a in self.pin:

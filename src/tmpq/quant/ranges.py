@@ -33,13 +33,12 @@ def calibrate_ranges(sn: SuperNet, calib: CalibrationSet, batch_size: int = 64, 
     quantizers = [q for q in sn.quantizers() if q.candidates]  # a pinned-FP input needs no ranges
     for q in quantizers:
         q.start_observing(sn.spec.act_max_values)
-    corrected = [u for u in weight_units if sn.spec.bias_correction and _correctable(u)]
-    sums: dict[str, list] = {u.name: [0.0, 0] for u in corrected}
+    corrected = [u for u in weight_units if sn.spec.corrects(u.name) and _correctable(u)]
+    sums: dict[str, list] = {u.name: [0.0, 0.0, 0] for u in corrected}
 
     def add_input(unit, args) -> None:
-        total, n = sum_input(unit.base, args[0])
-        sums[unit.name][0] += total
-        sums[unit.name][1] += n
+        for i, v in enumerate(sum_input(unit.base, args[0])):
+            sums[unit.name][i] += v
 
     hooks = [u.register_forward_pre_hook(add_input) for u in corrected]
     try:
@@ -57,9 +56,9 @@ def calibrate_ranges(sn: SuperNet, calib: CalibrationSet, batch_size: int = 64, 
             q.observers = None
     t2 = time.perf_counter()
     for u in corrected:
-        total, n = sums[u.name]
+        total, squares, n = sums[u.name]
         if n:
-            _correct_codes(u, total / n)
+            _correct_codes(u, total / n, squares / n)
     sn.calibrated = True
     sn.calibration_info = {
         "calib_config": {**calib.config.__dict__},
@@ -70,7 +69,7 @@ def calibrate_ranges(sn: SuperNet, calib: CalibrationSet, batch_size: int = 64, 
     if sn.spec.bias_correction:
         sn.calibration_info["bias_correction"] = {
             "layers": len(corrected),
-            "skipped": len(weight_units) - len(corrected),
+            "patterns": list(sn.spec.bias_correction),
             "s": round(time.perf_counter() - t2, 3),
         }
     return sn.calibration_info
@@ -80,11 +79,12 @@ def _correctable(unit) -> bool:
     return input_mean_shape_ok(unit.base) and any(unit.weight_format(b) == "int" for b in unit.w_candidates)
 
 
-def _correct_codes(unit, mean: torch.Tensor) -> None:
-    """Every integer width's codes of `unit`, re-rounded so their output offset on the mean input is smallest."""
+def _correct_codes(unit, mean: torch.Tensor, second: torch.Tensor) -> None:
+    """Every integer width's codes of `unit`, re-rounded where that lowers the expected output error (the offset on
+    the mean input against the per-weight error on the input's variance)."""
     for b in unit.w_candidates:
         if unit.weight_format(b) != "int":
             continue  # e4m3 codes are not a rounding of one affine grid
         codes, scale, zp = unit.weight_codes(b)
-        fixed = balance_codes(unit.base.weight, codes, scale, zp, b, mean)
+        fixed = balance_codes(unit.base.weight, codes, scale, zp, b, mean, second)
         unit.register_buffer(f"w{b}_codes", fixed, persistent=False)
