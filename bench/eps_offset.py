@@ -27,6 +27,7 @@ from tmpq.evaluate import EvalConfig, evaluate, reference_metric
 from tmpq.models.loading import load_model
 from tmpq.quant import CalibConfig, QuantSpec
 from tmpq.quant.prepare import prepare_supernet
+from tmpq.search.config import precision_of
 
 
 class Offset(nn.Module):
@@ -78,7 +79,7 @@ def main(
     threads: int = 1,
 ) -> None:
     torch.set_num_threads(threads)
-    wa = [(int(c[1]), int(c[3])) for c in configs.upper().split(",") if c != "FP"]
+    wa = [precision_of(c) for c in configs.upper().split(",") if c != "FP"]
     if probe_only:
         return probe(out, wa)
     loaded = load_model("builtin:fashion")
@@ -89,7 +90,7 @@ def main(
         if label == "FP":
             sn.set_fp()
         else:
-            sn.set_config(sn.uniform_config(int(label[1]), int(label[3])))
+            sn.set_config(sn.uniform_config(*precision_of(label)))
         for c in (float(v) for v in offsets.split(",")):
             cfg = EvalConfig(model="builtin:fashion", steps=steps, schedule="uniform", num_samples=num_samples)
             with torch.no_grad():

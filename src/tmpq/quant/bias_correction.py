@@ -24,7 +24,7 @@ from tmpq.quant.primitives import qmax
 
 
 def input_mean_shape_ok(base: nn.Module) -> bool:
-    """Whether `mean_input` can describe what `base`'s weight multiplies: Linear, or a zero-padded ungrouped Conv2d
+    """Whether `sum_input` can describe what `base`'s weight multiplies: Linear, or a zero-padded ungrouped Conv2d
     with integer padding (diffusers' UNets and transformers use only these)."""
     if isinstance(base, nn.Linear):
         return True

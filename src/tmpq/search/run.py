@@ -162,6 +162,16 @@ def _build_fitness(ctx: SearchContext, space: SearchSpace | None) -> tuple[Sampl
     return fitness, forwards
 
 
+def _grouping_schedules(ctx: SearchContext, k: int) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Each grouping's default schedule at K steps (the plain step reductions a user could pick instead of searching),
+    and {"change_profile:<grouping>": image-forwards} for a change profile made now (0 when RUN holds it)."""
+    schedules, spent = {}, {}
+    for g in GROUPINGS:
+        space, spent[f"change_profile:{g}"] = _build_space(replace(ctx, cfg=replace(ctx.cfg, grouping=g)))
+        schedules[g] = tuple(space.default_timesteps(k))
+    return schedules, spent
+
+
 def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, GroupingChoice | None, dict]:
     """`ctx` with a concrete grouping. For --grouping auto, the FP model samples each grouping's default schedule at
     the search's smallest step count, from the fitness seeds, and is scored by the search's own fitness; the best
@@ -176,10 +186,10 @@ def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, GroupingChoice 
 
     def score() -> dict:
         fitness, spent["proxy_reference"] = _build_fitness(ctx, None)
+        defaults, profiles = _grouping_schedules(ctx, k)
+        spent.update(profiles)
         scores, schedules = {}, {}
-        for g in GROUPINGS:
-            space, spent[f"change_profile:{g}"] = _build_space(replace(ctx, cfg=replace(cfg, grouping=g)))
-            ts = space.default_timesteps(k)
+        for g, ts in defaults.items():
             images = fitness.fp_samples(ts)
             spent["grouping_choice"] = spent.get("grouping_choice", 0) + cfg.fitness.num_samples * len(ts)
             value = fitness.distance(images) if cfg.fitness.kind == "proxy" else metric.score(images).fid
@@ -411,8 +421,9 @@ def run_search(
     result = search.run(resume=resume)
     final = None
     if cfg.final_samples > 0:
-        peers, forwards = _peer_schedules(ctx, min(space.steps))
-        ledger.record("change_profile:final", forwards)
+        peers, profiles = _grouping_schedules(ctx, min(space.steps))
+        for what, forwards in profiles.items():
+            ledger.record(what, forwards)
         final = _final_eval(ctx, space, cost, result, baseline, peers)
     wall = time.perf_counter() - t_start
     _write_result(
@@ -596,16 +607,6 @@ class FpRowCache:
     def put(self, timesteps, row: dict) -> None:
         self.rows[self._key(timesteps)] = row
         write_json_atomic(self.path, self.rows)
-
-
-def _peer_schedules(ctx: SearchContext, k: int) -> tuple[dict[str, tuple[int, ...]], int]:
-    """Each grouping's default schedule at K steps (the plain step reductions a user could pick instead of searching)
-    and the image-forwards a fresh change profile cost (0 when RUN holds it)."""
-    out, forwards = {}, 0
-    for g in GROUPINGS:
-        space, spent = _build_space(replace(ctx, cfg=replace(ctx.cfg, grouping=g)))
-        out[g], forwards = tuple(space.default_timesteps(k)), forwards + spent
-    return out, forwards
 
 
 def _final_eval(
