@@ -2,11 +2,14 @@
 
 Calibrates the super-network once (every candidate width), then evaluates FP and each uniform setting
 at each step count, with the same seeds and sample count for every row. Rows are written to OUT/rows/
-as they finish, so an interrupted run resumes; the calibration set and super-network are reused too.
+as they finish, so an interrupted run resumes; the calibration set and super-network are reused too. Each quantized
+row is also compared with the FP row's images from the same seeds (`fidelity`: FID to FP and PSNR to FP), the FP
+images being kept with the FP row (in OUT, or in the `--fp-from` folder of another run on the same model).
 
     .venv/bin/python bench/ptq.py --num-samples 1000 --out runs/ptq
     .venv/bin/python bench/ptq.py --format8 fp8_e4m3 --configs W8A8 --out runs/ptq_fp8   # float8 8-bit candidates
     .venv/bin/python bench/ptq.py --no-bias-correction --out runs/ptq_nearest              # nearest rounding
+    .venv/bin/python bench/ptq.py --configs W8A8 --fp-from runs/ptq --out runs/ptq_w8      # FP images of runs/ptq
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import typer
 
 from tmpq.errors import TmpqError
-from tmpq.evaluate import EvalConfig, evaluate, reference_metric
+from tmpq.evaluate import IMAGES, EvalConfig, evaluate, reference_metric, saved_images
 from tmpq.fileio import write_json_atomic
 from tmpq.models.loading import load_model
 from tmpq.quant import CalibConfig, QuantSpec, SuperNet, quantize_
@@ -90,6 +93,9 @@ def main(
         bool, typer.Option("--bias-correction/--no-bias-correction", help="bias-corrected rounding (QuantSpec)")
     ] = True,
     out: Path = Path("runs/ptq"),
+    fp_from: Annotated[
+        list[Path] | None, typer.Option(help="other bench/ptq.py folders whose FP rows' images to compare against")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
     if threads:
@@ -107,11 +113,22 @@ def main(
     fp100 = sn.cost.bitops(None, 100)
     rows = []
     for n in (int(s) for s in steps.split(",")):
-        for label in configs.split(","):
+        fp_images = None
+        for label in ["FP"] + [c for c in configs.split(",") if c.upper() != "FP"]:
             wa = _parse(label)
             cfg = EvalConfig(model=model, steps=n, schedule=schedule, num_samples=num_samples, seed=seed)
-            path = out / "rows" / f"{label}_{schedule}{n}_{num_samples}_{seed}.json"
-            if path.is_file():  # reuse a row only if it was made with this spec and sampling config
+            name = f"{label}_{schedule}{n}_{num_samples}_{seed}"
+            path = out / "rows" / f"{name}.json"
+            if wa is None:  # FP: its images are what every quantized row is compared with
+                fp_row = next(
+                    (d / "rows" / name for d in [out, *(fp_from or [])] if (d / "rows" / name / IMAGES).is_file()), None
+                )
+                if fp_row is not None:
+                    fp_images = saved_images(fp_row)
+                    if fp_row == path.with_suffix("") and path.is_file() and "FP" in configs.upper().split(","):
+                        rows.append(json.loads(path.read_text()))
+                    continue
+            elif path.is_file():  # reuse a row only if it was made with this spec and sampling config
                 row = json.loads(path.read_text())
                 if QuantSpec.from_dict(row["quant_spec"]) == spec and row["config"] == json.loads(
                     json.dumps(asdict(cfg))
@@ -121,7 +138,16 @@ def main(
             qc = None if wa is None else sn.uniform_config(*wa)
             sn.set_fp() if qc is None else sn.set_config(qc)
             with torch.no_grad():
-                res = evaluate(cfg, path.with_suffix(""), loaded=qloaded, metric=metric).to_json()
+                res = evaluate(
+                    cfg,
+                    path.with_suffix(""),
+                    loaded=qloaded,
+                    metric=metric,
+                    compare_to=fp_images,
+                    save_images=wa is None,
+                ).to_json()
+            if wa is None:
+                fp_images = saved_images(path.with_suffix(""))
             res |= {
                 "label": label,
                 "quant_config": None if qc is None else json.loads(qc.to_json()),
@@ -132,16 +158,23 @@ def main(
             }
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(res, indent=2))
-            rows.append(res)
-            typer.echo(f"{label:5s} {n:4d} steps: FID {res['fid']:.2f}  IS {res['inception_score']:.3f}", err=True)
+            if wa is not None or "FP" in configs.upper().split(","):
+                rows.append(res)
+            to_fp = f"  FID to FP {res['fidelity']['fid']:.2f}" if res["fidelity"] else ""
+            typer.echo(
+                f"{label:5s} {n:4d} steps: FID {res['fid']:.2f}  IS {res['inception_score']:.3f}{to_fp}", err=True
+            )
     lines = [
-        "| precision | steps | FID ↓ | IS ↑ | GBitOPs / image | vs FP-100 | size (MB) | sampling s / 1k images |",
-        "|:---|---:|---:|---:|---:|---:|---:|---:|",
+        "| precision | steps | FID ↓ | FID to FP ↓ | PSNR to FP dB ↑ | IS ↑ | GBitOPs / image | vs FP-100 | size (MB) "
+        "| sampling s / 1k images |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        c = r["config"]
+        c, fid_fp = r["config"], r.get("fidelity")
+        to_fp = f"{fid_fp['fid']:.2f} | {fid_fp['psnr_db']:.1f}" if fid_fp else "— | —"
         lines.append(
-            f"| {r['label']} | {c['steps']} | {r['fid']:.2f} | {r['inception_score']:.3f} | {r['bitops'] / 1e9:.1f} "
+            f"| {r['label']} | {c['steps']} | {r['fid']:.2f} | {to_fp} | {r['inception_score']:.3f} "
+            f"| {r['bitops'] / 1e9:.1f} "
             f"| {r['bitops_vs_fp100']:.4f} | {r['size_mb']:.3f} "
             f"| {r['sample_wall_s'] / c['num_samples'] * 1000:.1f} |"
         )

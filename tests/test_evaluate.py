@@ -4,12 +4,13 @@ makes; the FID halves (the error bar) come with every result."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tmpq.errors import TmpqError
-from tmpq.evaluate import PARTIAL, EvalConfig, evaluate
+from tmpq.evaluate import PARTIAL, EvalConfig, evaluate, saved_images
 from tmpq.metrics.fid import QualityMetric
 from tmpq.models.denoiser import UNetDenoiser
 from tmpq.models.loading import LoadedModel
@@ -109,3 +110,23 @@ def test_batches_of_other_weights_at_the_same_path_are_not_reused(tiny_unet, met
     monkeypatch.setattr(ev, "generate", lambda *a, **k: spy.append(a[4]) or real_generate(*a, **k))
     evaluate(cfg, tmp_path / "run", loaded=loaded, metric=metric, progress=False)
     assert spy == [0, 3]
+
+
+def test_fidelity_to_another_sampler_on_the_same_seeds(loaded, metric, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
+    cfg = EvalConfig(model="tiny", steps=2, schedule="uniform", num_samples=10, batch_size=5)
+    fp = evaluate(cfg, tmp_path / "fp", loaded=loaded, metric=metric, progress=False, save_images=True)
+    assert fp.fidelity is None
+    images = saved_images(tmp_path / "fp")
+    assert images.shape == (10, 1, 32, 32)
+    same = evaluate(cfg, None, loaded=loaded, metric=metric, progress=False, compare_to=images)
+    assert same.fidelity["fid"] < 1e-3 and same.fidelity["psnr_db"] > 100  # the same images
+    other = replace(cfg, steps=3)  # another sampler on the same seeds
+    moved = evaluate(other, None, loaded=loaded, metric=metric, progress=False, compare_to=images).fidelity
+    assert moved["fid"] > 1.0 and 0 < moved["psnr_db"] < 60
+    with pytest.raises(TmpqError, match="same seeds and sample count"):
+        evaluate(replace(cfg, num_samples=4), None, loaded=loaded, metric=metric, compare_to=images)
+    with pytest.raises(TmpqError, match="give an output directory"):
+        evaluate(cfg, None, loaded=loaded, metric=metric, save_images=True)
+    with pytest.raises(TmpqError, match="save_images=True"):
+        saved_images(tmp_path / "nothing")

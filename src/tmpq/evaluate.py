@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -74,6 +75,9 @@ class EvalResult:
     score_wall_s: float
     image_forwards: int
     provenance: dict = field(default_factory=dict)
+    # against another sampler's images from the same seeds (`evaluate(compare_to=...)`): "fid" (FID between the two
+    # sets) and "psnr_db" (per image, averaged; images in [-1, 1], peak-to-peak 2); None when not asked
+    fidelity: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,10 +94,22 @@ def reference_metric(reference: str) -> QualityMetric:
     return QualityMetric(reference=lambda: load_image_folder(folder), reference_key=f"folder:{folder.resolve()}")
 
 
+IMAGES = "images.safetensors"
+"""Where `evaluate(save_images=True)` keeps the images it scored (float32, key "images"), for `compare_to`."""
+
 PARTIAL = "tmpq_partial"
 """Where `evaluate` keeps the batches sampled so far (OUT/tmpq_partial/), so a killed run resumes; removed when
 done. A folder of that name that `evaluate` did not write is never touched."""
 _PARTIAL_STAMP = "evaluate.json"
+
+
+def saved_images(out_dir: Path | str) -> torch.Tensor:
+    """The images an `evaluate(..., save_images=True)` into `out_dir` scored: what `compare_to` takes."""
+    path = Path(out_dir) / IMAGES
+    try:
+        return load_file(str(path))["images"]
+    except (OSError, KeyError, SafetensorError) as e:
+        raise TmpqError(f"{path} holds no saved images ({e}); evaluate that sampler with save_images=True") from None
 
 
 def _clear_batches(partial: Path) -> None:
@@ -158,11 +174,23 @@ def evaluate(
     metric: QualityMetric | None = None,
     progress: bool = True,
     device: str = "cpu",
+    compare_to: torch.Tensor | None = None,
+    save_images: bool = False,
 ) -> EvalResult:
     """Generate cfg.num_samples images (sample i from seed cfg.seed + i) on `device`, score FID/IS, write eval.json
     + grid. The device is recorded with the result: samples differ across devices by float rounding. With `out_dir`,
-    an unconditional model's batches are kept as they finish, so re-running a killed evaluation resumes it."""
+    an unconditional model's batches are kept as they finish, so re-running a killed evaluation resumes it.
+
+    `compare_to`: another sampler's images from the same seeds (e.g. the FP model's, kept by `save_images`, which
+    writes OUT/images.safetensors); the result's `fidelity` then says how far this sampler is from that one."""
     metric = metric or reference_metric(cfg.reference)
+    if compare_to is not None and compare_to.shape[0] != cfg.num_samples:
+        raise TmpqError(
+            f"compare_to holds {compare_to.shape[0]} images, this evaluation makes {cfg.num_samples}; compare samplers "
+            "on the same seeds and sample count"
+        )
+    if save_images and out_dir is None:
+        raise TmpqError("save_images writes OUT/images.safetensors: give an output directory")
     target = resolve_device(device)
     if cfg.compressed is not None:
         from tmpq.export import MANIFEST, TENSORS, load
@@ -204,6 +232,13 @@ def evaluate(
     halves = None
     if half >= 2:
         halves = (metric.fid(images[:half]), metric.fid(images[half:]))
+    fidelity = None
+    if compare_to is not None:
+        if compare_to.shape != images.shape:
+            raise TmpqError(f"compare_to images are {tuple(compare_to.shape)}, this sampler's {tuple(images.shape)}")
+        ref = compare_to.float().clamp(-1, 1)
+        mse = (images.float().clamp(-1, 1) - ref).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        fidelity = {"fid": metric.fid_between(images, ref), "psnr_db": float((10 * torch.log10(4 / mse)).mean())}
     t2 = time.time()
     result = EvalResult(
         config=cfg,
@@ -217,10 +252,14 @@ def evaluate(
         image_forwards=cfg.num_samples * len(timesteps),
         provenance=provenance()
         | {"inputs_sha256": hashes, "feature_space": scores.feature_space, "device": device_name(target)},
+        fidelity=fidelity,
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", nrow=8)
+        if save_images:
+            save_file({"images": images.contiguous()}, str(out / "images.safetensors.tmp"))
+            (out / "images.safetensors.tmp").replace(out / IMAGES)
         write_json_atomic(out / "eval.json", result.to_json(), indent=2)
         if (out / PARTIAL / _PARTIAL_STAMP).is_file():  # ours: the batches, then the stamp, then the folder
             _clear_batches(out / PARTIAL)

@@ -74,3 +74,16 @@ def test_nan_images_and_bad_feature_space(test_split, tmp_path):
         QualityMetric(reference=lambda: x, reference_key="k", feature_space="inception", cache_dir=tmp_path)
     with pytest.raises(TmpqError, match="32, 32"):
         metric.fid(torch.zeros(4, 1, 28, 28))
+
+
+def test_fid_between_two_sets_is_the_fid_with_the_second_as_reference(test_split, tmp_path):
+    x, y = test_split
+    metric = _metric(x[:1000], tmp_path)  # the real-data reference plays no part
+    a, b = x[1000:2000], x[2000:3000]
+    assert metric.fid_between(a, a) < 1e-3
+    assert metric.fid_between(a, b) == pytest.approx(
+        QualityMetric(reference=lambda: b, reference_key="b", cache_dir=tmp_path).fid(a), rel=1e-6
+    )
+    assert metric.fid_between(a[y[1000:2000] < 5], b) > 20 * metric.fid_between(a, b)
+    with pytest.raises(TmpqError, match="at least 2"):
+        metric.fid_between(a[:1], b)

@@ -156,6 +156,20 @@ class QualityMetric:
         return float(fid.compute())
 
     @torch.no_grad()
+    def fid_between(self, images: torch.Tensor, reference_images: torch.Tensor) -> float:
+        """FID of `images` against another generated set instead of the real data: with the FP model's samples from
+        the same seeds as `reference_images`, how far quantization moved the sampler ("FID to FP", as MixDQ and
+        ViDiT-Q report it), whatever the real-data FID reads into an offset."""
+        if images.shape[0] < 2 or reference_images.shape[0] < 2:
+            raise TmpqError("FID needs at least 2 images on each side")
+        fid = self._new_fid()
+        for i in range(0, reference_images.shape[0], self.batch_size):
+            fid.update(self._prep(reference_images[i : i + self.batch_size]), real=True)
+        for i in range(0, images.shape[0], self.batch_size):
+            fid.update(self._prep(images[i : i + self.batch_size]), real=False)
+        return float(fid.compute())
+
+    @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The FID feature vectors of `images` (classifier space only): for sample-by-sample distances."""
         if not isinstance(self._fid_feature, nn.Module):
