@@ -43,6 +43,11 @@ def _fid(r: dict | None, fp: dict | None) -> str:
     return f"{r['fid']:.2f} ({(r['fid'] / fp['fid'] - 1) * 100:+.0f} %)"
 
 
+def _to_fp(r: dict | None) -> str:
+    f = None if r is None else r.get("fidelity")
+    return "—" if not f else f"{f['fid']:.2f} / {f['psnr_db']:.1f} dB"
+
+
 def main(
     folders: list[Path] = typer.Argument(..., help="bench/ptq.py --out folders, one per calibration method"),
     steps: int = 10,
@@ -64,6 +69,18 @@ def main(
         f"\nFID in the shipped classifier's feature space, {num_samples} samples per cell (seeds {seed}–"
         f"{seed + num_samples - 1}), {steps} DDIM steps; in brackets the change against FP on the same schedule."
     )
+    if any(r.get("fidelity") for rows in methods.values() for r in rows.values()):
+        typer.echo("\n| precision | schedule |" + "".join(f" {m}: FID to FP / PSNR to FP |" for m in methods))
+        typer.echo("|---|---|" + "---:|" * len(methods))
+        for s in schedules:
+            for label in configs.split(","):
+                cells = "".join(f" {_to_fp(rows.get((label, s)))} |" for rows in methods.values())
+                typer.echo(f"| {label} | {s} |{cells}")
+        typer.echo(
+            "\nFID to FP (the FP model's samples from the same seeds as the reference, not the real data) and mean "
+            "PSNR to FP per image: how far each calibration moved the sampler, whatever FID against the data reads "
+            "into it; — where a row was made before fidelity was recorded."
+        )
     typer.echo(
         "\n| method | super-network calibration s | of it reconstruction s | peak RSS MB |\n|---|---:|---:|---:|"
     )
