@@ -227,3 +227,28 @@ def test_entry_points_take_their_defaults_from_the_config_classes():
     api = inspect.signature(tmpq.compress).parameters
     assert api["fitness"].default == fit.kind and api["fitness_samples"].default == fit.num_samples
     assert api["final_samples"].default == cfg.final_samples and api["budget"].default == cfg.budget
+
+
+def test_eval_compares_with_an_earlier_evaluation_on_the_same_seeds(tiny_model, real_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPQ_CACHE", str(tmp_path / "cache"))
+    base = ["eval", "--model", str(tiny_model), "--schedule", "uniform", "--num-samples", "6", "--reference"]
+    base += [str(real_folder)]
+    first = runner.invoke(app, [*base, "--steps", "2", "--out", str(tmp_path / "a"), "--save-images"])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "a" / "images.safetensors").is_file()
+    res = runner.invoke(app, [*base, "--steps", "3", "--out", str(tmp_path / "b"), "--compare-to", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    fidelity = json.loads((tmp_path / "b" / "eval.json").read_text())["fidelity"]
+    assert fidelity["fid"] > 0 and 0 < fidelity["psnr_db"] < 60 and "PSNR" in res.output
+    before = (tmp_path / "a" / "eval.json").read_bytes()
+    for args, why in [
+        (["--steps", "3", "--out", str(tmp_path / "a"), "--compare-to", str(tmp_path / "a")], "another --out"),
+        (
+            ["--steps", "3", "--seed", "5", "--out", str(tmp_path / "c"), "--compare-to", str(tmp_path / "a")],
+            "--seed 0",
+        ),
+        (["--steps", "3", "--out", str(tmp_path / "c"), "--compare-to", str(tmp_path / "nothing")], "save_images"),
+    ]:
+        bad = runner.invoke(app, [*base, *args])
+        assert bad.exit_code == 2 and why in bad.output and "Traceback" not in bad.output, bad.output
+    assert (tmp_path / "a" / "eval.json").read_bytes() == before

@@ -303,17 +303,42 @@ def eval_cmd(
     backend: BackendOpt = None,
     dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="directory for eval.json and samples.png")] = Path("runs/eval"),
+    save_images: Annotated[
+        bool, typer.Option(help="keep the scored images in OUT/images.safetensors, for a later --compare-to OUT")
+    ] = False,
+    compare_to: Annotated[
+        Path | None,
+        typer.Option(
+            help="an earlier `tmpq eval --save-images` folder (e.g. the FP model's) on the same seeds: also report "
+            "FID and PSNR to its images (how far this sampler is from that one)"
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Sample the FP model on a schedule (or an exported compressed sampler) and report FID/IS (JSON + grid)."""
     _threads(threads)
     target = resolve_device(device)
-    from tmpq.evaluate import EvalConfig, evaluate
+    from tmpq.evaluate import EvalConfig, evaluate, saved_images
 
     _schedule_options(compressed, backend, steps, schedule, timesteps)
     if out.exists() and not out.is_dir():
         raise TmpqError(f"--out {out} is a file; give a directory for eval.json and samples.png")
+    reference_images = None
+    if compare_to is not None:
+        if compare_to.resolve() == out.resolve():
+            raise TmpqError(f"--out {out} is the --compare-to folder; write this evaluation to another --out")
+        reference_images = saved_images(compare_to)
+        try:
+            earlier = json.loads((compare_to / "eval.json").read_text())["config"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise TmpqError(f"{compare_to} holds no eval.json from `tmpq eval`; give an evaluation's --out") from None
+        if (earlier.get("seed"), earlier.get("num_samples")) != (seed, num_samples):
+            seed0, n0 = earlier.get("seed"), earlier.get("num_samples")
+            raise TmpqError(
+                f"{compare_to} was sampled from seeds {seed0}.. ({n0} samples); pass --seed {seed0} --num-samples "
+                f"{n0} to compare on the same seeds"
+            )
     ts = _parse_timesteps(timesteps)
     cfg = EvalConfig(
         model=model,
@@ -329,11 +354,13 @@ def eval_cmd(
         backend=backend,
         dtype=dtype,
     )
-    res = evaluate(cfg, out, device=str(target))
+    res = evaluate(cfg, out, device=str(target), compare_to=reference_images, save_images=save_images)
     typer.echo(
         f"FID {res.fid:.3f}  IS {res.inception_score:.3f} ± {res.inception_score_std:.3f}  "
         f"({cfg.num_samples} samples, {len(res.timesteps)} steps, {res.sample_wall_s:.1f} s sampling)"
     )
+    if res.fidelity is not None:
+        typer.echo(f"to {compare_to}: FID {res.fidelity['fid']:.3f}  PSNR {res.fidelity['psnr_db']:.2f} dB")
     typer.echo(f"wrote {out / 'eval.json'} and {out / 'samples.png'}")
 
 

@@ -109,7 +109,10 @@ def saved_images(out_dir: Path | str) -> torch.Tensor:
     try:
         return load_file(str(path))["images"]
     except (OSError, KeyError, SafetensorError) as e:
-        raise TmpqError(f"{path} holds no saved images ({e}); evaluate that sampler with save_images=True") from None
+        raise TmpqError(
+            f"{path} holds no saved images ({e}); evaluate that sampler with save_images=True "
+            "(`tmpq eval --save-images`)"
+        ) from None
 
 
 def _clear_batches(partial: Path) -> None:
