@@ -777,6 +777,7 @@ def _print_search(run_dir: Path, res, budget, fitness: str) -> None:
             typer.echo(
                 f"  final ({final.samples} samples, same seeds): {r.label:<24s} FID {r.fid:8.2f}  "
                 f"{r.bitops / 1e9:10.2f} GBitOPs"
+                + ("" if r.fid_to_fp is None else f"  FID to FP-100 {r.fid_to_fp:8.2f}")
             )
         verdict = final.verdict()
         if verdict:

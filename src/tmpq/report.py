@@ -182,6 +182,7 @@ class PeerRow:
     fid: float | None = None
     inception_score: float | None = None
     search_forwards: int | None = None
+    fid_to_fp: float | None = None  # FID against FP-100's samples from the same seeds
 
 
 def peers_rows(run: RunData, peers: Mapping[str, RunData]) -> list[PeerRow]:
@@ -191,7 +192,7 @@ def peers_rows(run: RunData, peers: Mapping[str, RunData]) -> list[PeerRow]:
 
     def row(method: str, r: FinalRow, forwards: int | None) -> PeerRow:
         saving = s.fp_bitops_full_100 / r.bitops if r.bitops else None
-        return PeerRow(method, len(r.timesteps), r.bitops, saving, r.fid, r.inception_score, forwards)
+        return PeerRow(method, len(r.timesteps), r.bitops, saving, r.fid, r.inception_score, forwards, r.fid_to_fp)
 
     rows = []
     if run.final:
@@ -221,14 +222,15 @@ def _table_md(rows: list[PeerRow], samples: int | None) -> str:
     head = (
         f"| setting | steps | GBitOPs / image | × fewer BitOPs than FP-100 | FID{f' @ {samples}' if samples else ''} ↓ "
     )
-    head += "| IS ↑ | search image-forwards |\n|---|---:|---:|---:|---:|---:|---:|"
+    head += "| FID to FP-100 ↓ | IS ↑ | search image-forwards |\n|---|---:|---:|---:|---:|---:|---:|---:|"
     lines = [head]
     for r in rows:
         fid = "—" if r.fid is None else f"{r.fid:.2f}"
+        to_fp = "—" if r.fid_to_fp is None else f"{r.fid_to_fp:.2f}"
         is_ = "—" if r.inception_score is None else f"{r.inception_score:.3f}"
         sf = "—" if not r.search_forwards else f"{r.search_forwards:,}"
         cost = f"{r.bitops / 1e9:.2f} | {r.saving:.1f}"
-        lines.append(f"| {r.method} | {r.steps} | {cost} | {fid} | {is_} | {sf} |")
+        lines.append(f"| {r.method} | {r.steps} | {cost} | {fid} | {to_fp} | {is_} | {sf} |")
     return "\n".join(lines)
 
 

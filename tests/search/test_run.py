@@ -263,3 +263,24 @@ def test_search_records_fp_quality_by_step_count(make_tiny_unet, tmp_path):
     rec = json.loads((tmp_path / "search.json").read_text())["fp_steps"]
     assert sorted(int(n) for n in rec["fid"]) == [4, 8, 20, 50] and rec["samples"] == 4
     assert all(v > 0 for v in rec["fid"].values()) and "advice" in rec
+
+
+def test_final_rows_record_their_fid_to_fp_at_full_steps(make_tiny_unet, tmp_path):
+    """Every final row but FP-100 itself is also scored against FP-100's samples from the same seeds; those samples
+    are kept in RUN/final_fp/ once, so a re-scoring in a run that borrowed the folder does not sample them again."""
+    from tmpq.search.run import share_prepared
+
+    run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=1), tmp_path / "a", progress=False)
+    rows = {r["label"]: r for r in json.loads((tmp_path / "a" / "search.json").read_text())["final"]["rows"]}
+    assert rows["FP, 100 steps"]["fid_to_fp"] is None
+    others = [r for label, r in rows.items() if label != "FP, 100 steps"]
+    assert len(others) >= 3 and all(r["fid_to_fp"] > 0 for r in others)
+    kept = list((tmp_path / "a" / "final_fp").glob("images_*.safetensors"))
+    assert len(kept) == 1
+    share_prepared(tmp_path / "a", tmp_path / "b")
+    made = (tmp_path / "b" / "final_fp" / kept[0].name).stat().st_mtime_ns
+    run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=2), tmp_path / "b", progress=False)
+    again = {r["label"]: r for r in json.loads((tmp_path / "b" / "search.json").read_text())["final"]["rows"]}
+    assert (tmp_path / "b" / "final_fp" / kept[0].name).stat().st_mtime_ns == made  # read, not sampled again
+    assert again["top1"]["fid_to_fp"] == rows["top1"]["fid_to_fp"]
+    assert again["top2"]["fid_to_fp"] > 0

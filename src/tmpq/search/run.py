@@ -15,7 +15,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
@@ -604,6 +606,21 @@ class FpRowCache:
         digest = hashlib.sha256(self._key(timesteps).encode()).hexdigest()[:10]
         return self.dir / f"{name}_{digest}.png"
 
+    def images(self, timesteps, make) -> torch.Tensor:
+        """The FP samples on `timesteps` (what every row's FID to FP is measured against): from RUN/final_fp/, or
+        `make()`-d once and kept there."""
+        path = self.grid_path(timesteps, "images").with_suffix(".safetensors")
+        if path.is_file():
+            try:
+                return load_file(str(path))["images"]
+            except (OSError, KeyError, SafetensorError):
+                pass  # damaged: made again below
+        images = make()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_file({"images": images.contiguous()}, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)
+        return images
+
     def put(self, timesteps, row: dict) -> None:
         self.rows[self._key(timesteps)] = row
         write_json_atomic(self.path, self.rows)
@@ -640,6 +657,8 @@ def _final_eval(
     k = min(space.steps)
     grids = run_dir / "final"
     fp_rows = FpRowCache(ctx, fit)
+    full = tuple(loaded.schedule.timesteps("uniform", FULL_STEPS))
+    fidelity = getattr(metric, "fid_between", None)  # a metric on generated sets (not the pixel proxy)
 
     def score(row_key: str, label: str, cand: Candidate | None, timesteps: tuple[int, ...]) -> None:
         if row_key in done:
@@ -656,6 +675,11 @@ def _final_eval(
             images = fit.samples(cand)
             bitops = cost.bitops(cand)
         scores = metric.score(images, seed=cfg.fitness.seed)
+        to_fp = None
+        if fidelity is not None and timesteps == full and cand is None:
+            fp_rows.images(full, lambda: images)  # the reference: kept for every later row and run
+        elif fidelity is not None:
+            to_fp = fidelity(images, fp_rows.images(full, lambda: fit.fp_samples(full)))
         name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         grid_path = fp_rows.grid_path(timesteps, name) if cand is None else grids / f"{name}.png"
         grid = save_grid(images[:64], grid_path, nrow=8)
@@ -670,6 +694,7 @@ def _final_eval(
             forwards=cfg.final_samples * len(timesteps),
             wall_s=round(time.perf_counter() - t0, 2),
             grid=str(grid.relative_to(run_dir)),
+            fid_to_fp=to_fp,
         ).to_dict()
         if cand is None:
             fp_rows.put(timesteps, done[row_key])
@@ -677,7 +702,7 @@ def _final_eval(
         if progress:
             print(f"final {label}: FID {scores.fid:.2f} ({cfg.final_samples} samples)")
 
-    score(f"fp:{FULL_STEPS}", f"FP, {FULL_STEPS} steps", None, tuple(loaded.schedule.timesteps("uniform", FULL_STEPS)))
+    score(f"fp:{FULL_STEPS}", f"FP, {FULL_STEPS} steps", None, full)
     # plain step reduction on the search's grouping and on every other rule-based schedule, so the table shows the
     # strongest FP peer at K steps whatever grouping the search was given
     fp_k = {space.grouping: (f"fp:{k}", tuple(space.default_timesteps(k)))}  # grouping: (row key, schedule)

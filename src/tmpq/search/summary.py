@@ -39,6 +39,9 @@ class FinalRow:
     forwards: int = 0
     wall_s: float = 0.0
     grid: str | None = None  # a 64-image grid, relative to the run directory
+    # FID against the FP model's samples at full steps from the same seeds (not the real data): how far this sampler
+    # moved from the model it compresses; None for that FP row itself and for rows scored before it was recorded
+    fid_to_fp: float | None = None
 
     @property
     def quantized(self) -> bool:
@@ -56,6 +59,7 @@ class FinalRow:
             "forwards": self.forwards,
             "wall_s": self.wall_s,
             "grid": self.grid,
+            "fid_to_fp": self.fid_to_fp,
         }
 
     @classmethod
@@ -72,6 +76,7 @@ class FinalRow:
             forwards=int(d.get("forwards", 0)),
             wall_s=float(d.get("wall_s", 0.0)),
             grid=d.get("grid"),
+            fid_to_fp=d.get("fid_to_fp"),
         )
 
 
