@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
-from tmpq.fileio import write_json_atomic
+from tmpq.fileio import save_images_atomic, write_json_atomic
 from tmpq.images import save_grid
 from tmpq.metrics.fid import QualityMetric, fashion_mnist_metric
 from tmpq.models.loading import BUILTIN_SPEC, LoadedModel, load_model
@@ -161,9 +161,7 @@ def _sample_resumable(
         else:
             batch = sample(start, count)
             if path is not None:
-                tmp = path.with_suffix(".tmp")
-                save_file({"images": batch.contiguous()}, str(tmp))
-                tmp.replace(path)
+                save_images_atomic(path, batch)
         batches.append(batch)
         bar.update(count)
     bar.close()
@@ -261,8 +259,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", nrow=8)
         if save_images:
-            save_file({"images": images.contiguous()}, str(out / "images.safetensors.tmp"))
-            (out / "images.safetensors.tmp").replace(out / IMAGES)
+            save_images_atomic(out / IMAGES, images)
         write_json_atomic(out / "eval.json", result.to_json(), indent=2)
         if (out / PARTIAL / _PARTIAL_STAMP).is_file():  # ours: the batches, then the stamp, then the folder
             _clear_batches(out / PARTIAL)

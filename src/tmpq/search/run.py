@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
 from tmpq.evaluate import reference_metric
-from tmpq.fileio import write_json_atomic
+from tmpq.fileio import save_images_atomic, write_json_atomic
 from tmpq.images import save_grid
 from tmpq.metrics.fid import QualityMetric
 from tmpq.models.loading import LoadedModel
@@ -616,9 +616,7 @@ class FpRowCache:
             except (OSError, KeyError, SafetensorError):
                 pass  # damaged: made again below
         images = make()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_file({"images": images.contiguous()}, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").replace(path)
+        save_images_atomic(path, images)
         return images
 
     def put(self, timesteps, row: dict) -> None:
