@@ -12,6 +12,7 @@ timestep of the calibration set, then FID at `--steps` uniform steps:
 - `all-per-t`: as `all`, with E[a] per calibration timestep (the step's nearest), a timestep-aware correction.
 
     .venv/bin/python bench/bias_shift.py --num-samples 1000 --configs W8A8,W6A6,W4A8,W4A6 --out runs/bias_shift
+    .venv/bin/python bench/bias_shift.py --by-group --configs W4A8,W6A6 --out runs/bias_shift   # which layers hurt
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ from tmpq.sampling.conditioning import call_denoiser
 from tmpq.search.config import precision_of
 
 MODES = ("nearest", "output", "all", "all+act", "all-per-t")
+GROUPS = {
+    "time embedding": lambda n: "time_emb" in n,
+    "attention projections": lambda n: "attentions" in n,
+    "ResNet convolutions": lambda n: "resnets" in n and n.rsplit(".", 1)[-1] in ("conv1", "conv2"),
+    "ResNet shortcuts": lambda n: "conv_shortcut" in n,
+    "up/down samplers": lambda n: "samplers" in n,
+    "all but time embedding": lambda n: "time_emb" not in n,
+}
+"""Layer groups of a diffusers UNet for `--by-group`: `all` applied to one group at a time."""
 
 
 class Shifts:
@@ -108,12 +118,31 @@ class AtStep(nn.Module):
         return self.inner(x, t, *args, **kwargs)
 
 
+def _probe(sn, calib, shifts: Shifts, label: str, mode: str) -> list[str]:
+    """ε̂'s mean offset / relative error against FP per probed timestep, with `mode`'s shifts on `label`."""
+    cells = []
+    for tv in shifts.steps[::-4]:
+        x, t, _ = calib.rows((calib.t == tv).nonzero().flatten()[:64])
+        shifts.t = tv
+        with torch.no_grad():
+            shifts.clear()
+            sn.set_fp()
+            fp = sn(x, t)
+            sn.set_config(sn.uniform_config(*precision_of(label)))
+            shifts.apply(mode)
+            d = sn(x, t) - fp
+        shifts.clear()
+        cells.append(f"{float(d.mean()):+.4f} / {float(d.norm() / fp.norm()):.3f}")
+    return cells
+
+
 def main(
     configs: str = "W8A8,W6A6,W4A8,W4A6",
     modes: Annotated[str, typer.Option(help=f"comma-separated, of {MODES}")] = ",".join(MODES),
     steps: int = 10,
     num_samples: int = 1000,
     out: Path = Path("runs/bias_shift"),
+    by_group: Annotated[bool, typer.Option("--by-group", help="probe `all` one layer group at a time; no FID")] = False,
     threads: int = 1,
 ) -> None:
     torch.set_num_threads(threads)
@@ -122,23 +151,21 @@ def main(
     sn, calib, _ = prepare_supernet(loaded, out / "nearest", CalibConfig(num_samples=128, num_steps=20), spec)
     shifts = Shifts(sn, calib)
     wanted = modes.split(",")
-    typer.echo("| config | correction | " + " | ".join(f"t = {t}" for t in shifts.steps[::-4]) + " |")
-    typer.echo("|---|---|" + "---:|" * len(shifts.steps[::-4]))
+    head = " | ".join(f"t = {t}" for t in shifts.steps[::-4])
+    if by_group:
+        every = shifts.units
+        typer.echo(f"| config | `all` on | layers | {head} |\n|---|---|---:|" + "---:|" * len(shifts.steps[::-4]))
+        for label in configs.split(","):
+            for group, member in GROUPS.items():
+                shifts.units = [u for u in every if member(u.name)]
+                cells = _probe(sn, calib, shifts, label, "all")
+                typer.echo(f"| {label} | {group} | {len(shifts.units)} | " + " | ".join(cells) + " |")
+        typer.echo("\n(ε̂ mean offset / relative error against FP, 64 calibration inputs per timestep)")
+        return
+    typer.echo(f"| config | correction | {head} |\n|---|---|" + "---:|" * len(shifts.steps[::-4]))
     for label in configs.split(","):
         for mode in wanted:
-            cells = []
-            for tv in shifts.steps[::-4]:
-                x, t, cond = calib.rows((calib.t == tv).nonzero().flatten()[:64])
-                shifts.t = tv
-                with torch.no_grad():
-                    shifts.clear()
-                    sn.set_fp()
-                    fp = sn(x, t)
-                    sn.set_config(sn.uniform_config(*precision_of(label)))
-                    shifts.apply(mode)
-                    d = sn(x, t) - fp
-                cells.append(f"{float(d.mean()):+.4f} / {float(d.norm() / fp.norm()):.3f}")
-            typer.echo(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+            typer.echo(f"| {label} | {mode} | " + " | ".join(_probe(sn, calib, shifts, label, mode)) + " |")
     typer.echo("\n(ε̂ mean offset / relative error against FP, 64 calibration inputs per timestep)\n")
     metric = reference_metric("fashion-mnist")
     rows = []
