@@ -62,9 +62,15 @@ def calibrate_once(loaded, out: Path, calib_cfg: CalibConfig, spec: QuantSpec) -
     one = load_model(loaded.spec)  # Q-Diffusion's way: one uniform config, calibrated alone
     t0 = time.perf_counter()
     quantize_(one.denoiser, sn.uniform_config(8, 8), calib, spec)
+    calibrate_s = info["calibrate_s"]
+    if info["reused"]:  # made by a run killed before it recorded its costs: the super-network's own record
+        d = sn.calibration_info
+        parts = [d["weights_s"], d["activations_s"], d.get("bias_correction", {}).get("s", 0.0)]
+        calibrate_s = round(sum(parts) + (d.get("reconstruction") or {}).get("seconds", 0.0), 2)
     stats = {
         "collect_s": info["calib_collect_s"],
-        "supernet_calibrate_s": info["calibrate_s"],
+        "supernet_calibrate_s": calibrate_s,
+        "reused_supernet": info["reused"],  # peak RSS then is the single-config calibration's, not the super-network's
         "supernet_detail": sn.calibration_info,
         "single_config_calibrate_s": round(time.perf_counter() - t0, 1),
         "rss_before_mb": round(rss0, 1),
