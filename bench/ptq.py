@@ -118,6 +118,7 @@ def main(
     metric = reference_metric("fashion-mnist")
     fp100 = sn.cost.bitops(None, 100)
     rows = []
+    fp_row_wanted = "FP" in configs.upper().split(",")  # FP is always made (for fidelity); listed only when asked
     for n in (int(s) for s in steps.split(",")):
         fp_images = None
         for label in ["FP"] + [c for c in configs.split(",") if c.upper() != "FP"]:
@@ -131,7 +132,7 @@ def main(
                 )
                 if fp_row is not None:
                     fp_images = saved_images(fp_row)
-                    if fp_row == path.with_suffix("") and path.is_file() and "FP" in configs.upper().split(","):
+                    if fp_row == path.with_suffix("") and path.is_file() and fp_row_wanted:
                         rows.append(json.loads(path.read_text()))
                     continue
             elif path.is_file():  # reuse a row only if it was made with this spec and sampling config
@@ -164,7 +165,7 @@ def main(
             }
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(res, indent=2))
-            if wa is not None or "FP" in configs.upper().split(","):
+            if wa is not None or fp_row_wanted:
                 rows.append(res)
             to_fp = f"  FID to FP {res['fidelity']['fid']:.2f}" if res["fidelity"] else ""
             typer.echo(

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
-from tmpq.fileio import save_images_atomic, write_json_atomic
+from tmpq.fileio import read_images, save_images_atomic, write_json_atomic
 from tmpq.images import save_grid
 from tmpq.metrics.fid import QualityMetric, fashion_mnist_metric
 from tmpq.models.loading import BUILTIN_SPEC, LoadedModel, load_model
@@ -107,7 +106,7 @@ def saved_images(out_dir: Path | str) -> torch.Tensor:
     """The images an `evaluate(..., save_images=True)` into `out_dir` scored: what `compare_to` takes."""
     path = Path(out_dir) / IMAGES
     try:
-        return load_file(str(path))["images"]
+        return read_images(path)
     except (OSError, KeyError, SafetensorError) as e:
         raise TmpqError(
             f"{path} holds no saved images ({e}); evaluate that sampler with save_images=True "
@@ -157,7 +156,7 @@ def _sample_resumable(
         count = min(bs, n - start)
         path = None if partial is None else partial / f"{start:08d}.safetensors"
         if path is not None and path.is_file():
-            batch = load_file(str(path))["images"]
+            batch = read_images(path)
         else:
             batch = sample(start, count)
             if path is not None:

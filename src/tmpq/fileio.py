@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
 def write_json_atomic(path: str | Path, obj: object, indent: int | None = 1) -> None:
@@ -25,3 +25,9 @@ def save_images_atomic(path: str | Path, images: torch.Tensor) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({"images": images.contiguous()}, str(tmp))
     tmp.replace(path)
+
+
+def read_images(path: str | Path) -> torch.Tensor:
+    """The image tensor `save_images_atomic` wrote to `path` (raises OSError, KeyError or a safetensors error when the
+    file is missing or damaged: each caller decides whether that is an error or a cache miss)."""
+    return load_file(str(path))["images"]

@@ -126,15 +126,18 @@ class QualityMetric:
                     self._ref_state = None  # damaged cache: recompute below, never trust it
             if self._ref_state is None:
                 fid = self._new_fid()
-                real = self._reference()
-                for i in range(0, real.shape[0], self.batch_size):
-                    fid.update(self._prep(real[i : i + self.batch_size]), real=True)
+                self._feed(fid, self._reference(), real=True)
                 self._ref_state = {k: getattr(fid, k).clone() for k in _STATE_KEYS}
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 tmp = self.cache_path.with_suffix(".tmp")
                 save_file(self._ref_state, str(tmp))
                 tmp.replace(self.cache_path)
         return self._ref_state
+
+    def _feed(self, fid: FrechetInceptionDistance, images: torch.Tensor, real: bool) -> None:
+        """Add `images` to one side of `fid`, in batches."""
+        for i in range(0, images.shape[0], self.batch_size):
+            fid.update(self._prep(images[i : i + self.batch_size]), real=real)
 
     def _prep(self, images: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(images).all():
@@ -149,8 +152,7 @@ class QualityMetric:
         fid = self._new_fid()
         for k, v in self.reference_state().items():
             setattr(fid, k, v.clone())
-        for i in range(0, images.shape[0], self.batch_size):
-            fid.update(self._prep(images[i : i + self.batch_size]), real=False)
+        self._feed(fid, images, real=False)
         if images.shape[0] < 2:
             raise TmpqError("FID needs at least 2 generated images")
         return float(fid.compute())
@@ -163,10 +165,8 @@ class QualityMetric:
         if images.shape[0] < 2 or reference_images.shape[0] < 2:
             raise TmpqError("FID needs at least 2 images on each side")
         fid = self._new_fid()
-        for i in range(0, reference_images.shape[0], self.batch_size):
-            fid.update(self._prep(reference_images[i : i + self.batch_size]), real=True)
-        for i in range(0, images.shape[0], self.batch_size):
-            fid.update(self._prep(images[i : i + self.batch_size]), real=False)
+        self._feed(fid, reference_images, real=True)
+        self._feed(fid, images, real=False)
         return float(fid.compute())
 
     @torch.no_grad()

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tmpq.device import device_name, resolve_device
 from tmpq.errors import TmpqError
 from tmpq.evaluate import reference_metric
-from tmpq.fileio import save_images_atomic, write_json_atomic
+from tmpq.fileio import read_images, save_images_atomic, write_json_atomic
 from tmpq.images import save_grid
 from tmpq.metrics.fid import QualityMetric
 from tmpq.models.loading import LoadedModel
@@ -587,6 +587,7 @@ class FpRowCache:
             "conditioning": fit.cond.digest() if fit.cond is not None else None,
         }
         self.rows: dict = {}
+        self._images: dict[tuple, torch.Tensor] = {}
         if self.path.is_file():
             try:
                 self.rows = json.loads(self.path.read_text())
@@ -607,17 +608,17 @@ class FpRowCache:
         return self.dir / f"{name}_{digest}.png"
 
     def images(self, timesteps, make) -> torch.Tensor:
-        """The FP samples on `timesteps` (what every row's FID to FP is measured against): from RUN/final_fp/, or
-        `make()`-d once and kept there."""
-        path = self.grid_path(timesteps, "images").with_suffix(".safetensors")
-        if path.is_file():
+        """The FP samples on `timesteps` (what every row's FID to FP is measured against): held once read, from
+        RUN/final_fp/, or `make()`-d once and kept there."""
+        key = tuple(timesteps)
+        if key not in self._images:
+            path = self.grid_path(timesteps, "images").with_suffix(".safetensors")
             try:
-                return load_file(str(path))["images"]
-            except (OSError, KeyError, SafetensorError):
-                pass  # damaged: made again below
-        images = make()
-        save_images_atomic(path, images)
-        return images
+                self._images[key] = read_images(path)
+            except (OSError, KeyError, SafetensorError):  # not made yet, or damaged: made (again) now
+                self._images[key] = make()
+                save_images_atomic(path, self._images[key])
+        return self._images[key]
 
     def put(self, timesteps, row: dict) -> None:
         self.rows[self._key(timesteps)] = row
