@@ -1,4 +1,6 @@
-"""How well does each cheap fitness rank candidates the way FID does? Spearman ρ against FID on held-out seeds.
+"""How well does each cheap fitness rank candidates the way the truth does? Spearman ρ against two truths on held-out
+seeds: FID against the data, and FID to FP-100 (against the FP model's 100-step samples from the same held-out seeds,
+fidelity as MixDQ and ViDiT-Q judge it).
 
 Draws candidates of the joint space at a budget (random schedules inside the quad groups, random bits,
 repaired into the budget), or takes them from a finished search (`--from-run RUN`; `--pick spread`: spread over the
@@ -9,12 +11,14 @@ Every fitness in `--fitness` is scored on a prefix of the same fitness samples:
 
 - `proxy:N` the paired proxy (mean per-sample feature distance to FP at `--reference-steps` from the same noise),
 - `proxy-median:N` the same pooled by the median,
-- `fid:N` FID against the real data on N samples.
+- `fid:N` FID against the real data on N samples,
+- `fid-to-fp:N` FID against the FP model's samples at `--reference-steps` from the same N seeds.
 
-Resumable: scores are kept in OUT/scores.json (keyed by candidate; a fitness added later is computed then).
+Resumable: scores are kept in OUT/scores.json (keyed by candidate; a fitness added later is computed then), the FP
+samples on the truth seeds in OUT/fp_truth_<steps>_<samples>_<seed>.safetensors.
 
     .venv/bin/python bench/proxy_correlation.py --from-run runs/demo --pick top --candidates 12 \
-        --fitness proxy:64,fid:128,fid:256 --truth-samples 1000 --out runs/proxy_corr_top
+        --fitness proxy:64,fid:128,fid-to-fp:128 --truth-samples 1000 --out runs/proxy_corr_top
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import typer
 from scipy.stats import spearmanr
 
 from tmpq.evaluate import reference_metric
+from tmpq.fileio import read_images, save_images_atomic
 from tmpq.models.loading import load_model
 from tmpq.quant.prepare import prepare_supernet
 from tmpq.search import Budget, Candidate, CandidateCost, FitnessConfig, Repairer, SampleFitness, SearchSpace
@@ -38,8 +43,8 @@ def _parse(spec: str) -> list[tuple[str, int]]:
     out = []
     for item in spec.split(","):
         kind, _, n = item.partition(":")
-        if kind not in ("proxy", "proxy-median", "fid") or not n.isdigit():
-            raise typer.BadParameter(f"{item!r}: use proxy:N, proxy-median:N or fid:N")
+        if kind not in ("proxy", "proxy-median", "fid", "fid-to-fp") or not n.isdigit():
+            raise typer.BadParameter(f"{item!r}: use proxy:N, proxy-median:N, fid:N or fid-to-fp:N")
         out.append((kind, int(n)))
     return out
 
@@ -82,18 +87,35 @@ def main(
     n_fit = max(n for _, n in kinds)
     sampler = SampleFitness(*args, FitnessConfig("fid", n_fit, seed))
     truth = SampleFitness(*args, FitnessConfig("fid", truth_samples, truth_seed))
-    proxies = {
-        n: SampleFitness(*args, FitnessConfig("proxy", n, seed, reference_steps=reference_steps))
+    fp_path = out / f"fp_truth_{reference_steps}_{truth_samples}_{truth_seed}.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    if not fp_path.is_file():
+        save_images_atomic(fp_path, truth.fp_samples(loaded.schedule.timesteps("uniform", reference_steps)))
+    fp_truth = metric.stats(read_images(fp_path))
+    # one FP reference on the fitness seeds, shared by every paired fitness (a prefix of it for fewer samples)
+    paired = SampleFitness(*args, FitnessConfig("proxy", n_fit, seed, reference_steps=reference_steps))
+    fitnesses = {
+        n: SampleFitness(
+            *args,
+            FitnessConfig("proxy", n, seed, reference_steps=reference_steps),
+            reference=paired.fp_reference()[:n],
+        )
         for kind, n in kinds
         if kind != "fid"
     }
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "scores.json"
     scores = json.loads(path.read_text()) if path.is_file() else {}
+    truths = {
+        "fid": f"truth:{truth_samples}@{truth_seed}",
+        "fid to FP": f"truth-to-fp{reference_steps}:{truth_samples}@{truth_seed}",
+    }
     for i, c in enumerate(cands):
         row = scores.setdefault(c.key, {"bitops": cost.bitops(c)})
-        if f"truth:{truth_samples}@{truth_seed}" not in row:
-            row[f"truth:{truth_samples}@{truth_seed}"] = truth(c).value
+        if any(t not in row for t in truths.values()):
+            with torch.no_grad():
+                images = truth.samples(c)
+            row[truths["fid"]] = metric.fid(images)
+            row[truths["fid to FP"]] = metric.fid_between(images, reference_stats=fp_truth)
         missing = [(k, n) for k, n in kinds if f"{k}:{n}" not in row]
         if missing:
             with torch.no_grad():
@@ -101,29 +123,34 @@ def main(
             for kind, n in missing:
                 if kind == "fid":
                     row[f"{kind}:{n}"] = metric.fid(images[:n])
+                elif kind == "fid-to-fp":
+                    row[f"{kind}:{n}"] = fitnesses[n].fid_to_fp(images[:n])
                 else:
-                    p = proxies[n]
-                    row[f"{kind}:{n}"] = _pooled(p, images[:n], median=kind == "proxy-median")
+                    row[f"{kind}:{n}"] = _pooled(fitnesses[n], images[:n], median=kind == "proxy-median")
         path.write_text(json.dumps(scores, indent=1))
         shown = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "bitops")
         typer.echo(f"{i + 1}/{len(cands)}: {shown}", err=True)
     rows = [scores[c.key] for c in cands]
-    gt = [r[f"truth:{truth_samples}@{truth_seed}"] for r in rows]
-    typer.echo(f"{len(rows)} candidates; truth = FID on {truth_samples} samples from seed {truth_seed}")
-    typer.echo("| fitness | Spearman ρ | p | truth FID of the fitness's pick | its truth rank |")
-    typer.echo("|---|---:|---:|---:|---:|")
-    order = sorted(range(len(rows)), key=lambda j: gt[j])
-    for kind, n in kinds:
-        vals = [r[f"{kind}:{n}"] for r in rows]
-        rho = spearmanr(vals, gt)
-        pick_j = min(range(len(rows)), key=lambda j: vals[j])
+    typer.echo(f"{len(rows)} candidates, truth on {truth_samples} samples from seed {truth_seed}")
+    for name, tkey in truths.items():
+        gt = [r[tkey] for r in rows]
+        typer.echo(f"\ntruth: {name}" + (f"-{reference_steps}" if name != "fid" else ""))
+        typer.echo("| fitness | Spearman ρ | p | truth of the fitness's pick | its truth rank |")
+        typer.echo("|---|---:|---:|---:|---:|")
+        order = sorted(range(len(rows)), key=lambda j: gt[j])
+        for kind, n in kinds:
+            vals = [r[f"{kind}:{n}"] for r in rows]
+            rho = spearmanr(vals, gt)
+            pick_j = min(range(len(rows)), key=lambda j: vals[j])
+            typer.echo(
+                f"| {kind}:{n} | {rho.statistic:.3f} | {rho.pvalue:.2g} | {gt[pick_j]:.2f} | "
+                f"{order.index(pick_j) + 1} |"
+            )
+        other = [t for t in truths.values() if t != tkey][0]
         typer.echo(
-            f"| {kind}:{n} | {rho.statistic:.3f} | {rho.pvalue:.2g} | {gt[pick_j]:.2f} | {order.index(pick_j) + 1} |"
+            f"best truth {min(gt):.2f}; ρ with the other truth {spearmanr([r[other] for r in rows], gt).statistic:.3f}"
         )
-    typer.echo(
-        f"best truth FID {min(gt):.2f}; the uniform baseline is candidate 1 when not --from-run; "
-        f"{time.time() - start:.0f} s"
-    )
+    typer.echo(f"the uniform baseline is candidate 1 when not --from-run; {time.time() - start:.0f} s")
 
 
 def _pooled(p: SampleFitness, images: torch.Tensor, median: bool) -> float:

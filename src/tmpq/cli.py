@@ -596,7 +596,11 @@ def _search_command(full: bool) -> Callable[..., None]:
         ),
         preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
         fitness: Annotated[
-            str, typer.Option(help="fid (against the data) | proxy (distance to FP samples, same noise)")
+            str,
+            typer.Option(
+                help="fid (against the data) | fid_to_fp (against FP samples) | proxy (distance to FP samples, "
+                "sample by sample, same noise)"
+            ),
         ] = (FitnessConfig.kind),
         fitness_samples: int = FitnessConfig.num_samples,
         proxy_space: Annotated[str, typer.Option(help="proxy distance in: features (classifier) | pixels")] = (
@@ -608,8 +612,8 @@ def _search_command(full: bool) -> Callable[..., None]:
         proxy_reference_steps: Annotated[
             int | None,
             typer.Option(
-                help="the proxy's target: the FP model at this many uniform DDIM steps [auto: where the FP model "
-                "scores best on the fitness seeds, measured first]"
+                help="the target of --fitness proxy / fid_to_fp: the FP model at this many uniform DDIM steps "
+                "[auto: where the FP model scores best on the fitness seeds, measured first]"
             ),
         ] = FitnessConfig.reference_steps,
         staged: Annotated[

@@ -87,3 +87,11 @@ def test_fid_between_two_sets_is_the_fid_with_the_second_as_reference(test_split
     assert metric.fid_between(a[y[1000:2000] < 5], b) > 20 * metric.fid_between(a, b)
     with pytest.raises(TmpqError, match="at least 2"):
         metric.fid_between(a[:1], b)
+    # one set compared with many: its statistics extracted once give the same FID as its images
+    stats_b = metric.stats(b)
+    for other in (a, x[3000:3500]):
+        assert metric.fid_between(other, reference_stats=stats_b) == pytest.approx(metric.fid_between(other, b))
+    with pytest.raises(TmpqError, match="one of them"):
+        metric.fid_between(a, b, reference_stats=stats_b)
+    with pytest.raises(TmpqError, match="one of them"):
+        metric.fid_between(a)

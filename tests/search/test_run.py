@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tiny_search import tiny_loaded, tiny_search_config
 
 from tmpq.errors import TmpqError
@@ -284,3 +285,33 @@ def test_final_rows_record_their_fid_to_fp_at_full_steps(make_tiny_unet, tmp_pat
     assert (tmp_path / "b" / "final_fp" / kept[0].name).stat().st_mtime_ns == made  # read, not sampled again
     assert again["top1"]["fid_to_fp"] == rows["top1"]["fid_to_fp"]
     assert again["top2"]["fid_to_fp"] > 0
+
+
+def test_a_search_on_fidelity_scores_by_fid_to_the_fp_models_own_samples(make_tiny_unet, tmp_path):
+    """--fitness fid_to_fp: the target step count is measured and chosen as for the proxy, the FP samples there are
+    made once (RUN/proxy_reference.safetensors), and a candidate's fitness is the FID of its samples against them,
+    which is what an independent computation from the same seeds gives; --grouping auto scores by it too."""
+    from tmpq.evaluate import reference_metric
+    from tmpq.quant.prepare import prepare_supernet
+    from tmpq.search import SampleFitness, SearchSpace
+
+    cfg = _cfg(fitness=FitnessConfig(kind="fid_to_fp", num_samples=4), grouping="auto")
+    res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    out = json.loads((tmp_path / "search.json").read_text())
+    target = out["fp_steps"]["target"]
+    assert out["grouping_choice"]["fitness"] == "fid_to_fp" and (tmp_path / "proxy_reference.safetensors").is_file()
+    loaded = _loaded(make_tiny_unet)
+    sn, _, _ = prepare_supernet(loaded, tmp_path, cfg.calib, cfg.quant, progress=False)
+    space = SearchSpace.from_supernet(
+        sn, num_train_timesteps=1000, steps=(4,), grouping=out["grouping"], phase_bounds=cfg.phase_bounds
+    )
+    metric = reference_metric("fashion-mnist")
+    fit = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, FitnessConfig("fid", 4))
+    fp = fit.fp_samples(loaded.schedule.timesteps("uniform", target))
+    with torch.no_grad():
+        images = fit.samples(res.best.candidate)
+    assert res.best.value == pytest.approx(metric.fid_between(images, fp), rel=1e-5)
+    assert res.best.value > 1e-3 > metric.fid_between(fp, fp)  # quantized samples differ; FP itself scores 0
+    chosen = out["grouping_choice"]
+    ts = chosen["timesteps"][chosen["chosen"]]
+    assert chosen["scores"][chosen["chosen"]] == pytest.approx(metric.fid_between(fit.fp_samples(ts), fp), rel=1e-5)

@@ -125,9 +125,7 @@ class QualityMetric:
                 except Exception:
                     self._ref_state = None  # damaged cache: recompute below, never trust it
             if self._ref_state is None:
-                fid = self._new_fid()
-                self._feed(fid, self._reference(), real=True)
-                self._ref_state = {k: getattr(fid, k).clone() for k in _STATE_KEYS}
+                self._ref_state = self.stats(self._reference())
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 tmp = self.cache_path.with_suffix(".tmp")
                 save_file(self._ref_state, str(tmp))
@@ -149,25 +147,44 @@ class QualityMetric:
 
     @torch.no_grad()
     def fid(self, images: torch.Tensor) -> float:
-        fid = self._new_fid()
-        for k, v in self.reference_state().items():
-            setattr(fid, k, v.clone())
-        self._feed(fid, images, real=False)
+        return self._fid_against(self.reference_state(), images)
+
+    def _fid_against(self, state: dict[str, torch.Tensor], images: torch.Tensor) -> float:
+        """FID of `images` against the real-side statistics `state`."""
         if images.shape[0] < 2:
             raise TmpqError("FID needs at least 2 generated images")
+        fid = self._new_fid()
+        for k, v in state.items():
+            setattr(fid, k, v.clone())
+        self._feed(fid, images, real=False)
         return float(fid.compute())
 
     @torch.no_grad()
-    def fid_between(self, images: torch.Tensor, reference_images: torch.Tensor) -> float:
-        """FID of `images` against another generated set instead of the real data: with the FP model's samples from
-        the same seeds as `reference_images`, how far quantization moved the sampler ("FID to FP", as MixDQ and
-        ViDiT-Q report it), whatever the real-data FID reads into an offset."""
-        if images.shape[0] < 2 or reference_images.shape[0] < 2:
+    def stats(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """FID statistics of an image set: the real data's (`reference_state`), or a generated set's that many sets
+        are compared with (`fid_between(..., reference_stats=)`) without extracting its features again for each."""
+        if images.shape[0] < 2:
             raise TmpqError("FID needs at least 2 images on each side")
         fid = self._new_fid()
-        self._feed(fid, reference_images, real=True)
-        self._feed(fid, images, real=False)
-        return float(fid.compute())
+        self._feed(fid, images, real=True)
+        return {k: getattr(fid, k).clone() for k in _STATE_KEYS}
+
+    @torch.no_grad()
+    def fid_between(
+        self,
+        images: torch.Tensor,
+        reference_images: torch.Tensor | None = None,
+        *,
+        reference_stats: dict[str, torch.Tensor] | None = None,
+    ) -> float:
+        """FID of `images` against another generated set instead of the real data: with the FP model's samples from
+        the same seeds as `reference_images`, how far quantization moved the sampler ("FID to FP", as MixDQ and
+        ViDiT-Q report it), whatever the real-data FID reads into an offset. Pass `reference_stats` (from `stats`)
+        instead of the images when one set is compared with many."""
+        if (reference_images is None) == (reference_stats is None):
+            raise TmpqError("fid_between needs the reference images or their statistics (one of them)")
+        state = reference_stats if reference_stats is not None else self.stats(reference_images)
+        return self._fid_against(state, images)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

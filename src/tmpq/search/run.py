@@ -32,7 +32,7 @@ from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.search.budget import Budget, CandidateCost, Repairer
 from tmpq.search.config import AUTO, SearchConfig, precision_of
 from tmpq.search.evolution import EvolutionarySearch, SearchResult
-from tmpq.search.fitness import FULL_STEPS, FitnessConfig, SampleFitness
+from tmpq.search.fitness import FULL_STEPS, PAIRED_KINDS, FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_evaluator
 from tmpq.search.profile import change_profile
 from tmpq.search.seeds import seed_candidates, seed_costs
@@ -48,7 +48,7 @@ FEATURE_SHAPE = (1, 32, 32)
 
 
 def _uses_classifier(cfg: SearchConfig) -> bool:
-    return cfg.fitness.kind == "fid" or cfg.fitness.proxy_space == "features" or cfg.final_samples > 0
+    return cfg.fitness.kind != "proxy" or cfg.fitness.proxy_space == "features" or cfg.final_samples > 0
 
 
 def _metric(cfg: SearchConfig):
@@ -140,11 +140,11 @@ def _build_space(ctx: SearchContext) -> tuple[SearchSpace, int]:
 
 
 def _build_fitness(ctx: SearchContext, space: SearchSpace | None) -> tuple[SampleFitness, int]:
-    """The fitness, with the proxy's FP reference samples loaded from RUN (or made and saved there)."""
+    """The fitness, with the FP reference samples of a paired kind loaded from RUN (or made and saved there)."""
     sn, cfg, run_dir = ctx.sn, ctx.cfg, ctx.run_dir
     fitness = ctx.fitness(cfg.fitness, space)
     forwards = 0
-    if cfg.fitness.kind == "proxy":
+    if cfg.fitness.kind in PAIRED_KINDS:
         ref_path = run_dir / "proxy_reference.safetensors"
         meta = {"fitness": json.dumps(asdict(cfg.fitness)), "fingerprint": sn.fingerprint}
         if fitness.cond is not None:
@@ -180,7 +180,7 @@ def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, GroupingChoice 
     grouping wins (ties keep the reference's quad). The scores are kept in RUN/grouping.json, so a resumed search
     and its workers reuse the choice. Returns (the context with that config, the choice with its scores or None when
     not auto, {what: image-forwards spent now})."""
-    sn, cfg, run_dir, metric = ctx.sn, ctx.cfg, ctx.run_dir, ctx.metric
+    sn, cfg, run_dir = ctx.sn, ctx.cfg, ctx.run_dir
     if cfg.grouping != AUTO:
         return ctx, None, {}
     k = min(cfg.steps)
@@ -194,8 +194,7 @@ def resolve_grouping(ctx: SearchContext) -> tuple[SearchContext, GroupingChoice 
         for g, ts in defaults.items():
             images = fitness.fp_samples(ts)
             spent["grouping_choice"] = spent.get("grouping_choice", 0) + cfg.fitness.num_samples * len(ts)
-            value = fitness.distance(images) if cfg.fitness.kind == "proxy" else metric.score(images).fid
-            scores[g], schedules[g] = float(value), list(ts)
+            scores[g], schedules[g] = fitness.score(images), list(ts)
         best = min(GROUPINGS, key=lambda g: (scores[g], GROUPINGS.index(g)))
         return {"chosen": best, "scores": scores, "timesteps": schedules, "steps": k, "fitness": cfg.fitness.kind}
 
@@ -243,7 +242,7 @@ def check_fp_steps(ctx: SearchContext) -> tuple[SearchContext, FpSteps | None, i
     def with_target(n: int) -> SearchContext:
         return replace(ctx, cfg=replace(cfg, fitness=replace(cfg.fitness, reference_steps=n)))
 
-    if metric is None or cfg.fitness.kind != "proxy":
+    if metric is None or cfg.fitness.kind not in PAIRED_KINDS:
         return (with_target(min(FULL_STEPS, T)) if auto else ctx), None, 0
     target = FULL_STEPS if auto else cfg.fitness.reference_steps
     counts = sorted({n for n in (min(cfg.steps), 20, 50, target) if 1 <= n <= T})
@@ -351,7 +350,7 @@ def run_search(
         if fp_steps.advice:
             print(f"warning: {fp_steps.advice}")
         elif user_cfg.fitness.reference_steps is None:
-            print(f"proxy target: FP at {fp_steps.target} steps (FP FID on the fitness seeds: {shown})")
+            print(f"{cfg.fitness.kind} target: FP at {fp_steps.target} steps (FP FID on the fitness seeds: {shown})")
 
     ctx, choice, spent = resolve_grouping(ctx)
     cfg = ctx.cfg
@@ -657,7 +656,8 @@ def _final_eval(
     grids = run_dir / "final"
     fp_rows = FpRowCache(ctx, fit)
     full = tuple(loaded.schedule.timesteps("uniform", FULL_STEPS))
-    fidelity = getattr(metric, "fid_between", None)  # a metric on generated sets (not the pixel proxy)
+    fidelity = getattr(metric, "fid_between", None) is not None  # a metric on generated sets (not the pixel proxy)
+    fp_stats: dict = {}  # FP-100's FID statistics, extracted once for every row
 
     def score(row_key: str, label: str, cand: Candidate | None, timesteps: tuple[int, ...]) -> None:
         if row_key in done:
@@ -675,10 +675,12 @@ def _final_eval(
             bitops = cost.bitops(cand)
         scores = metric.score(images, seed=cfg.fitness.seed)
         to_fp = None
-        if fidelity is not None and timesteps == full and cand is None:
+        if fidelity and timesteps == full and cand is None:
             fp_rows.images(full, lambda: images)  # the reference: kept for every later row and run
-        elif fidelity is not None:
-            to_fp = fidelity(images, fp_rows.images(full, lambda: fit.fp_samples(full)))
+        elif fidelity:
+            if not fp_stats:
+                fp_stats.update(metric.stats(fp_rows.images(full, lambda: fit.fp_samples(full))))
+            to_fp = metric.fid_between(images, reference_stats=fp_stats)
         name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         grid_path = fp_rows.grid_path(timesteps, name) if cand is None else grids / f"{name}.png"
         grid = save_grid(images[:64], grid_path, nrow=8)

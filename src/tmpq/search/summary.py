@@ -262,7 +262,8 @@ class RunSummary:
     @property
     def fitness_label(self) -> str:
         f = self.config.fitness
-        return f"{'FID' if f.kind == 'fid' else 'proxy distance'} @ {f.num_samples} samples"
+        name = {"fid": "FID", "fid_to_fp": f"FID to FP-{f.reference_steps}"}.get(f.kind, "proxy distance")
+        return f"{name} @ {f.num_samples} samples"
 
     @property
     def model_sha256(self) -> str | None:
