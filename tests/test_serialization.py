@@ -157,3 +157,26 @@ def test_the_final_verdict_says_plainly_what_won():
     fp3 = FinalRow("FP, 3 steps (uniform)", "fp", None, (900, 500, 100), 60.0, 10**8)
     text = FinalScores(final.samples, (*rows, fp3)).verdict()
     assert "against FP, 3 steps (uniform) (FID 60.00) it is 20.00 worse at 810x fewer BitOPs" in text
+
+
+def test_a_final_table_on_fidelity_ranks_and_ships_by_fid_to_fp():
+    """A search on --fitness fid_to_fp ships the row closest to FP-100, even where another scores a better FID
+    against the data; the criterion survives the file's round trip, and files from before it rank by FID."""
+    rows = _summary().final.rows
+    rows = (
+        rows[0],
+        replace(rows[1], fid=90.0, fid_to_fp=5.0),
+        replace(rows[2], fid=80.0, fid_to_fp=12.0),
+        FinalRow("FP, 3 steps (uniform)", "fp", None, (900, 500, 100), 60.0, 10**8, fid_to_fp=8.0),
+    )
+    by_fid, by_fidelity = FinalScores(1000, rows), FinalScores(1000, rows, "fid_to_fp")
+    assert by_fid.best.label == "top1" and by_fidelity.best.label == "baseline"
+    text = by_fidelity.verdict()
+    assert text.startswith("uniform PTQ (FID to FP-100 5.00) scored best")
+    assert "against FP, 3 steps (uniform) (FID to FP-100 8.00) it is 3.00 better" in text
+    assert FinalScores.from_dict(by_fidelity.to_dict()) == by_fidelity
+    old = by_fidelity.to_dict()
+    del old["criterion"]
+    assert FinalScores.from_dict(old).criterion == "fid"
+    with pytest.raises(TmpqError, match="final criterion"):
+        FinalScores(1000, rows, "psnr")

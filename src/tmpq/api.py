@@ -38,13 +38,15 @@ def parse_budget(budget: Budget | str | float, steps: int = 10) -> Budget:
 
 @dataclass(frozen=True)
 class Choice:
-    """A chosen setting: its candidate, cost, and quality (final FID when re-scored, else search fitness)."""
+    """A chosen setting: its candidate, cost, and quality (final FID and FID to FP-100 when re-scored, else search
+    fitness)."""
 
     label: str
     candidate: Candidate
     bitops: int
     fid: float | None
     fitness: float | None
+    fid_to_fp: float | None = None
 
 
 def _choice(summary: RunSummary, which: str = "best") -> Choice:
@@ -67,7 +69,7 @@ def _choice(summary: RunSummary, which: str = "best") -> Choice:
     if row is None or row.candidate is None:
         labels = [r.label for r in final.rows if r.quantized]
         raise TmpqError(f"no quantized row {which!r} in the final re-scoring; choose one of {labels}")
-    return Choice(row.label, row.candidate, row.bitops, row.fid, None)
+    return Choice(row.label, row.candidate, row.bitops, row.fid, None, row.fid_to_fp)
 
 
 def _sampler(sn, loaded: LoadedModel, phase_bounds: tuple[int, ...], choice: Choice) -> CompressedSampler:
@@ -82,7 +84,13 @@ def _sampler(sn, loaded: LoadedModel, phase_bounds: tuple[int, ...], choice: Cho
         loaded.sample_shape,
         parts=loaded.parts,
     )
-    s.info = {"label": choice.label, "fid": choice.fid, "search_fitness": choice.fitness, "bitops": choice.bitops}
+    s.info = {
+        "label": choice.label,
+        "fid": choice.fid,
+        "fid_to_fp": choice.fid_to_fp,
+        "search_fitness": choice.fitness,
+        "bitops": choice.bitops,
+    }
     return s
 
 

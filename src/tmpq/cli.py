@@ -777,6 +777,7 @@ def _print_search(run_dir: Path, res, budget, fitness: str) -> None:
         )
     final = summary.final
     if final:
+        typer.echo(f"  final rows ranked by {final.criterion_label} (the best quantized one ships)")
         for r in final.rows:
             typer.echo(
                 f"  final ({final.samples} samples, same seeds): {r.label:<24s} FID {r.fid:8.2f}  "

@@ -722,7 +722,8 @@ def _final_eval(
             score(other.key, f"baseline ({best_g} schedule)", other, other.timesteps)
     for i, r in enumerate(result.top(cfg.final_top)):
         score(r.candidate.key, f"top{i + 1}", r.candidate, r.candidate.timesteps)
-    return FinalScores(cfg.final_samples, tuple(FinalRow.from_dict(r) for r in done.values()))
+    criterion = "fid_to_fp" if cfg.fitness.kind == "fid_to_fp" else "fid"  # ship by what the search optimised
+    return FinalScores(cfg.final_samples, tuple(FinalRow.from_dict(r) for r in done.values()), criterion)
 
 
 def _write_result(

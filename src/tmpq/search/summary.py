@@ -82,17 +82,34 @@ class FinalRow:
 
 @dataclass(frozen=True)
 class FinalScores:
-    """The final re-scoring: every row on `samples` images from the same seeds."""
+    """The final re-scoring: every row on `samples` images from the same seeds. `criterion` is what ranks the rows
+    (and so what ships): "fid" (against the data) or "fid_to_fp" (against FP-100's samples), the one the search's
+    fitness optimised."""
 
     samples: int
     rows: tuple[FinalRow, ...]
+    criterion: str = "fid"
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise TmpqError(f"final criterion must be one of {tuple(CRITERIA)}, got {self.criterion!r}")
+
+    @property
+    def criterion_label(self) -> str:
+        return CRITERIA[self.criterion]
+
+    def value(self, row: FinalRow) -> float:
+        """`row`'s score under the criterion (lower is better); FP-100 is its own reference under "fid_to_fp"."""
+        if self.criterion == "fid":
+            return row.fid
+        return 0.0 if row.fid_to_fp is None and not row.quantized else _or_inf(row.fid_to_fp)
 
     @property
     def best(self) -> FinalRow | None:
-        """The best quantized row by FID; it may be the uniform-precision baseline (then the search found nothing
-        better, and the CLI and the report say so)."""
+        """The best quantized row by the criterion; it may be the uniform-precision baseline (then the search found
+        nothing better, and the CLI and the report say so)."""
         quantized = [r for r in self.rows if r.quantized]
-        return min(quantized, key=lambda r: r.fid) if quantized else None
+        return min(quantized, key=self.value) if quantized else None
 
     @property
     def baseline(self) -> FinalRow | None:
@@ -104,7 +121,7 @@ class FinalScores:
     def best_fp(self, steps: int) -> FinalRow | None:
         """The best FP row at `steps` steps over the rule-based schedules (the strongest plain step reduction)."""
         fp = [r for r in self.rows if not r.quantized and len(r.timesteps) == steps]
-        return min(fp, key=lambda r: r.fid) if fp else None
+        return min(fp, key=self.value) if fp else None
 
     def verdict(self) -> str | None:
         """One plain sentence: did the search beat uniform PTQ at the budget, and how far is it from FP at the same
@@ -112,30 +129,37 @@ class FinalScores:
         best = self.best
         if best is None:
             return None
+        name = self.criterion_label
         ptq = [r for r in self.rows if r.quantized and r.label.startswith("baseline")]
-        base = min(ptq, key=lambda r: r.fid) if ptq else None
+        base = min(ptq, key=self.value) if ptq else None
         if base is not None and best is base:
             where = "" if base.label == "baseline" else f" on the {base.label.partition('(')[2].rstrip(')')}"
             head = (
-                f"uniform PTQ{where} (FID {base.fid:.2f}) scored best: the search found nothing better at this budget"
+                f"uniform PTQ{where} ({name} {self.value(base):.2f}) scored best: the search found nothing better at "
+                "this budget"
             )
         elif base is not None:
-            head = f"the search ({best.label}, FID {best.fid:.2f}) beat uniform PTQ at the budget (FID {base.fid:.2f})"
+            head = (
+                f"the search ({best.label}, {name} {self.value(best):.2f}) beat uniform PTQ at the budget "
+                f"({name} {self.value(base):.2f})"
+            )
         else:
-            head = f"the best compressed sampler ({best.label}) scores FID {best.fid:.2f}"
+            head = f"the best compressed sampler ({best.label}) scores {name} {self.value(best):.2f}"
         fp = self.best_fp(len(best.timesteps))
         if fp is None:
             return head
-        gap = best.fid - fp.fid
+        gap = self.value(best) - self.value(fp)
         rel = f"{abs(gap):.2f} {'worse' if gap > 0 else 'better'}"
         return (
-            f"{head}; against {fp.label} (FID {fp.fid:.2f}) it is {rel} at {fp.bitops / best.bitops:.0f}x fewer BitOPs"
+            f"{head}; against {fp.label} ({name} {self.value(fp):.2f}) it is {rel} at {fp.bitops / best.bitops:.0f}x "
+            "fewer BitOPs"
         )
 
     def to_dict(self) -> dict:
         best, baseline = self.best, self.baseline
         return {
             "samples": self.samples,
+            "criterion": self.criterion,
             "rows": [r.to_dict() for r in self.rows],
             "best": None if best is None else best.to_dict(),  # kept in the file for readers without tmpq
             "baseline": None if baseline is None else baseline.to_dict(),
@@ -143,7 +167,16 @@ class FinalScores:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FinalScores:
-        return cls(int(d["samples"]), tuple(FinalRow.from_dict(r) for r in d["rows"]))
+        rows = tuple(FinalRow.from_dict(r) for r in d["rows"])
+        return cls(int(d["samples"]), rows, d.get("criterion", "fid"))
+
+
+CRITERIA = {"fid": "FID", "fid_to_fp": "FID to FP-100"}
+"""What a final table can rank by, with the name the CLI and the report print."""
+
+
+def _or_inf(x: float | None) -> float:
+    return float("inf") if x is None else x
 
 
 @dataclass(frozen=True)
