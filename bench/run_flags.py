@@ -70,7 +70,7 @@ def main(
     exported = json.loads((run / "export" / "tmpq_compressed.json").read_text())
     if res.get("config") == config and res.get("shipped") == exported["info"]["label"]:
         # the same sampler is shipped: its score stands, the run's own final table may have grown rows
-        res["final"] = {r["label"]: r["fid"] for r in summary["final"]["rows"]} if summary.get("final") else None
+        res |= _final_rows(summary)
         path.write_text(json.dumps(res, indent=1))
     else:
         result = CompressionResult.open(run)
@@ -84,14 +84,22 @@ def main(
             "shipped": exported["info"]["label"],  # 'baseline' (uniform PTQ) or the search's 'top1', 'top2', ...
             "timesteps": list(s.timesteps),
             "gbitops": s.bitops() / 1e9,
-            "final": {r["label"]: r["fid"] for r in summary["final"]["rows"]} if summary.get("final") else None,
             "search_cost": summary["search_cost"],
             "run_wall_s": wall,
             "config": config,
             "provenance": provenance(),
-        }
+        } | _final_rows(summary)
         path.write_text(json.dumps(res, indent=1))
     typer.echo(json.dumps({k: v for k, v in res.items() if k not in ("config", "provenance")}))
+
+
+def _final_rows(summary: dict) -> dict:
+    """The run's own final table: FID and FID to FP-100 per row (None without a final table)."""
+    rows = summary["final"]["rows"] if summary.get("final") else None
+    return {
+        "final": {r["label"]: r["fid"] for r in rows} if rows else None,
+        "final_to_fp": {r["label"]: r.get("fid_to_fp") for r in rows} if rows else None,
+    }
 
 
 def _final_table(out: Path) -> None:
@@ -99,13 +107,19 @@ def _final_table(out: Path) -> None:
     runs = {}
     for path in sorted(out.glob("*/fid5000.json")):
         r = json.loads(path.read_text())
-        runs[r["config"]["flags"] or "(defaults)"] = r.get("final") or {}
-    labels = list(dict.fromkeys(label for final in runs.values() for label in final))
+        runs[r["config"]["flags"] or "(defaults)"] = (r.get("final") or {}, r.get("final_to_fp") or {})
+    labels = list(dict.fromkeys(label for final, _ in runs.values() for label in final))
+    typer.echo("FID / FID to FP-100 (— where not measured)")
     typer.echo("| row | " + " | ".join(f"`{f}`" for f in runs) + " |")
     typer.echo("|---|" + "---:|" * len(runs))
+
+    def cell(final: dict, to_fp: dict, label: str) -> str:
+        if label not in final:
+            return "—"
+        return f"{final[label]:.2f}" + ("" if to_fp.get(label) is None else f" / {to_fp[label]:.2f}")
+
     for label in labels:
-        cells = [f"{final[label]:.2f}" if label in final else "—" for final in runs.values()]
-        typer.echo(f"| {label} | " + " | ".join(cells) + " |")
+        typer.echo(f"| {label} | " + " | ".join(cell(*runs[f], label) for f in runs) + " |")
 
 
 def _table(out: Path) -> None:
