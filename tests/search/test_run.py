@@ -10,6 +10,7 @@ from tmpq.errors import TmpqError
 from tmpq.quant import CalibConfig
 from tmpq.search import Budget, FitnessConfig, run_search
 from tmpq.search.space import GROUPINGS, group_starts
+from tmpq.search.summary import RunSummary
 
 _loaded, _cfg = tiny_loaded, tiny_search_config
 
@@ -299,6 +300,7 @@ def test_a_search_on_fidelity_scores_by_fid_to_the_fp_models_own_samples(make_ti
     res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
     out = json.loads((tmp_path / "search.json").read_text())
     target = out["fp_steps"]["target"]
+    assert RunSummary.read(tmp_path).fitness_label == f"FID to FP-{target} @ 4 samples"  # as the report names it
     assert out["grouping_choice"]["fitness"] == "fid_to_fp" and (tmp_path / "proxy_reference.safetensors").is_file()
     loaded = _loaded(make_tiny_unet)
     sn, _, _ = prepare_supernet(loaded, tmp_path, cfg.calib, cfg.quant, progress=False)
