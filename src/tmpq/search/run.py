@@ -656,7 +656,6 @@ def _final_eval(
     grids = run_dir / "final"
     fp_rows = FpRowCache(ctx, fit)
     full = tuple(loaded.schedule.timesteps("uniform", FULL_STEPS))
-    fidelity = getattr(metric, "fid_between", None) is not None  # a metric on generated sets (not the pixel proxy)
     fp_stats: dict = {}  # FP-100's FID statistics, extracted once for every row
 
     def score(row_key: str, label: str, cand: Candidate | None, timesteps: tuple[int, ...]) -> None:
@@ -675,9 +674,9 @@ def _final_eval(
             bitops = cost.bitops(cand)
         scores = metric.score(images, seed=cfg.fitness.seed)
         to_fp = None
-        if fidelity and timesteps == full and cand is None:
+        if timesteps == full and cand is None:
             fp_rows.images(full, lambda: images)  # the reference: kept for every later row and run
-        elif fidelity:
+        else:
             if not fp_stats:
                 fp_stats.update(metric.stats(fp_rows.images(full, lambda: fit.fp_samples(full))))
             to_fp = metric.fid_between(images, reference_stats=fp_stats)
