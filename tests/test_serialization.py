@@ -89,7 +89,15 @@ def _summary() -> RunSummary:
         search_cost=SearchCost(640, 64, 6000, 10, 12.5, 13.0),
         seed_searches=(SeedSearch("runs/a", SearchCost(evaluations=3)),),
         grouping="quad",
-        grouping_choice=GroupingChoice("quad", {"quad": 1.0, "uniform": 2.0}, {"quad": (900, 100)}, 2, "proxy"),
+        grouping_choice=GroupingChoice(
+            "quad",
+            {"quad": 1.0, "uniform": 2.0},
+            {"quad": (900, 100)},
+            2,
+            "proxy",
+            "W6A6",
+            {"quad": 3.0, "uniform": 2.5},
+        ),
         fp_steps=FpSteps({10: 150.0, 100: 90.0}, 64, None),
         model_options={"dtype": "float32"},
         noise_schedule=NoiseSchedule(beta_end=0.012),
@@ -106,6 +114,17 @@ def test_run_summary_round_trips_through_its_file_typed(tmp_path):
     assert back.best.candidate.bits[1][0] == (4, 8) and back.quant_configs[1]["a"] == (4, 8)
     assert back.model_sha256 == "abc" and back.fp_steps.fid[10] == 150.0
     assert back.noise_schedule.beta_end == 0.012 and isinstance(back.config.budget, Budget)
+    assert (
+        back.grouping_choice.describe() == "quad (W6A6 at 2 steps, proxy: quad 1, uniform 2; FP: quad 3, uniform 2.5)"
+    )
+
+
+def test_a_grouping_choice_made_on_fp_alone_reads_back_as_such():
+    old = {"chosen": "uniform", "scores": {"uniform": 1.0}, "timesteps": {"uniform": [1]}, "steps": 1, "fitness": "fid"}
+    back = GroupingChoice.from_dict(old)  # RUN/search.json from before the start was scored
+    assert (
+        back.basis == "FP" and back.fp_scores is None and back.describe() == "uniform (FP at 1 steps, fid: uniform 1)"
+    )
 
 
 def test_search_results_from_before_the_version_key_open_and_newer_ones_are_refused(tmp_path):

@@ -169,13 +169,15 @@ def test_run_dir_that_is_a_file_is_refused(make_tiny_unet, tmp_path):
     assert f.read_text() == "mine"
 
 
-def test_grouping_auto_picks_the_best_fp_schedule_and_searches_it(make_tiny_unet, tmp_path):
-    """auto scores the FP model on each grouping's default schedule with the search's fitness, keeps the best,
-    records why, and then searches exactly as the explicit choice would; a re-run resumes instead of refusing."""
+def test_grouping_auto_picks_the_best_starting_schedule_and_searches_it(make_tiny_unet, tmp_path):
+    """auto scores the search's start (uniform PTQ at the budget's precision) on each grouping's default schedule with
+    the search's fitness, keeps the best, records why (FP's scores beside), and then searches exactly as the explicit
+    choice would; a re-run resumes instead of refusing."""
     auto = run_search(_loaded(make_tiny_unet), _cfg(grouping="auto"), tmp_path / "auto", progress=False)
     summary = json.loads((tmp_path / "auto" / "search.json").read_text())
     choice = summary["grouping_choice"]
-    assert set(choice["scores"]) == {"quad", "uniform", "change"}
+    assert set(choice["scores"]) == set(choice["fp_scores"]) == {"quad", "uniform", "change"}
+    assert choice["basis"] == "W6A6" and choice["scores"] != choice["fp_scores"]
     assert choice["chosen"] == min(choice["scores"], key=choice["scores"].get) == summary["grouping"]
     assert summary["config"]["grouping"] == "auto"
     explicit = run_search(_loaded(make_tiny_unet), _cfg(grouping=choice["chosen"]), tmp_path / "x", progress=False)
@@ -322,6 +324,10 @@ def test_a_search_on_fidelity_scores_by_fid_to_the_fp_models_own_samples(make_ti
         images = fit.samples(res.best.candidate)
     assert res.best.value == pytest.approx(metric.fid_between(images, fp), rel=1e-5)
     assert res.best.value > 1e-3 > metric.fid_between(fp, fp)  # quantized samples differ; FP itself scores 0
-    chosen = out["grouping_choice"]
-    ts = chosen["timesteps"][chosen["chosen"]]
-    assert chosen["scores"][chosen["chosen"]] == pytest.approx(metric.fid_between(fit.fp_samples(ts), fp), rel=1e-5)
+    chosen = out["grouping_choice"]  # scored on the search's start, uniform W6A6, with FP's scores beside it
+    ts = tuple(chosen["timesteps"][chosen["chosen"]])
+    assert chosen["basis"] == "W6A6"
+    assert chosen["fp_scores"][chosen["chosen"]] == pytest.approx(metric.fid_between(fit.fp_samples(ts), fp), rel=1e-5)
+    with torch.no_grad():
+        start = fit.samples(space.candidate(ts, space.uniform_bits(6, 6)))
+    assert chosen["scores"][chosen["chosen"]] == pytest.approx(metric.fid_between(start, fp), rel=1e-5)

@@ -111,8 +111,10 @@ class SampleFitness:
         self.sn.set_fp()
         return self._generate(self.sn, timesteps)
 
-    def samples(self, c: Candidate) -> torch.Tensor:
-        return self._generate(PhasedDenoiser(self.sn, self.space.step_configs(c)), c.timesteps)
+    def samples(self, c: Candidate, space: SearchSpace | None = None) -> torch.Tensor:
+        """The candidate's samples from the fitness seeds (`space`: the one it belongs to, if not this fitness's)."""
+        space = space or self.space
+        return self._generate(PhasedDenoiser(self.sn, space.step_configs(c)), c.timesteps)
 
     def _generate(self, model, timesteps) -> torch.Tensor:
         cfg = self.config

@@ -216,22 +216,29 @@ class SeedSearch:
 
 @dataclass(frozen=True)
 class GroupingChoice:
-    """What `--grouping auto` measured and chose: the FP model on each grouping's default schedule at `steps`."""
+    """What `--grouping auto` measured and chose: the search's starting point (`basis`: its uniform precision, such
+    as "W6A6", or "FP" in choices made before tmpq scored quantized starts) on each grouping's default schedule at
+    `steps`, scored by the search's fitness; `fp_scores`: the FP model on the same schedules."""
 
     chosen: str
     scores: dict[str, float]
     timesteps: dict[str, tuple[int, ...]]
     steps: int
     fitness: str
+    basis: str = "FP"
+    fp_scores: dict[str, float] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GroupingChoice:
+        fp = d.get("fp_scores")
         return cls(
             chosen=d["chosen"],
             scores={g: float(v) for g, v in d["scores"].items()},
             timesteps={g: tuple(ts) for g, ts in d["timesteps"].items()},
             steps=int(d["steps"]),
             fitness=d["fitness"],
+            basis=d.get("basis", "FP"),
+            fp_scores=None if fp is None else {g: float(v) for g, v in fp.items()},
         )
 
     def to_dict(self) -> dict:
@@ -241,7 +248,17 @@ class GroupingChoice:
             "timesteps": {g: list(ts) for g, ts in self.timesteps.items()},
             "steps": self.steps,
             "fitness": self.fitness,
+            "basis": self.basis,
+            "fp_scores": None if self.fp_scores is None else dict(self.fp_scores),
         }
+
+    def describe(self) -> str:
+        """One line: what was chosen and on which scores, e.g. for the CLI's progress output."""
+        shown = ", ".join(f"{g} {v:.4g}" for g, v in self.scores.items())
+        line = f"{self.chosen} ({self.basis} at {self.steps} steps, {self.fitness}: {shown}"
+        if self.fp_scores is not None and self.basis != "FP":
+            line += "; FP: " + ", ".join(f"{g} {v:.4g}" for g, v in self.fp_scores.items())
+        return line + ")"
 
 
 @dataclass(frozen=True)
