@@ -629,6 +629,13 @@ def _search_command(full: bool) -> Callable[..., None]:
         final_top: Annotated[int, typer.Option(help="how many top candidates the final re-scoring takes")] = (
             SearchConfig.final_top
         ),
+        final_pool: Annotated[
+            int,
+            typer.Option(
+                help="re-rank the search's best N on fresh seeds (its fitness, as many samples) before the final "
+                "re-scoring takes its top (0: off)"
+            ),
+        ] = SearchConfig.final_pool,
         generations: Annotated[int | None, typer.Option(help="override the preset")] = None,
         population: Annotated[int | None, typer.Option(help="override the preset (children scale with it)")] = None,
         pareto: Annotated[bool, typer.Option(help="NSGA-II over (quality, BitOPs)")] = False,
@@ -696,6 +703,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             quant=_quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8, bias_correction),
             final_samples=final_samples,
             final_top=final_top,
+            final_pool=final_pool,
             fid_reference=fid_reference,
             seed_from=tuple(str(p) for p in seed_from or ()),
             staged=staged,

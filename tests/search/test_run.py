@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from tiny_search import tiny_loaded, tiny_search_config
 from tmpq.errors import TmpqError
 from tmpq.quant import CalibConfig
 from tmpq.search import Budget, FitnessConfig, run_search
-from tmpq.search.space import GROUPINGS, group_starts
+from tmpq.search.space import GROUPINGS, SearchSpace, group_starts
 from tmpq.search.summary import RunSummary
 
 _loaded, _cfg = tiny_loaded, tiny_search_config
@@ -331,3 +332,38 @@ def test_a_search_on_fidelity_scores_by_fid_to_the_fp_models_own_samples(make_ti
     with torch.no_grad():
         start = fit.samples(space.candidate(ts, space.uniform_bits(6, 6)))
     assert chosen["scores"][chosen["chosen"]] == pytest.approx(metric.fid_between(start, fp), rel=1e-5)
+
+
+def test_a_final_pool_re_ranks_the_search_best_on_fresh_seeds_before_the_final_table(make_tiny_unet, tmp_path):
+    """--final-pool N: the search's best N are scored by the same fitness on seeds after the final table's, and the
+    final table takes the best of them by that score alone; the scores are kept (RUN/race.json) and reused."""
+    from tmpq.quant.prepare import prepare_supernet
+    from tmpq.search import SampleFitness
+    from tmpq.search.run import RACE_FILE
+
+    cfg = _cfg(final_samples=4, final_top=1, final_pool=3)
+    res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    race = json.loads((tmp_path / RACE_FILE).read_text())
+    pool = res.top(3)
+    assert set(race["scores"]) == {r.candidate.key for r in pool} and race["key"]["fitness"]["seed"] == 4
+    winner = min(pool, key=lambda r: (race["scores"][r.candidate.key], r.bitops))
+    rows = {r["label"]: r for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]}
+    assert rows["top1"]["candidate"]["timesteps"] == list(winner.candidate.timesteps)
+    assert "top2" not in rows
+    # the fresh score is the fitness on seeds 4..7: an independent computation agrees
+    loaded = _loaded(make_tiny_unet)
+    sn, _, _ = prepare_supernet(loaded, tmp_path, cfg.calib, cfg.quant, progress=False)
+    space = SearchSpace.from_supernet(sn, num_train_timesteps=1000, steps=(4,), grouping="quad")
+    fcfg = replace(cfg.fitness, seed=4)
+    fit = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, None, fcfg)
+    with torch.no_grad():
+        fresh = fit.score(fit.samples(winner.candidate))
+    assert race["scores"][winner.candidate.key] == pytest.approx(fresh, rel=1e-5)
+    stamp = (tmp_path / RACE_FILE).stat().st_mtime_ns
+    run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)  # resumed: the race is read back, not re-run
+    assert (tmp_path / RACE_FILE).stat().st_mtime_ns == stamp
+
+
+def test_a_final_pool_no_larger_than_the_final_top_is_refused():
+    with pytest.raises(TmpqError, match="--final-pool 3 must be 0 .* more than --final-top 3"):
+        _cfg(final_samples=4, final_top=3, final_pool=3)

@@ -41,6 +41,7 @@ class SearchConfig(DictConfig):
     staged: bool = False  # bits-only and timesteps-only searches first (RUN/stages/), then the joint one seeded
     final_samples: int = 1000  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
     final_top: int = 3
+    final_pool: int = 0  # > final_top: the search's best `final_pool`, re-ranked on fresh seeds, feed the final table
     fid_reference: str = "fashion-mnist"  # FID (search and final) against this: 'fashion-mnist' or an image folder
     extra: dict = field(default_factory=dict)
 
@@ -64,6 +65,11 @@ class SearchConfig(DictConfig):
             raise TmpqError(
                 f"--final-samples must be 0 (skip) or >= 2 and --final-top >= 1, got {self.final_samples} and "
                 f"{self.final_top}"
+            )
+        if self.final_pool and self.final_pool <= self.final_top:
+            raise TmpqError(
+                f"--final-pool {self.final_pool} must be 0 (off) or more than --final-top {self.final_top}: it is how "
+                "many of the search's best are re-ranked on fresh seeds, of which the final table takes the top"
             )
         if self.fid_reference != "fashion-mnist" and not Path(self.fid_reference).is_dir():
             raise TmpqError(

@@ -31,7 +31,7 @@ from tmpq.quant.prepare import prepare_supernet
 from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.search.budget import Budget, CandidateCost, Repairer
 from tmpq.search.config import AUTO, SearchConfig, precision_of
-from tmpq.search.evolution import EvolutionarySearch, SearchResult
+from tmpq.search.evolution import EvolutionarySearch, Record, SearchResult
 from tmpq.search.fitness import FULL_STEPS, PAIRED_KINDS, FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_evaluator
 from tmpq.search.profile import change_profile
@@ -470,7 +470,9 @@ def run_search(
         peers, profiles = _grouping_schedules(ctx, min(space.steps))
         for what, forwards in profiles.items():
             ledger.record(what, forwards)
-        final = _final_eval(ctx, space, cost, result, baseline, peers)
+        top, forwards = race_top(ctx, space, result)
+        ledger.record("race", forwards)
+        final = _final_eval(ctx, space, cost, top, baseline, peers)
     wall = time.perf_counter() - t_start
     _write_result(
         ctx,
@@ -488,7 +490,7 @@ def run_search(
     return result
 
 
-RESUME_FREE = ("final_samples", "final_top", "seed_from", "extra")
+RESUME_FREE = ("final_samples", "final_top", "final_pool", "seed_from", "extra")
 """Settings a resumed search may change: the final re-scoring is keyed on its own (final.json), and a resumed
 search no longer reads its seeds. Every other setting decides the run directory's files and its result."""
 
@@ -669,11 +671,48 @@ class FpRowCache:
         write_json_atomic(self.path, self.rows)
 
 
+RACE_FILE = "race.json"
+
+
+def race_top(ctx: SearchContext, space: SearchSpace, result: SearchResult) -> tuple[list[Record], int]:
+    """The candidates the final table re-scores, best first, and the image-forwards spent now. Without a pool: the
+    search's top `final_top` by its fitness. With `final_pool` > `final_top`: the search's best `final_pool`, scored
+    again by the same fitness on as many fresh seeds (after the final table's, so no seed is shared with the search or
+    the table) and re-ranked by that score alone. Among many candidates the best by a noisy fitness is mostly the one
+    whose noise suits the fitness seeds (docs/results.md, 'Which fitness ranks candidates'); a score on seeds the
+    search never saw carries no such selection bias. Scores are kept in RUN/race.json, candidate by candidate, so a
+    killed race resumes."""
+    cfg = ctx.cfg
+    if cfg.final_pool <= cfg.final_top or cfg.final_samples == 0:
+        return result.top(cfg.final_top), 0
+    pool = result.top(cfg.final_pool)
+    fcfg = replace(cfg.fitness, seed=cfg.fitness.seed + cfg.final_samples)
+    key = json.loads(json.dumps({"fingerprint": ctx.sn.fingerprint, "fitness": asdict(fcfg)}))
+    path = ctx.run_dir / RACE_FILE
+    scores: dict[str, float] = {}
+    if path.is_file():
+        d = json.loads(path.read_text())
+        scores = d["scores"] if d.get("key") == key else {}
+    fit, forwards = ctx.fitness(fcfg, space), 0
+    for i, r in enumerate(pool):
+        k = r.candidate.key
+        if k not in scores:
+            with torch.no_grad():
+                scores[k] = fit.score(fit.samples(r.candidate))
+            forwards += fcfg.num_samples * len(r.candidate.timesteps)
+            write_json_atomic(path, {"key": key, "scores": scores})
+        if ctx.progress:
+            print(f"race {i + 1}/{len(pool)}: {r.value:.4g} on the search's seeds, {scores[k]:.4g} on fresh ones")
+    forwards += fit.reference_forwards
+    ranked = sorted(pool, key=lambda r: (scores[r.candidate.key], r.bitops))
+    return ranked[: cfg.final_top], forwards
+
+
 def _final_eval(
     ctx: SearchContext,
     space: SearchSpace,
     cost: CandidateCost,
-    result: SearchResult,
+    top: list[Record],
     baseline,
     peer_schedules: dict[str, tuple[int, ...]],
 ) -> FinalScores:
@@ -685,6 +724,8 @@ def _final_eval(
     sn, loaded, cfg, run_dir, metric, progress = ctx.sn, ctx.loaded, ctx.cfg, ctx.run_dir, ctx.metric, ctx.progress
     path = run_dir / "final.json"
     key = {"samples": cfg.final_samples, "top": cfg.final_top, "fitness": asdict(cfg.fitness), "model": sn.fingerprint}
+    if cfg.final_pool:  # older runs' keys stay valid
+        key["pool"] = cfg.final_pool
     if cfg.fid_reference != "fashion-mnist":  # older runs' keys stay valid
         key["fid_reference"] = cfg.fid_reference
     key = json.loads(json.dumps(key))
@@ -764,7 +805,7 @@ def _final_eval(
         if fp_k[best_g][1] != tuple(baseline.timesteps):
             other = Candidate(fp_k[best_g][1], baseline.bits)
             score(other.key, f"baseline ({best_g} schedule)", other, other.timesteps)
-    for i, r in enumerate(result.top(cfg.final_top)):
+    for i, r in enumerate(top):
         score(r.candidate.key, f"top{i + 1}", r.candidate, r.candidate.timesteps)
     criterion = "fid_to_fp" if cfg.fitness.kind == "fid_to_fp" else "fid"  # ship by what the search optimised
     return FinalScores(cfg.final_samples, tuple(FinalRow.from_dict(r) for r in done.values()), criterion)
