@@ -583,8 +583,8 @@ def _search_command(full: bool) -> Callable[..., None]:
         grouping: Annotated[
             str,
             typer.Option(
-                help="timestep groups: quad | uniform | change | auto (the one whose default schedule the FP model "
-                "scores best on, under the fitness)"
+                help="timestep groups: quad | uniform | change | auto (the one on whose default schedule the search's "
+                "start, uniform PTQ at the budget's precision, scores best under the fitness)"
             ),
         ] = SearchConfig.grouping,
         phases: Annotated[str, typer.Option(help="timestep bounds of bit phases, e.g. 500 (none: one set)")] = "",

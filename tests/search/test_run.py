@@ -346,14 +346,17 @@ def test_a_final_pool_re_ranks_the_search_best_on_fresh_seeds_before_the_final_t
     race = json.loads((tmp_path / RACE_FILE).read_text())
     pool = res.top(3)
     assert set(race["scores"]) == {r.candidate.key for r in pool} and race["key"]["fitness"]["seed"] == 4
-    winner = min(pool, key=lambda r: (race["scores"][r.candidate.key], r.bitops))
-    rows = {r["label"]: r for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]}
-    assert rows["top1"]["candidate"]["timesteps"] == list(winner.candidate.timesteps)
-    assert "top2" not in rows
-    # the fresh score is the fitness on seeds 4..7: an independent computation agrees
     loaded = _loaded(make_tiny_unet)
     sn, _, _ = prepare_supernet(loaded, tmp_path, cfg.calib, cfg.quant, progress=False)
     space = SearchSpace.from_supernet(sn, num_train_timesteps=1000, steps=(4,), grouping="quad")
+    baseline = space.candidate(space.default_timesteps(4), space.uniform_bits(6, 6))  # a row of its own
+    searched = [r for r in pool if r.candidate.key != baseline.key]
+    winner = min(searched, key=lambda r: (race["scores"][r.candidate.key], r.bitops))
+    rows = {r["label"]: r for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]}
+    assert rows["top1"]["candidate"]["timesteps"] == list(winner.candidate.timesteps)
+    assert rows["top1"]["candidate"]["bits"] == [[list(b) for b in p] for p in winner.candidate.bits]
+    assert "top2" not in rows
+    # the fresh score is the fitness on seeds 4..7: an independent computation agrees
     fcfg = replace(cfg.fitness, seed=4)
     fit = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, None, fcfg)
     with torch.no_grad():
@@ -367,3 +370,20 @@ def test_a_final_pool_re_ranks_the_search_best_on_fresh_seeds_before_the_final_t
 def test_a_final_pool_no_larger_than_the_final_top_is_refused():
     with pytest.raises(TmpqError, match="--final-pool 3 must be 0 .* more than --final-top 3"):
         _cfg(final_samples=4, final_top=3, final_pool=3)
+
+
+def test_the_final_tables_top_rows_are_search_results_not_the_baseline_again():
+    """The uniform baseline is a row of its own: when the search ranks it among its best, the top rows pass over it
+    (with or without a pool), so each of them re-scores a candidate the search found."""
+    from types import SimpleNamespace
+
+    from tmpq.search.evolution import Record, SearchResult
+    from tmpq.search.run import race_top
+    from tmpq.search.space import Candidate
+
+    recs = [Record(Candidate((900 - i, 0), (((6, 6),),)), float(i), 10, 1, 0.0, 0) for i in range(4)]
+    result = SearchResult(recs[0], [], recs, [], 4, 0.0, 10)
+    ctx = SimpleNamespace(cfg=_cfg(final_samples=4, final_top=2))
+    top, forwards = race_top(ctx, None, result, exclude={recs[0].candidate.key})
+    assert [r.value for r in top] == [1.0, 2.0] and forwards == 0
+    assert [r.value for r in race_top(ctx, None, result)[0]] == [0.0, 1.0]

@@ -470,7 +470,7 @@ def run_search(
         peers, profiles = _grouping_schedules(ctx, min(space.steps))
         for what, forwards in profiles.items():
             ledger.record(what, forwards)
-        top, forwards = race_top(ctx, space, result)
+        top, forwards = race_top(ctx, space, result, exclude={baseline.key} if baseline is not None else set())
         ledger.record("race", forwards)
         final = _final_eval(ctx, space, cost, top, baseline, peers)
     wall = time.perf_counter() - t_start
@@ -674,17 +674,21 @@ class FpRowCache:
 RACE_FILE = "race.json"
 
 
-def race_top(ctx: SearchContext, space: SearchSpace, result: SearchResult) -> tuple[list[Record], int]:
-    """The candidates the final table re-scores, best first, and the image-forwards spent now. Without a pool: the
-    search's top `final_top` by its fitness. With `final_pool` > `final_top`: the search's best `final_pool`, scored
-    again by the same fitness on as many fresh seeds (after the final table's, so no seed is shared with the search or
-    the table) and re-ranked by that score alone. Among many candidates the best by a noisy fitness is mostly the one
-    whose noise suits the fitness seeds (docs/results.md, 'Which fitness ranks candidates'); a score on seeds the
-    search never saw carries no such selection bias. Scores are kept in RUN/race.json, candidate by candidate, so a
-    killed race resumes."""
+def race_top(
+    ctx: SearchContext, space: SearchSpace, result: SearchResult, exclude: set[str] = frozenset()
+) -> tuple[list[Record], int]:
+    """The candidates the final table re-scores, best first, and the image-forwards spent now; candidates keyed in
+    `exclude` (the uniform baseline, a row of its own) are passed over, so every top row is a search result. Without
+    a pool: the search's top `final_top` by its fitness. With `final_pool` > `final_top`: the search's best
+    `final_pool`, scored again by the same fitness on as many fresh seeds (after the final table's, so no seed is
+    shared with the search or the table) and re-ranked by that score alone. Among many candidates the best by a noisy
+    fitness is mostly the one whose noise suits the fitness seeds (docs/results.md, 'Which fitness ranks
+    candidates'); a score on seeds the search never saw carries no such selection bias. Scores are kept in
+    RUN/race.json, candidate by candidate, so a killed race resumes."""
     cfg = ctx.cfg
     if cfg.final_pool <= cfg.final_top or cfg.final_samples == 0:
-        return result.top(cfg.final_top), 0
+        top = result.top(cfg.final_top + len(exclude))
+        return [r for r in top if r.candidate.key not in exclude][: cfg.final_top], 0
     pool = result.top(cfg.final_pool)
     fcfg = replace(cfg.fitness, seed=cfg.fitness.seed + cfg.final_samples)
     key = json.loads(json.dumps({"fingerprint": ctx.sn.fingerprint, "fitness": asdict(fcfg)}))
@@ -705,7 +709,7 @@ def race_top(ctx: SearchContext, space: SearchSpace, result: SearchResult) -> tu
             print(f"race {i + 1}/{len(pool)}: {r.value:.4g} on the search's seeds, {scores[k]:.4g} on fresh ones")
     forwards += fit.reference_forwards
     ranked = sorted(pool, key=lambda r: (scores[r.candidate.key], r.bitops))
-    return ranked[: cfg.final_top], forwards
+    return [r for r in ranked if r.candidate.key not in exclude][: cfg.final_top], forwards
 
 
 def _final_eval(
