@@ -10,7 +10,7 @@ still ships the same sampler (a newer tmpq may add rows to the run's final table
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags ""                   # the defaults
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--grouping quad"
-    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--staged"
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--staged" --execution "--workers 2"
     .venv/bin/python bench/run_flags.py --table                                         # the Markdown table
     .venv/bin/python bench/run_flags.py --final                        # each run's final table, a column per run
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --model runs/heldout_pipeline --out runs/run_flags_heldout
@@ -45,6 +45,7 @@ def tag_of(flags: str) -> str:
 
 def main(
     flags: str = typer.Option("", help="the flags under test, as one string"),
+    execution: str = typer.Option("", help="flags that never change the result (e.g. '--workers 2'): not in the tag"),
     model: str = "builtin:fashion",
     num_samples: int = 5000,
     out: Path = Path("runs/run_flags"),
@@ -58,7 +59,19 @@ def main(
     keep_freed_memory()  # as `tmpq run` does; scoring 5,000 samples is 1.5x faster with it
     run = out / tag_of(flags)
     share_prepared(out / "shared", run)  # one calibration for every row of OUT (each file is checked on reuse)
-    cmd = [sys.executable, "-m", "tmpq", "run", "--model", model, "--run-dir", str(run), *BASE, *shlex.split(flags)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tmpq",
+        "run",
+        "--model",
+        model,
+        "--run-dir",
+        str(run),
+        *BASE,
+        *shlex.split(flags),
+        *shlex.split(execution),
+    ]
     t0 = time.time()
     subprocess.run(cmd, check=True)
     wall = time.time() - t0
