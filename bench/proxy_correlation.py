@@ -12,6 +12,7 @@ Every fitness in `--fitness` is scored on a prefix of the same fitness samples:
 - `proxy:N` the paired proxy (mean per-sample feature distance to FP at `--reference-steps` from the same noise),
 - `proxy-median:N` the same pooled by the median,
 - `fid:N` FID against the real data on N samples,
+- `kid:N` KID against the real data on N samples,
 - `fid-to-fp:N` FID against the FP model's samples at `--reference-steps` from the same N seeds.
 
 Resumable: scores are kept in OUT/scores.json (keyed by candidate; a fitness added later is computed then), the FP
@@ -43,8 +44,8 @@ def _parse(spec: str) -> list[tuple[str, int]]:
     out = []
     for item in spec.split(","):
         kind, _, n = item.partition(":")
-        if kind not in ("proxy", "proxy-median", "fid", "fid-to-fp") or not n.isdigit():
-            raise typer.BadParameter(f"{item!r}: use proxy:N, proxy-median:N, fid:N or fid-to-fp:N")
+        if kind not in ("proxy", "proxy-median", "fid", "kid", "fid-to-fp") or not n.isdigit():
+            raise typer.BadParameter(f"{item!r}: use proxy:N, proxy-median:N, fid:N, kid:N or fid-to-fp:N")
         out.append((kind, int(n)))
     return out
 
@@ -101,7 +102,7 @@ def main(
             reference=paired.fp_reference()[:n],
         )
         for kind, n in kinds
-        if kind != "fid"
+        if kind not in ("fid", "kid")
     }
     path = out / "scores.json"
     scores = json.loads(path.read_text()) if path.is_file() else {}
@@ -123,6 +124,8 @@ def main(
             for kind, n in missing:
                 if kind == "fid":
                     row[f"{kind}:{n}"] = metric.fid(images[:n])
+                elif kind == "kid":
+                    row[f"{kind}:{n}"] = metric.kid(images[:n])
                 elif kind == "fid-to-fp":
                     row[f"{kind}:{n}"] = fitnesses[n].fid_to_fp(images[:n])
                 else:

@@ -598,8 +598,8 @@ def _search_command(full: bool) -> Callable[..., None]:
         fitness: Annotated[
             str,
             typer.Option(
-                help="fid (against the data) | fid_to_fp (against FP samples) | proxy (distance to FP samples, "
-                "sample by sample, same noise)"
+                help="fid (against the data) | kid (KID against the data) | fid_to_fp (against FP samples) | "
+                "proxy (distance to FP samples, sample by sample, same noise)"
             ),
         ] = (FitnessConfig.kind),
         fitness_samples: int = FitnessConfig.num_samples,

@@ -95,3 +95,47 @@ def test_fid_between_two_sets_is_the_fid_with_the_second_as_reference(test_split
         metric.fid_between(a, b, reference_stats=stats_b)
     with pytest.raises(TmpqError, match="one of them"):
         metric.fid_between(a)
+
+
+def test_kid_equals_torchmetrics_on_full_sets_and_separates_real_from_damaged(test_split, tmp_path):
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from tmpq.metrics.classifier import load_classifier
+    from tmpq.metrics.fid import _Features
+
+    x, y = test_split
+    real, fake = x[:600], x[600:1200]
+    metric = _metric(real, tmp_path)  # 600 reference images: fewer than KID_REFERENCE_SIZE, so all of them
+    ours = metric.kid(fake)
+    # torchmetrics on the same two sets, its one random subset being each whole set: the same unbiased estimate
+    tm = KernelInceptionDistance(feature=_Features(load_classifier()), subsets=1, subset_size=600)
+    tm.update(real.clamp(-1, 1), real=True)
+    tm.update(fake.clamp(-1, 1), real=False)
+    assert ours == pytest.approx(float(tm.compute()[0]), rel=1e-4, abs=1e-3)
+    # unbiased: another real half scores near zero (either sign), damage scores far above it
+    noise = torch.rand(600, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    half_classes = x[1200:2400][y[1200:2400] < 5][:600]
+    assert abs(ours) < 0.02 * metric.kid(half_classes)
+    assert metric.kid(half_classes) < metric.kid(noise)
+    assert metric.kid(fake[:128]) == metric.kid(fake[:128])  # no random subsets: deterministic
+
+
+def test_kid_reference_is_a_fixed_cached_subset(test_split, tmp_path, monkeypatch):
+    import tmpq.metrics.fid as fid_mod
+
+    x, _ = test_split
+    calls = []
+
+    def reference():
+        calls.append(1)
+        return x[:1000]
+
+    monkeypatch.setattr(fid_mod, "KID_REFERENCE_SIZE", 400)
+    a = QualityMetric(reference=reference, reference_key="k", cache_dir=tmp_path)
+    first = a.kid(x[1000:1200])
+    assert a.kid_reference()["features"].shape[0] == 400
+    b = QualityMetric(reference=reference, reference_key="k", cache_dir=tmp_path)
+    assert b.kid(x[1000:1200]) == pytest.approx(first, rel=1e-12) and len(calls) == 1
+    assert len(list(tmp_path.glob("kid_ref_*.safetensors"))) == 1
+    with pytest.raises(TmpqError, match="at least 2"):
+        a.kid(x[:1])

@@ -387,3 +387,24 @@ def test_the_final_tables_top_rows_are_search_results_not_the_baseline_again():
     top, forwards = race_top(ctx, None, result, exclude={recs[0].candidate.key})
     assert [r.value for r in top] == [1.0, 2.0] and forwards == 0
     assert [r.value for r in race_top(ctx, None, result)[0]] == [0.0, 1.0]
+
+
+def test_a_search_on_kid_scores_each_candidate_by_its_kid_against_the_data(make_tiny_unet, tmp_path):
+    """--fitness kid: a candidate's fitness is the KID of its samples from the fitness seeds, what an independent
+    computation gives; the final table still ranks by FID (what the user is shown)."""
+    from tmpq.evaluate import reference_metric
+    from tmpq.quant.prepare import prepare_supernet
+    from tmpq.search import SampleFitness, SearchSpace
+
+    cfg = _cfg(fitness=FitnessConfig(kind="kid", num_samples=4))
+    res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    loaded = _loaded(make_tiny_unet)
+    sn, _, _ = prepare_supernet(loaded, tmp_path, cfg.calib, cfg.quant, progress=False)
+    space = SearchSpace.from_supernet(sn, num_train_timesteps=1000, steps=(4,), grouping=cfg.grouping)
+    metric = reference_metric("fashion-mnist")
+    fit = SampleFitness(sn, space, loaded.schedule, loaded.sample_shape, metric, FitnessConfig("kid", 4))
+    with torch.no_grad():
+        images = fit.samples(res.best.candidate)
+    assert res.best.value == pytest.approx(metric.kid(images), rel=1e-6)
+    assert res.best.value != pytest.approx(metric.fid(images), rel=1e-2)  # not FID under another name
+    assert not (tmp_path / "proxy_reference.safetensors").is_file()  # KID needs no FP reference

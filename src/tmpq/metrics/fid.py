@@ -1,7 +1,7 @@
-"""FID and IS through torchmetrics, in the feature space of the shipped classifier (or Inception).
+"""FID, KID and IS, in the feature space of the shipped classifier (or Inception; FID and IS only).
 
-Reference statistics of the real data (feature sum, covariance sum, count) are cached as
-safetensors keyed by the feature extractor's checksum and the data source, so a search that
+Reference statistics of the real data (feature sum, covariance sum, count; for KID a fixed subset's features)
+are cached as safetensors keyed by the feature extractor's checksum and the data source, so a search that
 scores hundreds of candidates computes them once.
 """
 
@@ -24,6 +24,9 @@ from tmpq.metrics.classifier import BUILTIN_CLASSIFIER, FashionClassifier, load_
 from tmpq.provenance import file_sha256
 
 _STATE_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+KID_REFERENCE_SIZE = 10_000
+"""How many reference images KID compares with: a fixed, seeded subset (all of them if fewer). 128 generated samples
+against 10,000 leave the estimate's spread to the generated side."""
 
 
 class _Features(nn.Module):
@@ -103,8 +106,10 @@ class QualityMetric:
             raise TmpqError(f"unknown feature space {feature_space!r}; use 'classifier' or 'inception'")
         self.inception_weights = str(inception_weights) if inception_weights else None
         self.cache_path = self.cache_dir / f"fid_ref_{extractor_id}_{_slug(reference_key)}.safetensors"
+        self.kid_cache_path = self.cache_dir / f"kid_ref_{extractor_id}_{_slug(reference_key)}.safetensors"
         self._reference = reference
         self._ref_state: dict[str, torch.Tensor] | None = None
+        self._kid_ref: dict[str, torch.Tensor] | None = None
 
     def _new_fid(self) -> FrechetInceptionDistance:
         kwargs = {"feature_extractor_weights_path": self.inception_weights} if self.inception_weights else {}
@@ -119,18 +124,52 @@ class QualityMetric:
     def reference_state(self) -> dict[str, torch.Tensor]:
         """Real-data FID statistics, from the cache or computed once and cached (atomic write)."""
         if self._ref_state is None:
-            if self.cache_path.is_file():
-                try:
-                    self._ref_state = load_file(str(self.cache_path))
-                except Exception:
-                    self._ref_state = None  # damaged cache: recompute below, never trust it
-            if self._ref_state is None:
-                self._ref_state = self.stats(self._reference())
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = self.cache_path.with_suffix(".tmp")
-                save_file(self._ref_state, str(tmp))
-                tmp.replace(self.cache_path)
+            self._ref_state = self._cached(self.cache_path, lambda: self.stats(self._reference()))
         return self._ref_state
+
+    def _cached(self, path: Path, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if path.is_file():
+            try:
+                return load_file(str(path))
+            except Exception:
+                pass  # damaged cache: recompute below, never trust it
+        state = make()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+        return state
+
+    def kid_reference(self) -> dict[str, torch.Tensor]:
+        """KID's side of the real data: the features of a fixed subset of the reference (KID_REFERENCE_SIZE images,
+        seeded) and the mean kernel between them, cached like the FID statistics."""
+        if self._kid_ref is None:
+
+            def make() -> dict[str, torch.Tensor]:
+                real = self._reference()
+                g = torch.Generator().manual_seed(0)
+                keep = torch.randperm(real.shape[0], generator=g)[:KID_REFERENCE_SIZE]
+                feats = self.features(real[keep.sort().values]).double()
+                return {"features": feats, "kernel_mean": _mean_off_diagonal_kernel(feats).reshape(1)}
+
+            self._kid_ref = self._cached(self.kid_cache_path, make)
+        return self._kid_ref
+
+    @torch.no_grad()
+    def kid(self, images: torch.Tensor) -> float:
+        """Kernel Inception Distance (Bińkowski et al., 2018) against the reference, in this metric's feature space:
+        the unbiased estimate of the squared MMD under the cubic polynomial kernel (x·y/d + 1)³, as torchmetrics'
+        KernelInceptionDistance computes it, but over every generated sample against one fixed reference subset
+        (no random subsets, so it is deterministic). Unlike FID it needs no covariance: FID on 128 samples in the
+        classifier's 128-d space estimates a rank-deficient covariance and swings with the seeds."""
+        if images.shape[0] < 2:
+            raise TmpqError("KID needs at least 2 generated images")
+        if self.feature_space != "classifier":
+            raise TmpqError("KID is computed in the classifier feature space only; score Inception features by FID")
+        ref = self.kid_reference()
+        x, y = self.features(images).double(), ref["features"]
+        k_xy = _poly_kernel(x, y).mean()
+        return float(_mean_off_diagonal_kernel(x) + ref["kernel_mean"][0] - 2 * k_xy)
 
     def _feed(self, fid: FrechetInceptionDistance, images: torch.Tensor, real: bool) -> None:
         """Add `images` to one side of `fid`, in batches."""
@@ -226,6 +265,19 @@ def _inception_logits(weights: Path | str) -> nn.Module:
         raise TmpqError(
             f"Inception FID/IS needs torch-fidelity: `pip install --no-deps torch-fidelity` ({exc})"
         ) from exc
+
+
+def _poly_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def _mean_off_diagonal_kernel(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Mean of k(x_i, x_j) over i ≠ j, in row chunks (10,000² doubles would be 800 MB at once)."""
+    n, total = x.shape[0], x.new_zeros(())
+    for i in range(0, n, chunk):
+        block = _poly_kernel(x[i : i + chunk], x)
+        total = total + block.sum() - block.diagonal(offset=i).sum()
+    return total / (n * (n - 1))
 
 
 def _slug(text: str) -> str:

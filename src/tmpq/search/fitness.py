@@ -34,7 +34,7 @@ from tmpq.search.evolution import FitnessValue
 from tmpq.search.space import Candidate, SearchSpace
 from tmpq.serialization import DictConfig
 
-FITNESS_KINDS = ("fid", "proxy", "fid_to_fp")
+FITNESS_KINDS = ("fid", "kid", "proxy", "fid_to_fp")
 PAIRED_KINDS = ("proxy", "fid_to_fp")
 """The kinds scored against the FP model's own samples from the same noise (`reference_steps`)."""
 FULL_STEPS = 100
@@ -43,8 +43,8 @@ FULL_STEPS = 100
 
 @dataclass(frozen=True)
 class FitnessConfig(DictConfig):
-    # "fid": FID against the data; "proxy": distance to the FP model's samples from the same noise, sample by sample;
-    # "fid_to_fp": FID against those FP samples as a set
+    # "fid": FID against the data; "kid": KID against the data; "proxy": distance to the FP model's samples from the
+    # same noise, sample by sample; "fid_to_fp": FID against those FP samples as a set
     kind: str = "fid"
     num_samples: int = 128  # FID in the classifier's 128-d feature space needs more samples than its dimension
     seed: int = 0
@@ -148,6 +148,8 @@ class SampleFitness:
         """The configured fitness of a sample set from the fitness seeds (lower is better)."""
         if self.config.kind == "fid":
             return self.metric.fid(images)
+        if self.config.kind == "kid":
+            return self.metric.kid(images)
         if self.config.kind == "fid_to_fp":
             return self.fid_to_fp(images)
         return self.distance(images)
