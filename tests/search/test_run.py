@@ -408,3 +408,4 @@ def test_a_search_on_kid_scores_each_candidate_by_its_kid_against_the_data(make_
     assert res.best.value == pytest.approx(metric.kid(images), rel=1e-6)
     assert res.best.value != pytest.approx(metric.fid(images), rel=1e-2)  # not FID under another name
     assert not (tmp_path / "proxy_reference.safetensors").is_file()  # KID needs no FP reference
+    assert RunSummary.read(tmp_path).fitness_label == "KID @ 4 samples"  # as the report and the CLI name it

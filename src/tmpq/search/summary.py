@@ -313,7 +313,7 @@ class RunSummary:
     def fitness_label(self) -> str:
         f = self.config.fitness
         target = f.reference_steps or (self.fp_steps.target if self.fp_steps else None)  # None: chosen by the search
-        name = {"fid": "FID", "fid_to_fp": f"FID to FP-{target}"}.get(f.kind, "proxy distance")
+        name = {"fid": "FID", "kid": "KID", "fid_to_fp": f"FID to FP-{target}"}.get(f.kind, "proxy distance")
         return f"{name} @ {f.num_samples} samples"
 
     @property
