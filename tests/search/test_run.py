@@ -383,7 +383,7 @@ def test_the_final_tables_top_rows_are_search_results_not_the_baseline_again():
 
     recs = [Record(Candidate((900 - i, 0), (((6, 6),),)), float(i), 10, 1, 0.0, 0) for i in range(4)]
     result = SearchResult(recs[0], [], recs, [], 4, 0.0, 10)
-    ctx = SimpleNamespace(cfg=_cfg(final_samples=4, final_top=2))
+    ctx = SimpleNamespace(cfg=_cfg(final_samples=4, final_top=2, final_pool=0))  # no race: the search's own order
     top, forwards = race_top(ctx, None, result, exclude={recs[0].candidate.key})
     assert [r.value for r in top] == [1.0, 2.0] and forwards == 0
     assert [r.value for r in race_top(ctx, None, result)[0]] == [0.0, 1.0]

@@ -41,7 +41,9 @@ class SearchConfig(DictConfig):
     staged: bool = False  # bits-only and timesteps-only searches first (RUN/stages/), then the joint one seeded
     final_samples: int = 1000  # > 0: re-score the top `final_top` and the uniform baseline with this many samples
     final_top: int = 3
-    final_pool: int = 0  # > final_top: the search's best `final_pool`, re-ranked on fresh seeds, feed the final table
+    # > final_top: the search's best `final_pool`, re-ranked by the fitness on fresh seeds, feed the final table (a
+    # search's best on its own seeds are mostly its luckiest draws: docs/results.md, 'Racing ...'); 0: off
+    final_pool: int = 12
     fid_reference: str = "fashion-mnist"  # FID (search and final) against this: 'fashion-mnist' or an image folder
     extra: dict = field(default_factory=dict)
 
@@ -69,7 +71,8 @@ class SearchConfig(DictConfig):
         if self.final_pool and self.final_pool <= self.final_top:
             raise TmpqError(
                 f"--final-pool {self.final_pool} must be 0 (off) or more than --final-top {self.final_top}: it is how "
-                "many of the search's best are re-ranked on fresh seeds, of which the final table takes the top"
+                "many of the search's best are re-ranked on fresh seeds, of which the final table takes the top; "
+                "raise --final-pool or pass --final-pool 0"
             )
         if self.fid_reference != "fashion-mnist" and not Path(self.fid_reference).is_dir():
             raise TmpqError(
