@@ -22,7 +22,7 @@ from tmpq.evaluate import EvalConfig
 from tmpq.models.train_config import TrainConfig
 from tmpq.quant.calibration import CalibConfig
 from tmpq.quant.config import QuantSpec
-from tmpq.search.config import AUTO, SearchConfig
+from tmpq.search.config import AUTO, SearchConfig, precision_label
 from tmpq.search.fitness import FitnessConfig
 
 # Every option's default is the config class's own (one default per setting); these spell the tuple ones.
@@ -680,7 +680,7 @@ def _search_command(full: bool) -> Callable[..., None]:
             if bitops is not None
             else Budget.gbitops(gbitops)
             if gbitops is not None
-            else Budget.like(like or f"W{SearchConfig.budget.w}A{SearchConfig.budget.a}", budget_steps)
+            else Budget.like(like or precision_label(SearchConfig.budget.w, SearchConfig.budget.a), budget_steps)
         )
         cfg = SearchConfig(
             budget=budget,

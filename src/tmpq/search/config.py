@@ -95,6 +95,11 @@ def precision_of(setting: str) -> tuple[int, int]:
     return b.w, b.a
 
 
+def precision_label(w: int, a: int) -> str:
+    """The WxAy setting of (w, a): the inverse of `precision_of`."""
+    return f"W{w}A{a}"
+
+
 def _require_widths(what: str, w: int, a: int, w_all: tuple[int, ...], a_all: tuple[int, ...]) -> None:
     if w not in w_all:
         raise TmpqError(

@@ -30,7 +30,7 @@ from tmpq.provenance import provenance
 from tmpq.quant.prepare import prepare_supernet
 from tmpq.quant.supernet import SuperNet, model_fingerprint
 from tmpq.search.budget import Budget, CandidateCost, Repairer
-from tmpq.search.config import AUTO, SearchConfig, precision_of
+from tmpq.search.config import AUTO, SearchConfig, precision_label, precision_of
 from tmpq.search.evolution import EvolutionarySearch, Record, SearchResult
 from tmpq.search.fitness import FULL_STEPS, PAIRED_KINDS, FitnessConfig, SampleFitness
 from tmpq.search.parallel import Execution, WorkerSpec, check_ray_address, make_evaluator
@@ -92,10 +92,6 @@ def _start_precision(space: SearchSpace, cfg: SearchConfig) -> tuple[str, tuple]
         except TmpqError:
             continue
     return None
-
-
-def precision_label(w: int, a: int) -> str:
-    return f"W{w}A{a}"
 
 
 @dataclass(frozen=True)
