@@ -46,7 +46,7 @@ def main(sets: int = 8, samples: int = 128, out: Path = Path("runs/fitness_noise
             for m in ("fid", "kid")
             for size in chunks
         } | {f"fid:{n * sets}": metric.fid(images), f"kid:{n * sets}": metric.kid(images)}
-        typer.echo(f"{name}: " + json.dumps({k: v for k, v in res[name].items() if ":" in k and "[" not in k}))
+        typer.echo(f"{name}: " + json.dumps({k: v for k, v in res[name].items() if not isinstance(v, list)}))
     typer.echo("\n| pair | metric | mean paired difference | its spread | z | one sampler's spread across sets |")
     typer.echo("|---|---|---:|---:|---:|---:|")
     for a, b in (("uniform", "quad"), ("uniform", "change")):

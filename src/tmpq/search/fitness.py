@@ -48,7 +48,7 @@ class FitnessConfig(DictConfig):
     # "fid": FID against the data; "proxy": distance to the FP model's samples from the same noise, sample by sample;
     # "fid_to_fp": FID against those FP samples as a set
     kind: str = "kid"
-    num_samples: int = 128  # FID in the classifier's 128-d feature space needs more samples than its dimension
+    num_samples: int = 128  # FID in the classifier's 128-d feature space needs more samples than its dimension; KID not
     seed: int = 0
     batch_size: int = 128
     # target of the paired kinds: FP DDIM at this many uniform steps. None: a search picks the step count at which
