@@ -62,18 +62,21 @@ def rows_spec(
     tight: str,
     seed: int,
     grouping: str,
+    quant: QuantSpec = QuantSpec(),
 ) -> list[Row]:
     """The rows of issue 6, most telling first (so a run cut short still answers the main question; the table
     sorts rows by BitOPs). The three tmpq-engine searches (joint, bits-only, timesteps-only) share everything but
     the lever: preset, fitness (`tmpq run`'s default kind unless --fitness says otherwise), budget, and the timestep
     grouping `grouping`, whose first timesteps are also the bits-only search's fixed schedule. The reference preset
-    keeps its own rule, the quad grouping."""
+    keeps its own rule, the quad grouping. Every search uses the super-network of `quant` (range-only or
+    reconstructed), the one OUT/shared holds."""
     fit = FitnessConfig(fitness, fitness_samples, seed=seed)
     tmpq_evo = EvolutionConfig.tmpq(seed=seed, generations=generations)
     w6 = SearchConfig(
         budget=Budget.like("W6A6", 10),
         steps=(10,),
         grouping=grouping,
+        quant=quant,
         evolution=tmpq_evo,
         fitness=fit,
         final_samples=0,  # this script re-scores every row itself
@@ -272,8 +275,9 @@ def proxy_check(ctx: dict, spec: list[Row], names: list[str], seed: int, fitness
     return out
 
 
-def row_config(row: Row, n: int, seed: int, model: str, weights_sha: str | None) -> dict:
+def row_config(row: Row, n: int, seed: int, model: str, weights_sha: str | None, quant: QuantSpec) -> dict:
     d = {"name": row.name, "kind": row.kind, "steps": row.steps, "schedule": row.schedule}
+    d |= {"quant": None if row.kind == "fp" else quant.to_dict()}
     d |= {"precision": row.precision, "search": None if row.search is None else row.search.to_dict()}
     return json.loads(json.dumps(d | {"num_samples": n, "seed": seed, "model": model, "model_sha256": weights_sha}))
 
@@ -352,6 +356,10 @@ def main(
         str, typer.Option("--proxy-check", help="comma-separated search rows: proxy mean/median vs the W6A6 seeds")
     ] = "",
     only: Annotated[str, typer.Option(help="comma-separated row names (default: all)")] = "",
+    reconstruction: Annotated[
+        str, typer.Option(help="super-network of every quantized row: none | adaround | brecq")
+    ] = "none",
+    recon_preset: Annotated[str, typer.Option(help="reconstruction cost preset: demo | paper")] = "demo",
     model: str = "builtin:fashion",
 ) -> None:
     if grouping not in ("uniform", "quad"):
@@ -361,7 +369,8 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
     weights_sha = file_sha256(loaded.weights_path) if loaded.weights_path else None
-    sn, _, _ = prepare_supernet(loaded, out / "shared", CalibConfig(), QuantSpec())
+    quant = QuantSpec() if reconstruction == "none" else QuantSpec().with_reconstruction(reconstruction, recon_preset)
+    sn, _, _ = prepare_supernet(loaded, out / "shared", CalibConfig(), quant)
     ctx = {
         "out": out,
         "shared": out / "shared",
@@ -372,12 +381,14 @@ def main(
         "weights_sha": weights_sha,
         "execution": Execution(workers=workers, threads=1) if workers else Execution(),
     }
-    spec = rows_spec(fitness, fitness_samples, generations, ref_fitness_samples, ref_generations, tight, seed, grouping)
+    spec = rows_spec(
+        fitness, fitness_samples, generations, ref_fitness_samples, ref_generations, tight, seed, grouping, quant
+    )
     wanted = {s for s in only.split(",") if s}
     results = []
     for i, row in enumerate(r for r in spec if not wanted or r.name in wanted):
         path = out / "rows" / f"{row.name}.json"
-        cfg = row_config(row, num_samples, seed, model, weights_sha)
+        cfg = row_config(row, num_samples, seed, model, weights_sha, quant)
         if path.is_file() and json.loads(path.read_text())["config"] == cfg:
             results.append(json.loads(path.read_text()))
             typer.echo(f"[{i + 1}/{len(spec)}] {row.name}: reused", err=True)
@@ -418,7 +429,9 @@ def main(
         },
     )
     note = (
-        f"\n\n{num_samples:,} samples per row, seeds {seed}–{seed + num_samples - 1}; FID/IS in the shipped "
+        f"\n\n{num_samples:,} samples per row, seeds {seed}–{seed + num_samples - 1}; quantized rows on the "
+        f"{'range-only' if reconstruction == 'none' else reconstruction + ' (' + recon_preset + ')'} super-network; "
+        "FID/IS in the shipped "
         "classifier's feature space against the 60,000 training images. FID halves: the FID of samples "
         f"{seed}–{seed + num_samples // 2 - 1} and of the rest (each biased upward against the full-sample FID). "
         "\\* not sampled by this run: reused from bench/baseline.py's rows (same EvalConfig, same weights' SHA-256). "

@@ -344,14 +344,13 @@ def test_a_final_pool_re_ranks_the_search_best_on_fresh_seeds_before_the_final_t
     cfg = _cfg(final_samples=4, final_top=1, final_pool=3)
     res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
     race = json.loads((tmp_path / RACE_FILE).read_text())
-    pool = res.top(3)
-    assert set(race["scores"]) == {r.candidate.key for r in pool} and race["key"]["fitness"]["seed"] == 4
     loaded = _loaded(make_tiny_unet)
     sn, _, _ = prepare_supernet(loaded, tmp_path, cfg.calib, cfg.quant, progress=False)
     space = SearchSpace.from_supernet(sn, num_train_timesteps=1000, steps=(4,), grouping="quad")
-    baseline = space.candidate(space.default_timesteps(4), space.uniform_bits(6, 6))  # a row of its own
-    searched = [r for r in pool if r.candidate.key != baseline.key]
-    winner = min(searched, key=lambda r: (race["scores"][r.candidate.key], r.bitops))
+    baseline = space.candidate(space.default_timesteps(4), space.uniform_bits(6, 6))  # a row of its own, not raced
+    pool = [r for r in res.top(4) if r.candidate.key != baseline.key][:3]
+    assert set(race["scores"]) == {r.candidate.key for r in pool} and race["key"]["fitness"]["seed"] == 4
+    winner = min(pool, key=lambda r: (race["scores"][r.candidate.key], r.bitops))
     rows = {r["label"]: r for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]}
     assert rows["top1"]["candidate"]["timesteps"] == list(winner.candidate.timesteps)
     assert rows["top1"]["candidate"]["bits"] == [[list(b) for b in p] for p in winner.candidate.bits]
@@ -387,6 +386,40 @@ def test_the_final_tables_top_rows_are_search_results_not_the_baseline_again():
     top, forwards = race_top(ctx, None, result, exclude={recs[0].candidate.key})
     assert [r.value for r in top] == [1.0, 2.0] and forwards == 0
     assert [r.value for r in race_top(ctx, None, result)[0]] == [0.0, 1.0]
+
+
+def test_the_race_takes_its_pool_after_passing_over_the_baseline(tmp_path):
+    """The baseline's own row is scored on the final table's samples, so racing it would spend a fitness evaluation
+    on a score nobody reads: the pool is the search's best `final_pool` among the other candidates."""
+    from types import SimpleNamespace
+
+    from tmpq.search.evolution import Record, SearchResult
+    from tmpq.search.run import RACE_FILE, race_top
+    from tmpq.search.space import Candidate
+
+    recs = [Record(Candidate((900 - i, 0), (((6, 6),),)), float(i), 10, 1, 0.0, 0) for i in range(5)]
+    fresh = {recs[1].candidate.key: 3.0, recs[2].candidate.key: 1.0}  # the fresh seeds reverse the search's order
+    scored = []
+
+    class Fit:
+        reference_forwards = 0
+
+        def samples(self, candidate):
+            scored.append(candidate.key)
+            return candidate.key
+
+        def score(self, key):
+            return fresh[key]
+
+    cfg = _cfg(final_samples=4, final_top=1, final_pool=2)
+    ctx = SimpleNamespace(
+        cfg=cfg, sn=SimpleNamespace(fingerprint="fp"), run_dir=tmp_path, progress=False, fitness=lambda c, s: Fit()
+    )
+    result = SearchResult(recs[0], [], recs, [], 5, 0.0, 10)
+    top, forwards = race_top(ctx, None, result, exclude={recs[0].candidate.key})
+    assert scored == [recs[1].candidate.key, recs[2].candidate.key]  # the baseline (best by fitness) is not raced
+    assert [r.value for r in top] == [2.0] and forwards == 2 * 2 * cfg.fitness.num_samples  # 2 candidates × 2 steps
+    assert set(json.loads((tmp_path / RACE_FILE).read_text())["scores"]) == set(fresh)
 
 
 def test_a_search_on_kid_scores_each_candidate_by_its_kid_against_the_data(make_tiny_unet, tmp_path):

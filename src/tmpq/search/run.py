@@ -674,18 +674,19 @@ def race_top(
     ctx: SearchContext, space: SearchSpace, result: SearchResult, exclude: set[str] = frozenset()
 ) -> tuple[list[Record], int]:
     """The candidates the final table re-scores, best first, and the image-forwards spent now; candidates keyed in
-    `exclude` (the uniform baseline, a row of its own) are passed over, so every top row is a search result. Without
-    a pool: the search's top `final_top` by its fitness. With `final_pool` > `final_top`: the search's best
-    `final_pool`, scored again by the same fitness on as many fresh seeds (after the final table's, so no seed is
-    shared with the search or the table) and re-ranked by that score alone. Among many candidates the best by a noisy
-    fitness is mostly the one whose noise suits the fitness seeds (docs/results.md, 'Which fitness ranks
-    candidates'); a score on seeds the search never saw carries no such selection bias. Scores are kept in
-    RUN/race.json, candidate by candidate, so a killed race resumes."""
+    `exclude` (the uniform baseline, a row of its own) are passed over before anything is scored, so every top row and
+    every raced candidate is a search result. Without a pool: the search's top `final_top` by its fitness. With
+    `final_pool` > `final_top`: the search's best `final_pool`, scored again by the same fitness on as many fresh seeds
+    (after the final table's, so no seed is shared with the search or the table) and re-ranked by that score alone.
+    Among many candidates the best by a noisy fitness is mostly the one whose noise suits the fitness seeds
+    (docs/results.md, 'Which fitness ranks candidates'); a score on seeds the search never saw carries no such selection
+    bias. Scores are kept in RUN/race.json, candidate by candidate, so a killed race resumes."""
     cfg = ctx.cfg
-    if cfg.final_pool <= cfg.final_top or cfg.final_samples == 0:
-        top = result.top(cfg.final_top + len(exclude))
-        return [r for r in top if r.candidate.key not in exclude][: cfg.final_top], 0
-    pool = result.top(cfg.final_pool)
+    raced = cfg.final_pool > cfg.final_top and cfg.final_samples > 0
+    n = cfg.final_pool if raced else cfg.final_top
+    pool = [r for r in result.top(n + len(exclude)) if r.candidate.key not in exclude][:n]
+    if not raced:
+        return pool, 0
     fcfg = replace(cfg.fitness, seed=cfg.fitness.seed + cfg.final_samples)
     key = json.loads(json.dumps({"fingerprint": ctx.sn.fingerprint, "fitness": asdict(fcfg)}))
     path = ctx.run_dir / RACE_FILE
@@ -705,7 +706,7 @@ def race_top(
             print(f"race {i + 1}/{len(pool)}: {r.value:.4g} on the search's seeds, {scores[k]:.4g} on fresh ones")
     forwards += fit.reference_forwards
     ranked = sorted(pool, key=lambda r: (scores[r.candidate.key], r.bitops))
-    return [r for r in ranked if r.candidate.key not in exclude][: cfg.final_top], forwards
+    return ranked[: cfg.final_top], forwards
 
 
 def _final_eval(
