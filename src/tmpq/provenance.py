@@ -31,11 +31,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC ...", "Intel(R) Xeon(R) ..."): the instruction set alone does not tell two
+    machines apart (both of this project's CPUs report AVX512), and quantized results can differ between them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance(inputs: dict[str, Path | str] | None = None) -> dict:
     """Versions, machine, UTC time and sha256 of each input file."""
     return {
         "versions": versions(),
         "machine": {
+            "cpu": cpu_name(),
             "platform": platform.platform(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(),
