@@ -59,7 +59,7 @@ def main(
         return _child(child, supernet, num_samples)
     import torch
 
-    from tmpq.device import cpu_model
+    from tmpq.provenance import cpu_model
 
     results = {}
     for setting in ("glibc default", "keep"):

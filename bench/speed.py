@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 import typer
 
-from tmpq.device import cpu_model
+from tmpq.provenance import cpu_model
 
 ROWS = {
     # name: (weights, backend mode or None for the plain model, float dtype)

@@ -21,8 +21,8 @@ from tmpq.data import load_fashion_mnist
 from tmpq.models.train import TrainConfig, train_ddpm
 
 try:
-    from tmpq.device import cpu_model
-except ImportError:  # a checkout from before tmpq.device had it (the "before" side of a comparison)
+    from tmpq.provenance import cpu_model
+except ImportError:  # a checkout from before tmpq had it (the "before" side of a comparison)
     cpu_model = platform.processor
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
 import torch
 
 from tmpq.errors import TmpqError
+from tmpq.provenance import cpu_model
 
 
 def bf16_autocast_helps(device: torch.device | str = "cpu") -> bool:
@@ -22,17 +20,6 @@ def bf16_autocast_helps(device: torch.device | str = "cpu") -> bool:
     if device.type == "cpu":
         return "AVX512" in torch.backends.cpu.get_cpu_capability()
     return False
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it (or what platform knows elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def device_name(device: torch.device | str = "cpu") -> str:

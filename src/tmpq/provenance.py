@@ -31,7 +31,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def cpu_name() -> str:
+def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC ...", "Intel(R) Xeon(R) ..."): the instruction set alone does not tell two
     machines apart (both of this project's CPUs report AVX512), and quantized results can differ between them."""
     try:
@@ -48,7 +48,7 @@ def provenance(inputs: dict[str, Path | str] | None = None) -> dict:
     return {
         "versions": versions(),
         "machine": {
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "platform": platform.platform(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(),
