@@ -422,6 +422,65 @@ def test_the_race_takes_its_pool_after_passing_over_the_baseline(tmp_path):
     assert set(json.loads((tmp_path / RACE_FILE).read_text())["scores"]) == set(fresh)
 
 
+def test_the_race_always_holds_the_seeded_candidates(tmp_path):
+    """A seeded search's seeds (a staged search's single-lever winners) are raced whatever their rank on the search's
+    seeds: the joint search's mutations of them can crowd them out of the best `final_pool`, and a fresh score is
+    where they are compared fairly. Without a race nothing changes: the top rows are the search's own best."""
+    from types import SimpleNamespace
+
+    from tmpq.search.evolution import Record, SearchResult
+    from tmpq.search.run import race_top
+    from tmpq.search.space import Candidate
+
+    recs = [Record(Candidate((900 - i, 0), (((6, 6),),)), float(i), 10, 1, 0.0, 0) for i in range(6)]
+    keys = [r.candidate.key for r in recs]
+    fresh = {keys[1]: 3.0, keys[2]: 2.0, keys[5]: 1.0}  # the seed ranked last by the search wins on fresh seeds
+
+    class Fit:
+        reference_forwards = 0
+
+        def samples(self, candidate):
+            return candidate.key
+
+        def score(self, key):
+            return fresh[key]
+
+    cfg = _cfg(final_samples=4, final_top=1, final_pool=2)
+    ctx = SimpleNamespace(
+        cfg=cfg, sn=SimpleNamespace(fingerprint="fp"), run_dir=tmp_path, progress=False, fitness=lambda c, s: Fit()
+    )
+    result = SearchResult(recs[0], [], recs, [], 6, 0.0, 10)
+    top, _ = race_top(ctx, None, result, exclude={keys[0]}, include={keys[5], keys[0], "a repaired seed"})
+    assert [r.candidate.key for r in top] == [keys[5]]
+    assert set(json.loads((tmp_path / "race.json").read_text())["scores"]) == {keys[1], keys[2], keys[5]}
+    ctx.cfg = _cfg(final_samples=4, final_top=1, final_pool=0)
+    assert [r.candidate.key for r in race_top(ctx, None, result, exclude={keys[0]}, include={keys[5]})[0]] == [keys[1]]
+
+
+def test_a_staged_search_races_its_stage_winners_and_shows_only_the_current_rows(make_tiny_unet, tmp_path):
+    """End to end: a staged search's final pool holds the candidates the stages seeded (RUN/seeded.json), and the
+    final table lists each of its rows once, labelled as this run ranks them."""
+    from tmpq.search.space import Candidate
+
+    cfg = _cfg(final_samples=4, final_top=1, final_pool=2, staged=True)
+    res = run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    rows = json.loads((tmp_path / "search.json").read_text())["final"]["rows"]
+    base = Candidate.from_json(next(r for r in rows if r["label"] == "baseline")["candidate"]).key
+    seeded = set(json.loads((tmp_path / "seeded.json").read_text())) - {base}
+    raced = set(json.loads((tmp_path / "race.json").read_text())["scores"])
+    assert seeded and seeded & {r.candidate.key for r in res.records} <= raced
+    # a row an earlier race ranked on top, left in final.json: a resumed run lists only the rows of its own table
+    final = json.loads((tmp_path / "final.json").read_text())
+    top1 = next(k for k, r in final["rows"].items() if r["label"] == "top1")
+    final["rows"]["stale"] = {**final["rows"][top1], "label": "top1"}
+    (tmp_path / "final.json").write_text(json.dumps(final))
+    run_search(_loaded(make_tiny_unet), cfg, tmp_path, progress=False)
+    again = json.loads((tmp_path / "search.json").read_text())["final"]["rows"]
+    assert again == rows
+    labels = [r["label"] for r in rows]
+    assert len(labels) == len(set(labels)) and labels.count("top1") == 1 and "top2" not in labels
+
+
 def test_a_search_on_kid_scores_each_candidate_by_its_kid_against_the_data(make_tiny_unet, tmp_path):
     """--fitness kid: a candidate's fitness is the KID of its samples from the fitness seeds, what an independent
     computation gives; the final table still ranks by FID (what the user is shown)."""

@@ -446,6 +446,7 @@ def run_search(
     baseline = initial[0] if initial else None
     if seeding:  # (a resumed search does not read its seeds: they need not exist any more)
         initial = seed_candidates(cfg.seed_from, space, default_bits)
+        write_json_atomic(run_dir / SEEDED_FILE, [c.key for c in initial])
 
     search = EvolutionarySearch(
         space,
@@ -466,7 +467,9 @@ def run_search(
         peers, profiles = _grouping_schedules(ctx, min(space.steps))
         for what, forwards in profiles.items():
             ledger.record(what, forwards)
-        top, forwards = race_top(ctx, space, result, exclude={baseline.key} if baseline is not None else set())
+        excluded = {baseline.key} if baseline is not None else set()
+        seeded = _seeded_keys(run_dir, cfg, space, default_bits) - excluded
+        top, forwards = race_top(ctx, space, result, exclude=excluded, include=seeded)
         ledger.record("race", forwards)
         final = _final_eval(ctx, space, cost, top, baseline, peers)
     wall = time.perf_counter() - t_start
@@ -560,6 +563,24 @@ class OverheadLedger:
 
 SEEDS_FILE = "seeds.json"
 """What the searches that seeded this one cost (their `search_cost`), kept in case they are deleted later."""
+
+SEEDED_FILE = "seeded.json"
+"""The keys of the candidates the seed searches gave this one (always raced: see `race_top`)."""
+
+
+def _seeded_keys(run_dir: Path, cfg: SearchConfig, space: SearchSpace, default_bits) -> set[str]:
+    """The seeded candidates' keys: from RUN/seeded.json, or, for a run seeded before tmpq kept that file, from the
+    seed searches if they are still there."""
+    if not cfg.seed_from:
+        return set()
+    path = run_dir / SEEDED_FILE
+    if path.is_file():
+        return set(json.loads(path.read_text()))
+    try:
+        return {c.key for c in seed_candidates(cfg.seed_from, space, default_bits)}
+    except TmpqError:  # a seed search since deleted: nothing is raced beyond the pool
+        return set()
+
 
 PREPARED_FILES = (
     "model.json",
@@ -671,7 +692,11 @@ RACE_FILE = "race.json"
 
 
 def race_top(
-    ctx: SearchContext, space: SearchSpace, result: SearchResult, exclude: set[str] = frozenset()
+    ctx: SearchContext,
+    space: SearchSpace,
+    result: SearchResult,
+    exclude: set[str] = frozenset(),
+    include: set[str] = frozenset(),
 ) -> tuple[list[Record], int]:
     """The candidates the final table re-scores, best first, and the image-forwards spent now; candidates keyed in
     `exclude` (the uniform baseline, a row of its own) are passed over before anything is scored, so every top row and
@@ -680,13 +705,18 @@ def race_top(
     (after the final table's, so no seed is shared with the search or the table) and re-ranked by that score alone.
     Among many candidates the best by a noisy fitness is mostly the one whose noise suits the fitness seeds
     (docs/results.md, 'Which fitness ranks candidates'); a score on seeds the search never saw carries no such selection
-    bias. Scores are kept in RUN/race.json, candidate by candidate, so a killed race resumes."""
+    bias. Candidates keyed in `include` (the winners of the searches that seeded this one, e.g. a staged search's
+    single-lever winners) join the pool whatever their rank: the joint search's mutations of them chase the same seeds
+    and can crowd them out of the best `final_pool`, though they come from smaller spaces, where that selection bias
+    is weaker. Scores are kept in RUN/race.json, candidate by candidate, so a killed race resumes."""
     cfg = ctx.cfg
     raced = cfg.final_pool > cfg.final_top and cfg.final_samples > 0
     n = cfg.final_pool if raced else cfg.final_top
     pool = [r for r in result.top(n + len(exclude)) if r.candidate.key not in exclude][:n]
     if not raced:
         return pool, 0
+    pooled = {r.candidate.key for r in pool}
+    pool += [r for r in result.top(len(result.records)) if r.candidate.key in include - pooled - exclude]
     fcfg = replace(cfg.fitness, seed=cfg.fitness.seed + cfg.final_samples)
     key = json.loads(json.dumps({"fingerprint": ctx.sn.fingerprint, "fitness": asdict(fcfg)}))
     path = ctx.run_dir / RACE_FILE
@@ -745,8 +775,14 @@ def _final_eval(
     full = tuple(loaded.schedule.timesteps("uniform", FULL_STEPS))
     fp_stats: dict = {}  # FP-100's FID statistics, extracted once for every row
 
+    used: list[str] = []  # this table's rows: a resumed run whose race now ranks others keeps the old ones in `done`
+
     def score(row_key: str, label: str, cand: Candidate | None, timesteps: tuple[int, ...]) -> None:
+        if row_key in used:  # a candidate that is two rows at once (e.g. a top row that is PTQ on another schedule)
+            return
+        used.append(row_key)
         if row_key in done:
+            done[row_key]["label"] = label
             return
         if cand is None and (row := fp_rows.get(timesteps)) is not None:
             done[row_key] = {**row, "label": label}  # the FP model on these steps, scored by an earlier search
@@ -809,7 +845,7 @@ def _final_eval(
     for i, r in enumerate(top):
         score(r.candidate.key, f"top{i + 1}", r.candidate, r.candidate.timesteps)
     criterion = "fid_to_fp" if cfg.fitness.kind == "fid_to_fp" else "fid"  # ship by what the search optimised
-    return FinalScores(cfg.final_samples, tuple(FinalRow.from_dict(r) for r in done.values()), criterion)
+    return FinalScores(cfg.final_samples, tuple(FinalRow.from_dict(done[k]) for k in used), criterion)
 
 
 def _write_result(
