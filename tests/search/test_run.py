@@ -388,18 +388,12 @@ def test_the_final_tables_top_rows_are_search_results_not_the_baseline_again():
     assert [r.value for r in race_top(ctx, None, result)[0]] == [0.0, 1.0]
 
 
-def test_the_race_takes_its_pool_after_passing_over_the_baseline(tmp_path):
-    """The baseline's own row is scored on the final table's samples, so racing it would spend a fitness evaluation
-    on a score nobody reads: the pool is the search's best `final_pool` among the other candidates."""
+def _race_ctx(cfg, run_dir, fresh: dict[str, float]):
+    """A search context for `race_top` whose fitness scores candidate key k as `fresh[k]`, and the list of the keys
+    it sampled, in order."""
     from types import SimpleNamespace
 
-    from tmpq.search.evolution import Record, SearchResult
-    from tmpq.search.run import RACE_FILE, race_top
-    from tmpq.search.space import Candidate
-
-    recs = [Record(Candidate((900 - i, 0), (((6, 6),),)), float(i), 10, 1, 0.0, 0) for i in range(5)]
-    fresh = {recs[1].candidate.key: 3.0, recs[2].candidate.key: 1.0}  # the fresh seeds reverse the search's order
-    scored = []
+    scored: list[str] = []
 
     class Fit:
         reference_forwards = 0
@@ -411,10 +405,22 @@ def test_the_race_takes_its_pool_after_passing_over_the_baseline(tmp_path):
         def score(self, key):
             return fresh[key]
 
+    sn = SimpleNamespace(fingerprint="fp")
+    return SimpleNamespace(cfg=cfg, sn=sn, run_dir=run_dir, progress=False, fitness=lambda c, s: Fit()), scored
+
+
+def test_the_race_takes_its_pool_after_passing_over_the_baseline(tmp_path):
+    """The baseline's own row is scored on the final table's samples, so racing it would spend a fitness evaluation
+    on a score nobody reads: the pool is the search's best `final_pool` among the other candidates."""
+
+    from tmpq.search.evolution import Record, SearchResult
+    from tmpq.search.run import RACE_FILE, race_top
+    from tmpq.search.space import Candidate
+
+    recs = [Record(Candidate((900 - i, 0), (((6, 6),),)), float(i), 10, 1, 0.0, 0) for i in range(5)]
+    fresh = {recs[1].candidate.key: 3.0, recs[2].candidate.key: 1.0}  # the fresh seeds reverse the search's order
     cfg = _cfg(final_samples=4, final_top=1, final_pool=2)
-    ctx = SimpleNamespace(
-        cfg=cfg, sn=SimpleNamespace(fingerprint="fp"), run_dir=tmp_path, progress=False, fitness=lambda c, s: Fit()
-    )
+    ctx, scored = _race_ctx(cfg, tmp_path, fresh)
     result = SearchResult(recs[0], [], recs, [], 5, 0.0, 10)
     top, forwards = race_top(ctx, None, result, exclude={recs[0].candidate.key})
     assert scored == [recs[1].candidate.key, recs[2].candidate.key]  # the baseline (best by fitness) is not raced
@@ -426,7 +432,6 @@ def test_the_race_always_holds_the_seeded_candidates(tmp_path):
     """A seeded search's seeds (a staged search's single-lever winners) are raced whatever their rank on the search's
     seeds: the joint search's mutations of them can crowd them out of the best `final_pool`, and a fresh score is
     where they are compared fairly. Without a race nothing changes: the top rows are the search's own best."""
-    from types import SimpleNamespace
 
     from tmpq.search.evolution import Record, SearchResult
     from tmpq.search.run import race_top
@@ -435,20 +440,7 @@ def test_the_race_always_holds_the_seeded_candidates(tmp_path):
     recs = [Record(Candidate((900 - i, 0), (((6, 6),),)), float(i), 10, 1, 0.0, 0) for i in range(6)]
     keys = [r.candidate.key for r in recs]
     fresh = {keys[1]: 3.0, keys[2]: 2.0, keys[5]: 1.0}  # the seed ranked last by the search wins on fresh seeds
-
-    class Fit:
-        reference_forwards = 0
-
-        def samples(self, candidate):
-            return candidate.key
-
-        def score(self, key):
-            return fresh[key]
-
-    cfg = _cfg(final_samples=4, final_top=1, final_pool=2)
-    ctx = SimpleNamespace(
-        cfg=cfg, sn=SimpleNamespace(fingerprint="fp"), run_dir=tmp_path, progress=False, fitness=lambda c, s: Fit()
-    )
+    ctx, _ = _race_ctx(_cfg(final_samples=4, final_top=1, final_pool=2), tmp_path, fresh)
     result = SearchResult(recs[0], [], recs, [], 6, 0.0, 10)
     top, _ = race_top(ctx, None, result, exclude={keys[0]}, include={keys[5], keys[0], "a repaired seed"})
     assert [r.candidate.key for r in top] == [keys[5]]
