@@ -715,8 +715,8 @@ def race_top(
     pool = [r for r in result.top(n + len(exclude)) if r.candidate.key not in exclude][:n]
     if not raced:
         return pool, 0
-    pooled = {r.candidate.key for r in pool}
-    pool += [r for r in result.top(len(result.records)) if r.candidate.key in include - pooled - exclude]
+    joining = include - exclude - {r.candidate.key for r in pool}
+    pool += [r for r in result.top(len(result.records)) if r.candidate.key in joining]
     fcfg = replace(cfg.fitness, seed=cfg.fitness.seed + cfg.final_samples)
     key = json.loads(json.dumps({"fingerprint": ctx.sn.fingerprint, "fitness": asdict(fcfg)}))
     path = ctx.run_dir / RACE_FILE
