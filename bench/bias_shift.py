@@ -147,7 +147,7 @@ def main(
 ) -> None:
     torch.set_num_threads(threads)
     loaded = load_model("builtin:fashion")
-    spec = QuantSpec(bias_correction=())  # nearest rounding: the shifts are the only correction
+    spec = QuantSpec(bias_correction=(), reconstruction=None)  # nearest rounding: the shifts are the only correction
     sn, calib, _ = prepare_supernet(loaded, out / "nearest", CalibConfig(num_samples=128, num_steps=20), spec)
     shifts = Shifts(sn, calib)
     wanted = modes.split(",")

@@ -42,7 +42,7 @@ class Offset(nn.Module):
 
 
 def _supernet(loaded, out: Path, bias_correction: bool):
-    spec = QuantSpec(bias_correction=bias_correction)
+    spec = QuantSpec(bias_correction=bias_correction, reconstruction=None)
     run = out / ("corrected" if bias_correction else "nearest")
     sn, calib, _ = prepare_supernet(loaded, run, CalibConfig(num_samples=128, num_steps=20), spec, progress=False)
     return sn, calib

@@ -33,7 +33,7 @@ from tmpq.quant import CalibConfig, QuantSpec, build_supernet, collect_calibrati
 from tmpq.sampling.schedules import make_timesteps
 
 STEPS = 10
-SPEC = QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8))
+SPEC = QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8), reconstruction=None)
 CALIB = CalibConfig(num_samples=32, num_steps=10)
 
 

@@ -76,6 +76,7 @@ def rows_spec(
         budget=Budget.like("W6A6", 10),
         steps=(10,),
         grouping=grouping,
+        lever="joint",
         quant=quant,
         evolution=tmpq_evo,
         fitness=fit,
@@ -369,7 +370,7 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
     weights_sha = file_sha256(loaded.weights_path) if loaded.weights_path else None
-    quant = QuantSpec() if reconstruction == "none" else QuantSpec().with_reconstruction(reconstruction, recon_preset)
+    quant = QuantSpec().with_reconstruction(None if reconstruction == "none" else reconstruction, recon_preset)
     sn, _, _ = prepare_supernet(loaded, out / "shared", CalibConfig(), quant)
     ctx = {
         "out": out,

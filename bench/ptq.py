@@ -109,7 +109,7 @@ def main(
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
-    spec = QuantSpec(format8=format8, bias_correction=bias_correction)
+    spec = QuantSpec(format8=format8, bias_correction=bias_correction, reconstruction=None)
     if reconstruction != "none":
         spec = spec.with_reconstruction(reconstruction, recon_preset)
         spec = spec if recon_iters is None else replace(spec, recon_iters=recon_iters)

@@ -9,6 +9,7 @@ on calibration-style inputs (FP DDIM trajectories) at each timestep. Reuses OUT'
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ def main(
     quantize_input: bool = typer.Option(False, help="also quantize conv_in's input x_t (pin W8A8 instead of W8A-FP)"),
 ) -> None:
     loaded = load_model("builtin:fashion")
-    spec = QuantSpec(pin=(("*conv_in", 8, 8), ("*conv_out", 8, 8))) if quantize_input else QuantSpec()
+    spec = QuantSpec(reconstruction=None)
+    spec = replace(spec, pin=(("*conv_in", 8, 8), ("*conv_out", 8, 8))) if quantize_input else spec
     sn, calib, _ = prepare_supernet(loaded, out, spec=spec)
     ts = sorted(set(calib.t.tolist()))
     rows = []

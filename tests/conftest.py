@@ -56,8 +56,9 @@ def make_tiny_unet():
 
 @pytest.fixture(scope="session")
 def small_spec() -> QuantSpec:
-    """Fewer candidates than the defaults: the same code paths, a quarter of the calibration time."""
-    return QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8))
+    """Fewer candidates than the defaults and range-only (reconstruction has tests of its own): the same code paths,
+    a fraction of the calibration time."""
+    return QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8), reconstruction=None)
 
 
 @pytest.fixture(scope="session")

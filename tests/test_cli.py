@@ -217,10 +217,12 @@ def test_entry_points_take_their_defaults_from_the_config_classes():
         "calib_steps": CalibConfig().num_steps,
         "w_bits": ",".join(map(str, QuantSpec().w_bits)),
         "a_bits": ",".join(map(str, QuantSpec().a_bits)),
+        "reconstruction": QuantSpec().reconstruction or "none",
     }
     for name, value in expected.items():
         assert search[name].default == value, name
         assert commands["search"][name].default == value, name
+    assert commands["calibrate"]["reconstruction"].default == QuantSpec().reconstruction
     assert commands["eval"]["num_samples"].default == EvalConfig().num_samples
     assert cfg.evolution == EvolutionConfig() == EvolutionConfig.tmpq()
     assert EvolutionConfig.reference().population == 50 and not EvolutionConfig.reference().repair

@@ -19,7 +19,7 @@ from tmpq.quant import CalibConfig, QuantSpec
 
 runner = CliRunner()
 
-TINY = ["--calib-samples", "2", "--calib-steps", "3", "--w-bits", "4,8", "--a-bits", "8"]
+TINY = ["--calib-samples", "2", "--calib-steps", "3", "--w-bits", "4,8", "--a-bits", "8", "--recon-iters", "4"]
 SEARCH = ["--like", "W8A8", "--budget-steps", "3", "--steps", "3", "--fitness", "proxy", "--fitness-samples", "4"]
 SEARCH += ["--generations", "2", "--population", "4", "--final-top", "2", *TINY]
 
@@ -170,7 +170,7 @@ def test_python_api_compress(tiny_model, tmp_path):
         final_samples=4,
         generations=2,
         calib=CalibConfig(2, 3),
-        quant=QuantSpec(w_bits=(4, 8), a_bits=(8,)),
+        quant=QuantSpec(w_bits=(4, 8), a_bits=(8,), reconstruction=None),
         progress=False,
     )
     assert res.best.bitops <= res.search.budget

@@ -22,7 +22,9 @@ TIMESTEPS = [900, 640, 420, 130, 10]
 def _sampler(spec: str, run_dir, **load_kw) -> CompressedSampler:
     """Two bit phases (W8A8 above t = 500, W4A8 below), so the pipeline must switch bits mid-sampling."""
     loaded = load_model(spec, **load_kw)
-    sn, _, _ = prepare_supernet(loaded, run_dir, CalibConfig(2, 3), QuantSpec(w_bits=(4, 8), a_bits=(8,)), False)
+    sn, _, _ = prepare_supernet(
+        loaded, run_dir, CalibConfig(2, 3), QuantSpec(w_bits=(4, 8), a_bits=(8,), reconstruction=None), False
+    )
     phases = [sn.uniform_config(8, 8), sn.uniform_config(4, 8)]
     return CompressedSampler(sn, loaded.schedule, TIMESTEPS, phases, (500,), loaded.sample_shape, parts=loaded.parts)
 

@@ -28,6 +28,7 @@ from tmpq.search.fitness import FitnessConfig
 # Every option's default is the config class's own (one default per setting); these spell the tuple ones.
 _W_BITS = ",".join(map(str, QuantSpec.w_bits))
 _A_BITS = ",".join(map(str, QuantSpec.a_bits))
+_RECONSTRUCTION = QuantSpec.reconstruction or "none"
 
 app = typer.Typer(
     add_completion=False,
@@ -519,7 +520,7 @@ def calibrate(
     ),
     w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = _W_BITS,
     a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = _A_BITS,
-    reconstruction: ReconOpt = "none",
+    reconstruction: ReconOpt = _RECONSTRUCTION,
     recon_preset: ReconPresetOpt = "demo",
     recon_iters: ReconItersOpt = None,
     bias_correction: BiasCorrectionOpt = True,
@@ -556,7 +557,7 @@ def _quant_spec(
     w, a = parse_ints(w_bits, "--w-bits"), parse_ints(a_bits, "--a-bits")
     spec = QuantSpec(w_bits=w, a_bits=a, format8=format8, bias_correction=bias_correction)
     if reconstruction == "none":
-        return spec
+        return replace(spec, reconstruction=None)
     spec = spec.with_reconstruction(reconstruction, preset)
     return spec if iters is None else replace(spec, recon_iters=iters)
 
@@ -588,12 +589,16 @@ def _search_command(full: bool) -> Callable[..., None]:
             ),
         ] = SearchConfig.grouping,
         phases: Annotated[str, typer.Option(help="timestep bounds of bit phases, e.g. 500 (none: one set)")] = "",
-        lever: Annotated[str, typer.Option(help="joint | bits (schedule fixed) | timesteps (bits fixed)")] = (
-            SearchConfig.lever
-        ),
-        fixed_precision: Annotated[str, typer.Option(help="precision of a timesteps-only search")] = (
-            SearchConfig.fixed_precision
-        ),
+        lever: Annotated[
+            str,
+            typer.Option(
+                help="joint | bits (schedule fixed) | timesteps (bits fixed) | auto (timesteps at a --like budget's "
+                "precision, else joint)"
+            ),
+        ] = SearchConfig.lever,
+        fixed_precision: Annotated[
+            str | None, typer.Option(help="precision of a timesteps-only search [the --like budget's]")
+        ] = SearchConfig.fixed_precision,
         preset: Annotated[str, typer.Option(help="tmpq (frugal, repair) | reference (TMPQ-DM settings)")] = "tmpq",
         fitness: Annotated[
             str,
@@ -645,7 +650,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         calib_steps: Annotated[int, typer.Option(help="steps per calibration trajectory")] = CalibConfig.num_steps,
         w_bits: Annotated[str, typer.Option(help="weight bit-width candidates")] = _W_BITS,
         a_bits: Annotated[str, typer.Option(help="activation bit-width candidates")] = _A_BITS,
-        reconstruction: ReconOpt = "none",
+        reconstruction: ReconOpt = _RECONSTRUCTION,
         recon_preset: ReconPresetOpt = "demo",
         recon_iters: ReconItersOpt = None,
         bias_correction: BiasCorrectionOpt = True,
@@ -686,7 +691,8 @@ def _search_command(full: bool) -> Callable[..., None]:
             budget=budget,
             steps=parse_ints(steps, "--steps"),
             phase_bounds=parse_ints(phases, "--phases") if phases else (),
-            lever=lever,
+            # the reference preset is the reference's joint search unless another lever is named
+            lever=("joint" if preset == "reference" and lever == AUTO else lever),
             fixed_precision=fixed_precision,
             evolution=_evolution(preset, seed, population, generations, pareto),
             # the reference preset keeps the reference's quad rule unless another grouping is named

@@ -202,7 +202,7 @@ def peers_rows(run: RunData, peers: Mapping[str, RunData]) -> list[PeerRow]:
             elif r.label.startswith("baseline ("):  # PTQ on the schedule where FP scored best
                 label = f"uniform PTQ ({s.budget}, {r.label.partition('(')[2].rstrip(')')})"
             elif r.label.startswith("top"):
-                label = f"tmpq search, {r.label} ({s.config.lever})"
+                label = f"tmpq search, {r.label} ({s.lever})"
             else:
                 label = r.label
             rows.append(row(label, r, spent if r.label.startswith("top") else None))

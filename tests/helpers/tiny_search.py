@@ -18,12 +18,13 @@ def tiny_search_config(**kw) -> SearchConfig:
         budget=Budget.like("W6A6", 4),
         steps=(4,),
         grouping="quad",  # the search machinery on one fixed grouping; `auto` has tests of its own
+        lever="joint",  # the same for the lever
         evolution=EvolutionConfig(
             population=4, parents=2, mutations=2, crossovers=1, randoms=1, generations=2, repair=True
         ),
         fitness=FitnessConfig(kind="proxy", proxy_space="pixels", num_samples=4, reference_steps=8),
         calib=CalibConfig(num_samples=4, num_steps=4),
-        quant=QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8)),
+        quant=QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8), reconstruction=None),  # reconstruction: tests of its own
         sensitivity_inputs=4,
         final_samples=0,
     )

@@ -5,6 +5,8 @@ FluxPipeline."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from attention_checks import check_fp_output_and_macs
@@ -22,6 +24,7 @@ runner = CliRunner()
 SEARCH = ["--like", "W8A8", "--budget-steps", "4", "--steps", "4", "--generations", "2", "--population", "4"]
 SEARCH += ["--calib-samples", "2", "--calib-steps", "4", "--w-bits", "4,8", "--a-bits", "8", "--fitness-samples", "4"]
 SEARCH += ["--fitness", "proxy", "--proxy-space", "pixels", "--final-samples", "0", "--device", "cpu"]
+SEARCH += ["--lever", "joint", "--recon-iters", "4"]  # mixed bits in the export; BRECQ, cheaply
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +102,9 @@ def test_flux_journey_search_export_load_pipeline(flux_dir, tmp_path):
     args = ["run", "--model", str(flux_dir), "--prompts", str(prompts), "--image-size", "16", "--run-dir", str(run)]
     res = runner.invoke(app, [*args, *SEARCH])
     assert res.exit_code == 0, res.output
+    # BRECQ (the default) reaches every unit: the attention matmuls inside FluxAttention, both streams judged
+    recon = json.loads((run / "supernet" / "supernet.json").read_text())["calibration"]["reconstruction"]
+    assert recon["method"] == "brecq" and recon["skipped"] == []
     s = tmpq.load(run / "export")
     assert s.parts.pipeline_class == "FluxPipeline" and s.timesteps[0] == 999 and s.sample_shape == (4, 8, 8)
     assert s.schedule == load_model(str(flux_dir), image_size=16).schedule  # mu and spacing travel with the export

@@ -24,6 +24,7 @@ runner = CliRunner()
 SEARCH = ["--like", "W8A8", "--budget-steps", "3", "--steps", "3", "--generations", "2", "--population", "4"]
 SEARCH += ["--calib-samples", "2", "--calib-steps", "3", "--w-bits", "4,8", "--a-bits", "8", "--fitness-samples", "4"]
 SEARCH += ["--fitness", "proxy", "--proxy-space", "pixels", "--final-samples", "0"]
+SEARCH += ["--lever", "joint", "--recon-iters", "4"]  # mixed bits in the export; BRECQ, cheaply
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,9 @@ def test_cross_attention_is_quantized_and_exact_in_fp(t2i_dir):
     x, t, c = calib.rows(slice(0, 4))
     with torch.no_grad():
         ref = m.denoiser(x, t, c)
-        sn = tmpq.build_supernet(m.denoiser, calib, QuantSpec(w_bits=(8,), a_bits=(8,)), progress=False)
+        sn = tmpq.build_supernet(
+            m.denoiser, calib, QuantSpec(w_bits=(8,), a_bits=(8,), reconstruction=None), progress=False
+        )
         cross = [n for n in sn.units if ".attn2.processor." in n]
         assert cross and {n.rsplit(".", 1)[1] for n in cross} == {"qk", "av"}
         assert any(".attn2.to_k" in n for n in sn.units)  # the projections of the text embeddings too
@@ -168,7 +171,7 @@ def test_text2image_reconstructs_blocks_on_its_prompted_calibration(t2i_dir):
     calib = tmpq.collect_calibration(
         m.denoiser, m.schedule, m.sample_shape, CalibConfig(2, 3, conditioning=cond.digest()), progress=False, cond=cond
     )
-    spec = QuantSpec(w_bits=(4,), a_bits=(8,))
+    spec = QuantSpec(w_bits=(4,), a_bits=(8,), reconstruction=None)
     plain = tmpq.build_supernet(load_model(str(t2i_dir), prompts=prompts).denoiser, calib, spec, progress=False)
     learned = replace(spec, reconstruction="brecq", recon_iters=20, recon_rows=6)
     sn = tmpq.build_supernet(m.denoiser, calib, learned, progress=False)
@@ -217,7 +220,9 @@ def test_text2image_search_export_load_sample_with_prompts(t2i_dir, tmp_path):
 
 
 def test_other_prompts_recalibrate(t2i_dir, tmp_path):
-    kw = dict(calib_config=CalibConfig(2, 2), spec=QuantSpec(w_bits=(8,), a_bits=(8,)), progress=False)
+    kw = dict(
+        calib_config=CalibConfig(2, 2), spec=QuantSpec(w_bits=(8,), a_bits=(8,), reconstruction=None), progress=False
+    )
     from tmpq.quant.prepare import prepare_supernet
 
     _, first, info = prepare_supernet(load_model(str(t2i_dir), prompts=["a"]), tmp_path, **kw)
@@ -231,7 +236,9 @@ def test_other_prompts_recalibrate(t2i_dir, tmp_path):
 def test_supernet_wraps_only_the_denoiser(t2i_dir):
     m = load_model(str(t2i_dir), prompts=["a"])
     sn = SuperNet.wrap(
-        m.denoiser, QuantSpec(w_bits=(8,), a_bits=(8,)), (torch.randn(1, 4, 8, 8), torch.tensor([3]), m.conditioning(1))
+        m.denoiser,
+        QuantSpec(w_bits=(8,), a_bits=(8,), reconstruction=None),
+        (torch.randn(1, 4, 8, 8), torch.tensor([3]), m.conditioning(1)),
     )
     assert sn.units and all(n.startswith("unet.") for n in sn.units)
     assert _no_twins(m.decoder.vae) and _no_twins(m.text_encoder.text_encoder)
@@ -244,6 +251,7 @@ def test_search_workers_rebuild_the_same_prompts(t2i_dir, tmp_path):
 
     loaded = load_model(str(t2i_dir), prompts=["a red car", "a blue sky"], guidance_scale=2.0)
     cfg = SearchConfig(
+        lever="joint",
         budget=Budget.like("W8A8", 3),
         steps=(3,),
         evolution=EvolutionConfig(
@@ -252,7 +260,7 @@ def test_search_workers_rebuild_the_same_prompts(t2i_dir, tmp_path):
         final_samples=0,
         fitness=FitnessConfig(kind="proxy", proxy_space="pixels", num_samples=4, reference_steps=6),
         calib=CalibConfig(2, 3),
-        quant=QuantSpec(w_bits=(4, 8), a_bits=(8,)),
+        quant=QuantSpec(w_bits=(4, 8), a_bits=(8,), reconstruction=None),
         sensitivity_inputs=4,
     )
     res = run_search(loaded, cfg, tmp_path, progress=False)

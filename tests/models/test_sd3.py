@@ -21,6 +21,7 @@ runner = CliRunner()
 SEARCH = ["--like", "W8A8", "--budget-steps", "4", "--steps", "4", "--generations", "2", "--population", "4"]
 SEARCH += ["--calib-samples", "2", "--calib-steps", "4", "--w-bits", "4,8", "--a-bits", "8", "--fitness-samples", "4"]
 SEARCH += ["--fitness", "proxy", "--proxy-space", "pixels", "--final-samples", "0", "--device", "cpu"]
+SEARCH += ["--lever", "joint", "--recon-iters", "4"]  # mixed bits in the export; BRECQ, cheaply
 
 
 @pytest.fixture(scope="module")

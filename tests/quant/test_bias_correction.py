@@ -168,7 +168,7 @@ def test_on_the_shipped_model_the_output_offset_of_eps_goes(tmp_path):
     calib = collect_calibration(
         loaded.denoiser, loaded.schedule, loaded.sample_shape, CalibConfig(num_samples=8, num_steps=5), progress=False
     )
-    spec = QuantSpec(w_bits=(8,), a_bits=(8,))
+    spec = QuantSpec(w_bits=(8,), a_bits=(8,), reconstruction=None)
     shifts = []
     for s in (replace(spec, bias_correction=()), spec):
         sn = build_supernet(load_model("builtin:fashion").denoiser, calib, s, progress=False)

@@ -34,6 +34,20 @@ def test_quant_spec_validates_and_round_trips():
             QuantSpec(**bad)
 
 
+def test_a_narrowed_spec_is_covered_by_the_wider_one_and_old_specs_read_as_range_only():
+    """A one-precision search calibrates one width (`narrowed`); a super-network calibrated at more widths under the
+    same settings serves it (`covers`), one under other settings or lacking the width does not."""
+    wide = QuantSpec(w_bits=(4, 6, 8), a_bits=(6, 8))
+    one = wide.narrowed((6,), (8,))
+    assert (one.w_bits, one.a_bits) == ((6,), (8,)) and one.pin == wide.pin
+    assert wide.covers(one) and one.covers(one) and not one.covers(wide)
+    assert not wide.covers(QuantSpec(w_bits=(6,), a_bits=(8,), reconstruction=None))  # other settings
+    assert not wide.covers(wide.narrowed((5, 6), (8,)))
+    assert QuantSpec().reconstruction == "brecq"  # the default, measured in docs/results.md
+    old = {k: v for k, v in wide.to_dict().items() if k != "reconstruction"}  # saved before reconstruction existed
+    assert QuantSpec.from_dict(old).reconstruction is None
+
+
 def test_include_exclude_patterns():
     spec = QuantSpec(include=("unet.*",), exclude=("*attentions*",))
     assert spec.selects("unet.conv_in")

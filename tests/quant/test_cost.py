@@ -25,7 +25,7 @@ class TwoLayer(nn.Module):
 def two_layer():
     torch.manual_seed(0)
     calib = CalibrationSet(torch.randn(32, 1, 8, 8), torch.zeros(32, dtype=torch.long), CalibConfig())
-    return build_supernet(TwoLayer(), calib, QuantSpec(pin=()), progress=False)
+    return build_supernet(TwoLayer(), calib, QuantSpec(pin=(), reconstruction=None), progress=False)
 
 
 def test_macs_counted_per_layer(two_layer):

@@ -140,13 +140,14 @@ def test_run_search_with_two_workers_equals_one(tmp_path):
     model = tmp_path / "m.safetensors"
     _save_tiny(model)
     cfg = SearchConfig(
+        lever="joint",
         budget=Budget.like("W8A8", 3),
         steps=(3,),
         evolution=EvolutionConfig.tmpq(generations=2, population=4, parents=2, mutations=2, crossovers=1, randoms=1),
         final_samples=0,
         fitness=FitnessConfig("proxy", num_samples=4),
         calib=CalibConfig(2, 3),
-        quant=QuantSpec(w_bits=(4, 8), a_bits=(8,)),
+        quant=QuantSpec(w_bits=(4, 8), a_bits=(8,), reconstruction=None),
     )
     results = []
     for n in (1, 2):

@@ -10,6 +10,7 @@ from tiny_search import tiny_loaded, tiny_search_config
 from tmpq.errors import TmpqError
 from tmpq.quant import CalibConfig
 from tmpq.search import Budget, FitnessConfig, run_search
+from tmpq.search.run import share_prepared
 from tmpq.search.space import GROUPINGS, SearchSpace, group_starts
 from tmpq.search.summary import RunSummary
 
@@ -44,6 +45,36 @@ def test_single_lever_runs_keep_their_fixed_half(make_tiny_unet, tmp_path):
         progress=False,
     )
     assert len({r.candidate.bits for r in ts.records}) == 1
+
+
+def test_lever_auto_searches_the_timesteps_at_a_like_budgets_precision(make_tiny_unet, tmp_path):
+    """--lever auto (the default): a --like budget names the precision to keep, so only the timesteps are searched at
+    it, on a super-network calibrated at that width alone, or on a wider one the run directory already holds."""
+    cfg = _cfg(lever="auto", budget=Budget.like("W4A8", 4))
+    assert cfg.search_lever == "timesteps" and cfg.timesteps_precision == "W4A8"
+    res = run_search(_loaded(make_tiny_unet), cfg, tmp_path / "auto", progress=False)
+    assert len({r.candidate.bits for r in res.records}) == 1 and len({r.candidate for r in res.records}) > 1
+    assert (res.supernet.spec.w_bits, res.supernet.spec.a_bits) == ((4,), (8,))
+    summary = RunSummary.read(tmp_path / "auto")
+    assert summary.lever == "timesteps" and summary.config.lever == "auto"  # the choice, and the config as given
+    assert summary.best.bitops == res.budget  # uniform W4A8 at 4 steps is the budget itself
+    res.supernet.unwrap()
+    # a run directory calibrated at every width (a joint search's) is reused as it is, not recalibrated
+    joint = run_search(_loaded(make_tiny_unet), _cfg(), tmp_path / "joint", progress=False)
+    joint.supernet.unwrap()
+    share_prepared(tmp_path / "joint", tmp_path / "lent")
+    lent = run_search(_loaded(make_tiny_unet), cfg, tmp_path / "lent", progress=False)
+    assert lent.supernet.spec.w_bits == (4, 6, 8) and lent.best.candidate == res.best.candidate
+    ledger = tmp_path / "lent" / "overhead.json"  # what this run made itself: not the calibration
+    assert "calibration" not in (json.loads(ledger.read_text()) if ledger.is_file() else {})
+
+
+def test_lever_auto_searches_jointly_where_no_precision_is_named():
+    assert _cfg(lever="auto", budget=Budget.gbitops(1.0)).search_lever == "joint"
+    assert _cfg(lever="auto", staged=True).search_lever == "joint"
+    assert _cfg(lever="auto", fixed_precision="W8A8").timesteps_precision == "W8A8"
+    with pytest.raises(TmpqError, match="--fixed-precision WxAy"):
+        _cfg(lever="timesteps", budget=Budget.gbitops(1.0))
 
 
 def test_bad_budget_and_lever(make_tiny_unet, tmp_path):
@@ -140,10 +171,11 @@ def test_run_dir_of_another_model_is_refused_without_its_model_json(make_tiny_un
 def test_calibration_set_of_another_model_is_not_reused(make_tiny_unet, tmp_path):
     from tmpq.quant.prepare import prepare_supernet
 
-    _, calib, _ = prepare_supernet(_loaded(make_tiny_unet), tmp_path, CalibConfig(4, 4), progress=False)
+    spec = _cfg().quant
+    _, calib, _ = prepare_supernet(_loaded(make_tiny_unet), tmp_path, CalibConfig(4, 4), spec, progress=False)
     (tmp_path / "model.json").unlink()
     other = tiny_loaded(lambda: make_tiny_unet(seed=1))
-    _, calib2, info = prepare_supernet(other, tmp_path, CalibConfig(4, 4), progress=False)
+    _, calib2, info = prepare_supernet(other, tmp_path, CalibConfig(4, 4), spec, progress=False)
     assert info["collect_forwards"] > 0 and calib2.config.model != calib.config.model
 
 

@@ -53,6 +53,7 @@ BLOCK_TYPES = (
     "ResnetBlock2D",
     "ResnetBlockCondNorm2D",
     "Attention",
+    "FluxAttention",  # diffusers' FLUX attention: its processor's matmuls are called inside it, never as modules
     "BasicTransformerBlock",
     "Downsample2D",
     "Upsample2D",
@@ -98,8 +99,8 @@ class _BlockData:
         return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}, self.out[idx]
 
 
-def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, batch_size: int) -> _BlockData:
-    """Run the FP model over the rows and keep what `block` receives and returns."""
+def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, batch_size: int) -> _BlockData | None:
+    """Run the FP model over the rows and keep what `block` receives and returns (None: it is never called)."""
     calls: list[tuple[tuple, dict, torch.Tensor]] = []
     pending: dict = {}
 
@@ -107,8 +108,7 @@ def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, bat
         pending["in"] = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
 
     def post(module, args, kwargs, output):
-        out = output[0] if isinstance(output, tuple) else output
-        calls.append((*pending.pop("in"), out.detach().float().clone()))
+        calls.append((*pending.pop("in"), _output(output).detach().float().clone()))
 
     h1 = block.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = block.register_forward_hook(post, with_kwargs=True)
@@ -119,8 +119,8 @@ def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, bat
     finally:
         h1.remove()
         h2.remove()
-    if not calls:
-        raise TmpqError("a reconstruction block saw no calibration data; is it used by the model's forward?")
+    if not calls:  # its units run inside another module's code, never as a module: they keep their ranges
+        return None
     # each call is a valid (input, output) sample of the block, however many there are per model call: with
     # classifier-free guidance a block sees the doubled batch [unconditional; conditional]
     per_call = [c[2].shape[0] for c in calls]
@@ -136,6 +136,16 @@ def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, bat
     return _BlockData(args, kwargs, torch.cat([c[2] for c in calls]))
 
 
+def _output(output) -> torch.Tensor:
+    """A block's output as one batch-first tensor: a block that returns several (a joint-attention block's image and
+    text streams) is judged on all of them, each flattened per row."""
+    if not isinstance(output, (tuple, list)):
+        return output
+    first = output[0]
+    parts = [o for o in output if isinstance(o, torch.Tensor) and o.ndim and o.shape[0] == first.shape[0]]
+    return parts[0] if len(parts) == 1 else torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+
+
 def _detach(v):
     # contiguous copies: a captured input may be a strided view (the attention block's output is one), and the CPU
     # backward of a ResNet block on such an input crashes torch 2.13 when only the time embedding needs a gradient
@@ -145,9 +155,7 @@ def _detach(v):
 def _squared_error(block: nn.Module, data: _BlockData, idx: torch.Tensor) -> torch.Tensor:
     """(block output − FP output)² on the rows `idx`, elementwise."""
     args, kwargs, ref = data.batch(idx)
-    out = block(*args, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    return (out.float() - ref).pow(2)
+    return (_output(block(*args, **kwargs)).float() - ref).pow(2)
 
 
 def _block_error(block: nn.Module, data: _BlockData, chunk: int = 64) -> float:
@@ -300,11 +308,16 @@ def reconstruct_blocks(
     idx = recon_rows(len(calib), spec.recon_rows)
     act_iters = max(1, round(spec.recon_iters * ACT_ITERS_SHARE))
     bar = tqdm(total=len(blocks), initial=len(done), desc="brecq", disable=not progress, dynamic_ncols=True)
+    skipped: list[str] = []
     for block, names in blocks.items():
         if block in done:
             continue
         module = modules[block]
         data = _capture(sn, module, calib, idx, batch_size)
+        if data is None:
+            skipped.append(block)
+            bar.update(1)
+            continue
         weight_units = {n: sn.units[n] for n in names if isinstance(sn.units[n], QuantWeightLayer)}
         quantizers = _quantizers(sn, names)
         learned: dict[str, torch.Tensor] = {}
@@ -339,5 +352,6 @@ def reconstruct_blocks(
         "act_iters": act_iters,
         "batch": spec.recon_batch,
         "median_error_ratio": float(torch.tensor(gains).median()) if gains else 1.0,
+        "skipped": skipped,  # units never called as modules (nearest rounding in calibrated ranges)
         "errors": done,
     }

@@ -98,7 +98,7 @@ def prepare_supernet(
         if sn is not None:
             # "": saved before prompts / before the model key (such a super-network is recalibrated)
             done = {"conditioning": "", "model": "", **sn.calibration_info.get("calib_config", {})}
-            if sn.spec == spec and done == asdict(calib_config):
+            if sn.spec.covers(spec) and done == asdict(calib_config):  # e.g. all widths, for a one-width search
                 return sn, calib, info
             sn.unwrap()  # stale: calibrate afresh on the same, untouched weights
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ the final re-scoring, validated before any compute, with the one default per set
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tmpq.errors import TmpqError
@@ -18,7 +18,8 @@ from tmpq.serialization import DictConfig
 
 LEVERS = ("joint", "bits", "timesteps")
 AUTO = "auto"
-"""--grouping auto: the grouping whose default schedule the FP model scores best on, under the search's fitness."""
+"""--grouping auto: the grouping on whose default schedule the search's start scores best, under the search's fitness.
+--lever auto: see `SearchConfig.search_lever`."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,11 @@ class SearchConfig(DictConfig):
     # built-in model FP at 10 steps scores 166.5 on uniform against 218.6 on quad (docs/results.md)
     grouping: str = AUTO
     phase_bounds: tuple[int, ...] = ()
-    lever: str = "joint"  # joint | bits (schedule fixed) | timesteps (precision fixed)
-    fixed_precision: str = "W6A6"  # the precision of a timesteps-only search
+    # joint | bits (schedule fixed) | timesteps (precision fixed) | auto: timesteps at the budget's precision for a
+    # --like budget, else joint (`search_lever`); on the built-in model with BRECQ, W6A6@10, timesteps 53.19 FID
+    # against joint 57.82 and staged 53.57 at 3x the search (5,000 samples, docs/results.md)
+    lever: str = AUTO
+    fixed_precision: str | None = None  # the precision of a timesteps-only search; None: the --like budget's
     evolution: EvolutionConfig = EvolutionConfig()
     fitness: FitnessConfig = FitnessConfig()
     calib: CalibConfig = CalibConfig()
@@ -48,18 +52,23 @@ class SearchConfig(DictConfig):
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.lever not in LEVERS:
-            raise TmpqError(f"lever must be one of {LEVERS}, got {self.lever!r}")
-        if self.staged and self.lever != "joint":
+        if self.lever not in (*LEVERS, AUTO):
+            raise TmpqError(f"--lever must be one of {[*LEVERS, AUTO]}, got {self.lever!r}")
+        if self.staged and self.lever not in ("joint", AUTO):
             raise TmpqError("a staged search ends in a joint search; drop --staged or use --lever joint")
         # checked here, before any compute: a budget or precision outside the calibrated widths would only fail
         # after a full calibration otherwise
         w_all, a_all = self.quant.w_bits, self.quant.a_bits
         if self.budget.kind == "like":
             _require_widths(f"--like W{self.budget.w}A{self.budget.a}", self.budget.w, self.budget.a, w_all, a_all)
-        if self.lever == "timesteps" or (self.staged and self.budget.kind != "like"):  # see _run_stages
+        if self.search_lever == "timesteps" or self.staged:  # a staged search runs a timesteps-only one first
+            if self.timesteps_precision is None:
+                raise TmpqError(
+                    "a timesteps-only search keeps one precision for every layer, and this budget names none: give "
+                    "--fixed-precision WxAy, or a --like WxAy budget (whose precision it then keeps)"
+                )
             _require_widths(
-                f"--fixed-precision {self.fixed_precision}", *precision_of(self.fixed_precision), w_all, a_all
+                f"--fixed-precision {self.timesteps_precision}", *precision_of(self.timesteps_precision), w_all, a_all
             )
         if self.grouping not in (*GROUPINGS, AUTO):
             raise TmpqError(f"--grouping must be one of {[*GROUPINGS, AUTO]}, got {self.grouping!r}")
@@ -82,6 +91,38 @@ class SearchConfig(DictConfig):
         bounds = self.phase_bounds
         if len(set(bounds)) != len(bounds) or any(b < 1 for b in bounds):
             raise TmpqError(f"--phases {','.join(map(str, bounds))}: give distinct timesteps >= 1, e.g. 500 or 300,700")
+
+    @property
+    def search_lever(self) -> str:
+        """The lever searched: `lever`, or for `auto` the timesteps at the budget's precision when the budget is
+        `--like WxAy` (it names the precision) and not staged, else the joint search. Why timesteps: on the built-in
+        model its 10 genes leave the least room for the winner's curse (a search's best on 128 samples being its
+        luckiest draw), and it shipped the best sampler measured (docs/results.md, 'What tmpq run ships')."""
+        if self.lever != AUTO:
+            return self.lever
+        return "timesteps" if self.budget.kind == "like" and not self.staged else "joint"
+
+    @property
+    def timesteps_precision(self) -> str | None:
+        """The WxAy a timesteps-only search (or stage) keeps: --fixed-precision, else the --like budget's; None when
+        neither names one."""
+        if self.fixed_precision is not None:
+            return precision_label(*precision_of(self.fixed_precision))
+        return precision_label(self.budget.w, self.budget.a) if self.budget.kind == "like" else None
+
+    def resolved(self) -> SearchConfig:
+        """This config with a concrete lever and, for a timesteps-only search, only the widths it uses calibrated
+        (its precision, a --like budget's, and the pinned layers'): BRECQ at the other widths would cost four times
+        as long, for nothing. A calibrated super-network that covers more widths is reused (`QuantSpec.covers`)."""
+        lever = self.search_lever
+        if lever != "timesteps":
+            return replace(self, lever=lever)
+        w, a = precision_of(self.timesteps_precision)
+        ws, as_ = {w}, {a}
+        if self.budget.kind == "like":  # the budget's cost is that of its own uniform setting
+            ws, as_ = ws | {self.budget.w}, as_ | {self.budget.a}
+        quant = self.quant.narrowed(ws, as_)
+        return replace(self, lever=lever, fixed_precision=self.timesteps_precision, quant=quant)
 
     def to_json(self) -> dict:
         """Deprecated name of `to_dict` (the one serialization of every config); kept for one release."""

@@ -81,12 +81,13 @@ def _start_precision(space: SearchSpace, cfg: SearchConfig) -> tuple[str, tuple]
     """("WxAy", bits) of the uniform setting a search of `space` starts from (see `_seed_bits`); a timesteps-only
     search's fixed bits. None when the space offers no uniform setting."""
     if not space.search_bits:
-        return precision_label(*precision_of(cfg.fixed_precision)), space.fixed_bits
+        return cfg.timesteps_precision, space.fixed_bits
     if cfg.budget.kind == "like":
         return precision_label(cfg.budget.w, cfg.budget.a), space.uniform_bits(cfg.budget.w, cfg.budget.a)
     w_all = sorted({w for wc in space.w_choices for w in wc if w is not None}, reverse=True)
     a_all = sorted({a for ac in space.a_choices for a in ac if a is not None}, reverse=True)
-    for w, a in [precision_of(cfg.fixed_precision), *((w, a) for w in w_all for a in a_all if w == a)]:
+    named = [precision_of(cfg.fixed_precision)] if cfg.fixed_precision is not None else []
+    for w, a in [*named, *((w, a) for w in w_all for a in a_all if w == a)]:
         try:
             return precision_label(w, a), space.uniform_bits(w, a)
         except TmpqError:
@@ -143,7 +144,7 @@ def _build_space(ctx: SearchContext) -> tuple[SearchSpace, int]:
     if cfg.lever == "bits":
         return SearchSpace.from_supernet(sn, **kw, search_timesteps=False), forwards
     if cfg.lever == "timesteps":
-        fixed = base.uniform_bits(*precision_of(cfg.fixed_precision))
+        fixed = base.uniform_bits(*precision_of(cfg.timesteps_precision))
         return SearchSpace.from_supernet(sn, **kw, search_bits=False, fixed_bits=fixed), forwards
     return base, forwards
 
@@ -379,12 +380,14 @@ def run_search(
     seeding = bool(cfg.seed_from) and not resuming
     if seeding:  # what the seeds cost is kept with this run
         write_json_atomic(run_dir / SEEDS_FILE, seeds if seeds is not None else seed_costs(cfg.seed_from))
+    user_cfg, cfg = cfg, cfg.resolved()  # the lever chosen (--lever auto) and the widths it needs calibrated
+    if progress and user_cfg.lever == AUTO:
+        print(f"lever auto: {_describe_lever(cfg)}")
     sn, calib, prep = prepare_supernet(loaded, run_dir, cfg.calib, cfg.quant, progress=progress)
     ledger = OverheadLedger(run_dir / OVERHEAD_FILE)
     ledger.record("calibration_inputs", prep["collect_forwards"])
     ledger.record("calibration", prep["calibrate_forwards"])
     fp_key = {"fingerprint": sn.fingerprint}
-    user_cfg = cfg
     ctx, fp_steps, forwards = check_fp_steps(SearchContext(loaded, cfg, run_dir, sn, _metric(cfg), progress))
     ledger.record("fp_steps", forwards)
     if fp_steps is not None and progress:
@@ -616,9 +619,9 @@ def _run_stages(loaded: LoadedModel, cfg: SearchConfig, run_dir: Path, resume, p
     combination. Measured on the built-in model (README: 'Every search option'): with the proxy aimed at FP-20,
     joint alone 207.8, timesteps-only 206.0, bits-only 213.6, staged joint 188.0 (FID, 5,000 samples).
     Each stage resumes like any search; the calibration is made once and shared."""
-    fixed = precision_label(cfg.budget.w, cfg.budget.a) if cfg.budget.kind == "like" else cfg.fixed_precision
+    fixed = precision_label(cfg.budget.w, cfg.budget.a) if cfg.budget.kind == "like" else cfg.timesteps_precision
     single = replace(cfg, staged=False, seed_from=(), final_samples=0)
-    for name in STAGES:
+    for name in STAGES:  # bits first: it calibrates every width, which the timesteps stage then reuses
         stage_cfg = replace(single, lever=name, fixed_precision=fixed)
         stage_dir = run_dir / "stages" / name
         share_prepared(run_dir, stage_dir)
@@ -848,6 +851,17 @@ def _final_eval(
     return FinalScores(cfg.final_samples, tuple(FinalRow.from_dict(done[k]) for k in used), criterion)
 
 
+def _describe_lever(cfg: SearchConfig) -> str:
+    """What --lever auto chose, and why (printed before the search)."""
+    if cfg.lever == "timesteps":
+        return (
+            f"timesteps at {cfg.fixed_precision}, the budget's precision (the search with the fewest genes, least "
+            "prone to chasing its seeds' noise; --lever joint searches the bits too)"
+        )
+    why = "a staged search ends in one" if cfg.staged else "the budget names no precision to keep"
+    return f"joint ({why})"
+
+
 def _write_result(
     ctx: SearchContext,
     cfg: SearchConfig,
@@ -886,6 +900,7 @@ def _write_result(
         seed_searches=_seed_searches(ctx.run_dir, cfg),
         grouping=space.grouping,
         grouping_choice=choice,
+        lever=ctx.cfg.lever,
         fp_steps=fp_steps,
         model_options=dict(loaded.options),
         noise_schedule=loaded.schedule,

@@ -304,6 +304,7 @@ class RunSummary:
     seed_searches: tuple[SeedSearch, ...] = ()
     grouping: str | None = None  # the one searched (with --grouping auto: the one chosen)
     grouping_choice: GroupingChoice | None = None
+    lever: str | None = None  # the one searched (with --lever auto: the one chosen)
     fp_steps: FpSteps | None = None
     model_options: dict = field(default_factory=dict)
     noise_schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
@@ -337,6 +338,7 @@ class RunSummary:
             VERSION_KEY: FORMAT_VERSION,  # of this file and the configs in it
             "grouping": self.grouping,
             "grouping_choice": None if self.grouping_choice is None else self.grouping_choice.to_dict(),
+            "lever": self.lever,
             "fp_steps": None if self.fp_steps is None else self.fp_steps.to_dict(),
             "model": self.model,
             "model_options": dict(self.model_options),
@@ -349,13 +351,14 @@ class RunSummary:
         best = dict(d["best"])
         configs = best.pop("quant_configs", [])
         opt = d.get
+        config = SearchConfig.from_dict(d["config"])
         return cls(
             best=Record.from_json(best),
             quant_configs=tuple(QuantConfig.from_json(json.dumps(q)) for q in configs),
             budget_bitops=int(d["budget_bitops"]),
             budget=d["budget"],
             fp_bitops_full_100=int(d["fp_bitops_full_100"]),
-            config=SearchConfig.from_dict(d["config"]),
+            config=config,
             model=d["model"],
             pareto=tuple(Record.from_json(r) for r in opt("pareto") or ()),
             top=tuple(Record.from_json(r) for r in opt("top") or ()),
@@ -365,6 +368,7 @@ class RunSummary:
             seed_searches=tuple(SeedSearch.from_dict(s) for s in opt("seed_searches") or ()),
             grouping=opt("grouping"),
             grouping_choice=GroupingChoice.from_dict(d["grouping_choice"]) if opt("grouping_choice") else None,
+            lever=d["lever"] if "lever" in d else config.search_lever,  # recorded before --lever auto: its own
             fp_steps=FpSteps.from_dict(d["fp_steps"]) if opt("fp_steps") else None,
             model_options=dict(opt("model_options") or {}),
             noise_schedule=schedule_from_dict(d["noise_schedule"]) if opt("noise_schedule") else NoiseSchedule(),
