@@ -26,7 +26,7 @@ install: $(STAMP)
 # The main job with tmpq's default strategy at a demo size (under 10 min on 2 cores): calibrate, search timesteps +
 # bits under the W6A6@10-steps budget, re-score against FP and uniform PTQ, export the winner, write the report.
 # Only the search's size is set here (generations, population, final samples); every strategy setting is the default.
-DEMO_ARGS ?= --like W6A6 --budget-steps 10 --steps 10 --generations 4 --population 16 --final-samples 300 --final-top 2
+DEMO_ARGS ?= --like W6A6 --budget-steps 10 --steps 10 --generations 3 --population 16 --final-samples 300 --final-top 2
 demo: install
 	$(BIN)/tmpq run --model builtin:fashion --run-dir runs/demo $(DEMO_ARGS)
 

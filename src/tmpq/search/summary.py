@@ -368,7 +368,7 @@ class RunSummary:
             seed_searches=tuple(SeedSearch.from_dict(s) for s in opt("seed_searches") or ()),
             grouping=opt("grouping"),
             grouping_choice=GroupingChoice.from_dict(d["grouping_choice"]) if opt("grouping_choice") else None,
-            lever=d["lever"] if "lever" in d else config.search_lever,  # recorded before --lever auto: its own
+            lever=d.get("lever", config.search_lever),  # recorded before --lever auto: its own
             fp_steps=FpSteps.from_dict(d["fp_steps"]) if opt("fp_steps") else None,
             model_options=dict(opt("model_options") or {}),
             noise_schedule=schedule_from_dict(d["noise_schedule"]) if opt("noise_schedule") else NoiseSchedule(),
