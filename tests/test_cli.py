@@ -109,6 +109,8 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
             "4,8",
             "--a-bits",
             "8",
+            "--recon-iters",
+            "4",
         ],
     )
     assert res.exit_code == 0, res.output
@@ -135,7 +137,7 @@ def test_calibrate_then_search_on_a_tiny_model(tiny_model, tmp_path):
         "2",
         "--population",
         "4",
-        *["--calib-samples", "2", "--calib-steps", "3", "--w-bits", "4,8", "--a-bits", "8"],  # reuse the calibration
+        *["--calib-samples", "2", "--calib-steps", "3", "--w-bits", "4,8", "--a-bits", "8", "--recon-iters", "4"],
     ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output

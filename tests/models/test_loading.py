@@ -150,7 +150,7 @@ def test_pipeline_search_export_load_sample_end_to_end(v_pipeline, tmp_path):
     run = tmp_path / "run"
     base = ["search", "--model", str(v_pipeline), "--run-dir", str(run), "--like", "W8A8", "--budget-steps", "3"]
     base += ["--steps", "3", "--generations", "2", "--population", "4", "--calib-samples", "2", "--calib-steps", "3"]
-    base += ["--w-bits", "4,8", "--a-bits", "8", "--fitness-samples", "4"]
+    base += ["--w-bits", "4,8", "--a-bits", "8", "--fitness-samples", "4", "--recon-iters", "4"]
     res = runner.invoke(app, base)
     assert res.exit_code == 2 and "--proxy-space pixels" in res.output
     res = runner.invoke(app, [*base, "--fitness", "proxy", "--proxy-space", "pixels", "--final-samples", "0"])
