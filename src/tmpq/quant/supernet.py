@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -309,7 +308,7 @@ def quantize_(
     if ANY_LAYER in config.as_dict():
         ws |= {w for _, w, _ in spec.pin if w is not None}
         as_ |= {a for _, _, a in spec.pin if a is not None}
-    spec = replace(spec, w_bits=tuple(ws) or spec.w_bits, a_bits=tuple(as_) or spec.a_bits)
+    spec = spec.narrowed(ws or spec.w_bits, as_ or spec.a_bits)
     sn = build_supernet(model, calib, spec, batch_size=batch_size, progress=progress)
     sn.set_config(config)
     return sn

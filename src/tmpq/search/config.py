@@ -112,8 +112,9 @@ class SearchConfig(DictConfig):
 
     def resolved(self) -> SearchConfig:
         """This config with a concrete lever and, for a timesteps-only search, only the widths it uses calibrated
-        (its precision, a --like budget's, and the pinned layers'): BRECQ at the other widths would cost four times
-        as long, for nothing. A calibrated super-network that covers more widths is reused (`QuantSpec.covers`)."""
+        (its precision and a --like budget's; pinned layers keep their pins): BRECQ at the other widths would cost
+        four times as long, for nothing. A calibrated super-network that covers more widths is reused
+        (`QuantSpec.covers`)."""
         lever = self.search_lever
         if lever != "timesteps":
             return replace(self, lever=lever)
