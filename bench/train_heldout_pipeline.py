@@ -25,6 +25,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from tmpq.data import load_fashion_mnist
+from tmpq.device import bf16_autocast_helps
 
 
 def build_unet() -> UNet2DModel:
@@ -52,7 +53,9 @@ def main(
     seed: int = 0,
     checkpoint_every: int = 250,
     max_minutes: float | None = None,
-    bf16: bool = typer.Option(True, help="bf16 autocast for the forward (speed only; not part of the recipe)"),
+    bf16: bool | None = typer.Option(
+        None, help="bf16 autocast for the forward (speed only; not part of the recipe); default: where it is faster"
+    ),
 ) -> None:
     config = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, seed=seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +77,8 @@ def main(
         lr_sched.load_state_dict(state["lr_scheduler"])
         ema.load_state_dict(state["ema"])
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
+    if bf16 is None:  # on an AVX2-only CPU bf16 is emulated: 2.0 s/it in fp32 against 35 s/it in bf16 (AMD EPYC)
+        bf16 = bf16_autocast_helps("cpu")
     images, _ = load_fashion_mnist("train")
     gen = torch.Generator()
     start = time.time()
