@@ -10,6 +10,7 @@ images being kept with the FP row (in OUT, or in the `--fp-from` folder of anoth
     .venv/bin/python bench/ptq.py --format8 fp8_e4m3 --configs W8A8 --out runs/ptq_fp8   # float8 8-bit candidates
     .venv/bin/python bench/ptq.py --no-bias-correction --out runs/ptq_nearest              # nearest rounding
     .venv/bin/python bench/ptq.py --configs W8A8 --fp-from runs/ptq --out runs/ptq_w8      # FP images of runs/ptq
+    .venv/bin/python bench/ptq.py --configs W4A8 --narrow --reconstruction brecq --out runs/ptq_w4a8   # W4/A8 only
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main(
     reconstruction: Annotated[str, typer.Option(help="none | adaround (per layer) | brecq (per block)")] = "none",
     recon_preset: Annotated[str, typer.Option(help="demo | paper")] = "demo",
     recon_iters: Annotated[int | None, typer.Option(help="override the preset's iterations")] = None,
+    recon_inputs: Annotated[str, typer.Option(help="BRECQ's block inputs: fp | quantized")] = "fp",
     format8: Annotated[str, typer.Option(help="8-bit candidates: int8 | fp8_e4m3")] = "int8",
     bias_correction: Annotated[
         bool, typer.Option("--bias-correction/--no-bias-correction", help="bias-corrected rounding (QuantSpec)")
@@ -103,6 +105,9 @@ def main(
         list[Path] | None, typer.Option(help="other bench/ptq.py folders whose FP rows' images to compare against")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    narrow: Annotated[
+        bool, typer.Option(help="calibrate only the widths --configs use (each width is calibrated on its own)")
+    ] = False,
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -113,6 +118,10 @@ def main(
     if reconstruction != "none":
         spec = spec.with_reconstruction(reconstruction, recon_preset)
         spec = spec if recon_iters is None else replace(spec, recon_iters=recon_iters)
+        spec = replace(spec, recon_inputs=recon_inputs)
+    if narrow:
+        widths = [wa for wa in map(_parse, configs.split(",")) if wa is not None]
+        spec = spec.narrowed({w for w, _ in widths}, {a for _, a in widths})
     sn, cal = calibrate_once(loaded, out, CalibConfig(num_samples=calib_samples, num_steps=calib_steps), spec)
     qloaded = replace(loaded, denoiser=sn)
     metric = reference_metric("fashion-mnist")

@@ -220,6 +220,7 @@ def test_entry_points_take_their_defaults_from_the_config_classes():
         "w_bits": ",".join(map(str, QuantSpec().w_bits)),
         "a_bits": ",".join(map(str, QuantSpec().a_bits)),
         "reconstruction": QuantSpec().reconstruction or "none",
+        "recon_inputs": QuantSpec().recon_inputs,
     }
     for name, value in expected.items():
         assert search[name].default == value, name

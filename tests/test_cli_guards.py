@@ -64,6 +64,8 @@ def test_train_never_writes_its_card_over_a_users_readme(tmp_path):
         (["--seed-from", "/nonexistent"], "--seed-from"),
         (["--reconstruction", "brecq2"], "--reconstruction"),
         (["--reconstruction", "adaround", "--recon-preset", "fast"], "preset"),
+        (["--recon-inputs", "upstream"], "--recon-inputs"),
+        (["--reconstruction", "none", "--recon-inputs", "quantized"], "needs reconstruction='brecq'"),
         (["--format8", "fp4"], "--format8"),
     ],
 )

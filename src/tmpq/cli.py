@@ -143,6 +143,13 @@ BiasCorrectionOpt = Annotated[
     ),
 ]
 ReconItersOpt = Annotated[int | None, typer.Option(help="override the preset's iterations per unit and width")]
+ReconInputsOpt = Annotated[
+    str,
+    typer.Option(
+        help="what BRECQ blocks learn from: fp (the FP model's block inputs) | quantized (earlier blocks at the width "
+        "being learned, the FP output as target: BRECQ's asymmetric reconstruction)"
+    ),
+]
 Format8Opt = Annotated[
     str,
     typer.Option(
@@ -523,6 +530,7 @@ def calibrate(
     reconstruction: ReconOpt = _RECONSTRUCTION,
     recon_preset: ReconPresetOpt = "demo",
     recon_iters: ReconItersOpt = None,
+    recon_inputs: ReconInputsOpt = QuantSpec.recon_inputs,
     bias_correction: BiasCorrectionOpt = True,
     format8: Format8Opt = "int8",
     prompts: PromptsOpt = None,
@@ -538,7 +546,9 @@ def calibrate(
     from tmpq.quant.prepare import prepare_supernet
 
     _threads(threads)
-    spec = _quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8, bias_correction)
+    spec = _quant_spec(
+        w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8, bias_correction, recon_inputs
+    )
     loaded = _load(model, prompts, guidance_scale, classes, image_size, true_cfg_scale).to(resolve_device(device))
     sn, calib, info = prepare_supernet(loaded, run_dir, CalibConfig(calib_samples, calib_steps), spec)
     what = "reused" if info["reused"] else f"calibrated in {info['calib_collect_s'] + info['calibrate_s']:.1f} s"
@@ -548,18 +558,23 @@ def calibrate(
 
 
 def _quant_spec(
-    w_bits: str, a_bits: str, reconstruction: str, preset: str, iters: int | None, format8: str, bias_correction: bool
+    w_bits: str,
+    a_bits: str,
+    reconstruction: str,
+    preset: str,
+    iters: int | None,
+    format8: str,
+    bias_correction: bool,
+    recon_inputs: str,
 ):
-    from tmpq.quant import QuantSpec
-
     if reconstruction not in ("none", "adaround", "brecq"):
         raise TmpqError(f"--reconstruction must be none, adaround or brecq, got {reconstruction!r}")
     w, a = parse_ints(w_bits, "--w-bits"), parse_ints(a_bits, "--a-bits")
     spec = QuantSpec(w_bits=w, a_bits=a, format8=format8, bias_correction=bias_correction)
     if reconstruction == "none":
-        return replace(spec, reconstruction=None)
+        return replace(spec, reconstruction=None, recon_inputs=recon_inputs)
     spec = spec.with_reconstruction(reconstruction, preset)
-    return spec if iters is None else replace(spec, recon_iters=iters)
+    return replace(spec, recon_inputs=recon_inputs, **({} if iters is None else {"recon_iters": iters}))
 
 
 def _search_command(full: bool) -> Callable[..., None]:
@@ -653,6 +668,7 @@ def _search_command(full: bool) -> Callable[..., None]:
         reconstruction: ReconOpt = _RECONSTRUCTION,
         recon_preset: ReconPresetOpt = "demo",
         recon_iters: ReconItersOpt = None,
+        recon_inputs: ReconInputsOpt = QuantSpec.recon_inputs,
         bias_correction: BiasCorrectionOpt = True,
         format8: Format8Opt = "int8",
         seed: int = 0,
@@ -706,7 +722,9 @@ def _search_command(full: bool) -> Callable[..., None]:
                 reference_steps=proxy_reference_steps,
             ),
             calib=CalibConfig(calib_samples, calib_steps),
-            quant=_quant_spec(w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8, bias_correction),
+            quant=_quant_spec(
+                w_bits, a_bits, reconstruction, recon_preset, recon_iters, format8, bias_correction, recon_inputs
+            ),
             final_samples=final_samples,
             final_top=final_top,
             final_pool=final_pool,

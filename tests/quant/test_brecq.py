@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tmpq.errors import TmpqError
 from tmpq.quant import QuantConfig, QuantSpec, SuperNet, brecq, build_supernet
 
 
@@ -166,3 +167,90 @@ def test_learned_parameters_travel_through_export_load_and_the_backends(pair, tm
                 a, b = twin(x), layer(x)
             assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, (name, key)
     learned.set_fp()
+
+
+@pytest.fixture(scope="module")
+def upstream(make_denoiser, calib, small_spec):
+    """BRECQ on quantized inputs (every earlier block at the width being learned), beside `pair`'s FP-input one."""
+    return build_supernet(make_denoiser(), calib, _spec(small_spec, recon_inputs="quantized"), progress=False)
+
+
+def test_quantized_inputs_walk_the_blocks_in_the_order_the_model_runs_them(upstream, calib):
+    blocks = list(brecq.reconstruction_blocks(upstream))
+    order = brecq.execution_order(upstream, calib, blocks)
+    assert sorted(order) == sorted(blocks)
+    pos = {b: i for i, b in enumerate(order)}
+    assert pos["unet.conv_in"] < pos["unet.down_blocks.0.resnets.0"] < pos["unet.mid_block.resnets.0"]
+    assert pos["unet.mid_block.resnets.1"] < pos["unet.up_blocks.0.resnets.0"] and order[-1] == "unet.conv_out"
+    assert pos["unet.time_embedding.linear_2"] < pos["unet.down_blocks.0.resnets.0"]  # the ResNets read its output
+    assert upstream.calibration_info["reconstruction"]["inputs"] == "quantized"
+
+
+def test_quantized_inputs_change_only_what_has_quantized_blocks_upstream(pair, upstream, calib):
+    """The first block the model runs sees the same FP input either way, so it learns the same codes; a block that
+    runs after quantized ones learns others."""
+    _, learned = pair
+    blocks = brecq.reconstruction_blocks(upstream)
+    first, *_ = brecq.execution_order(upstream, calib, list(blocks))
+    for n in blocks[first]:
+        assert torch.equal(upstream.units[n].w4_codes, learned.units[n].w4_codes), n
+    later = blocks["unet.up_blocks.0.resnets.0"]
+    assert any(not torch.equal(upstream.units[n].w4_codes, learned.units[n].w4_codes) for n in later)
+
+
+def test_quantized_inputs_lower_the_whole_models_error_at_uniform_widths(pair, upstream, calib):
+    """What asymmetric reconstruction is for: each block also undoes the error that reaches it, so the model's
+    output at a uniform width is closer to FP's than when every block learned from FP inputs."""
+    _, learned = pair
+    with torch.no_grad():
+        upstream.set_fp()
+        ref = upstream(calib.x, calib.t)
+
+        def error(sn, w, a) -> float:
+            bits = {
+                n: (w if w in u.w_candidates else None, a if a in u.a_candidates else None) for n, u in sn.units.items()
+            }
+            sn.set_config(QuantConfig.from_mapping(bits))
+            out = sn(calib.x, calib.t)
+            sn.set_fp()
+            return float((out - ref).pow(2).mean() / ref.pow(2).mean())
+
+        for w, a in ((4, None), (4, 8), (6, 6)):
+            assert error(upstream, w, a) < error(learned, w, a), (w, a)
+
+
+def test_quantized_inputs_keep_the_super_network_a_switch_and_resume_by_block(
+    upstream, make_denoiser, calib, small_spec, tmp_path, monkeypatch
+):
+    """A width's parameters do not depend on the other candidates (earlier blocks are at that width only), and a
+    killed run resumes to the uninterrupted result although every block's inputs depend on the blocks before it."""
+    spec = _spec(small_spec, w_bits=(4,), a_bits=(8,), recon_inputs="quantized")
+    real, calls = brecq.learn_block_weights, {"n": 0}
+
+    def dies_after_five(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(brecq, "learn_block_weights", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        build_supernet(make_denoiser(), calib, spec, progress=False, progress_dir=tmp_path)
+    assert 0 < len(list(tmp_path.glob("*.safetensors"))) < len(brecq.reconstruction_blocks(upstream))
+    monkeypatch.setattr(brecq, "learn_block_weights", real)
+    resumed = build_supernet(make_denoiser(), calib, spec, progress=False, progress_dir=tmp_path)
+    for n, u in resumed.units.items():  # the narrowed, resumed run equals the wide, uninterrupted one at W4 / A8
+        for k, v in u.qparams().items():
+            if k.startswith(("w4_", "act.a8_", "left.a8_", "right.a8_")):
+                assert torch.equal(v, upstream.units[n].qparams()[k]), (n, k)
+
+
+def test_recon_inputs_is_validated_and_old_specs_read_as_fp_inputs():
+    with pytest.raises(TmpqError, match="recon_inputs must be one of"):
+        QuantSpec(recon_inputs="upstream")
+    with pytest.raises(TmpqError, match="needs reconstruction='brecq'"):
+        QuantSpec(reconstruction="adaround", recon_inputs="quantized")
+    spec = QuantSpec(recon_inputs="quantized")
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    old = {k: v for k, v in spec.to_dict().items() if k != "recon_inputs"}  # saved before the field existed
+    assert QuantSpec.from_dict(old).recon_inputs == "fp"

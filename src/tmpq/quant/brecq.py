@@ -7,7 +7,10 @@ activations it learns the step size of each activation quantizer per candidate w
 rounding, the gradient reaching the scale), against the same block output.
 
 What a unit's reconstruction assumes of its neighbours (chosen so that a super-network stays a switch):
-- inputs of every block are the FP model's (earlier blocks in full precision);
+- inputs of every block are the FP model's (earlier blocks in full precision), or with `recon_inputs="quantized"`
+  the model's with every earlier block (in execution order) at the width being learned — its learned codes, or its
+  learned steps — and the target still the FP block output, as BRECQ's and Q-Diffusion's asymmetric reconstruction
+  does, so each block also learns to undo the error that reaches it from upstream;
 - weights at width b are learned with the block's other weight layers that offer b also at b (jointly), and layers
   that do not offer b in full precision; activations stay unquantized while weights learn;
 - activation steps at width a are learned with every quantizer of the block that offers a at a, and weights in full
@@ -287,6 +290,58 @@ def _install(sn, tensors: dict[str, torch.Tensor]) -> None:
         target.register_buffer(buf, v, persistent=False)
 
 
+def execution_order(sn, calib: CalibrationSet, blocks: list[str]) -> list[str]:
+    """The blocks in the order one model call first enters them (blocks it never enters last, in model order): what
+    quantized-input reconstruction walks, since a block's input depends only on the blocks run before it."""
+    modules = dict(sn.model.named_modules())
+    seen: list[str] = []
+
+    def hook(name: str):
+        def pre(module, args):
+            if name not in seen:
+                seen.append(name)
+
+        return pre
+
+    handles = [modules[b].register_forward_pre_hook(hook(b)) for b in blocks]
+    try:
+        with torch.no_grad():
+            call_denoiser(sn.model, *calib.rows(torch.arange(1), module_device(sn.model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [b for b in blocks if b not in seen]
+
+
+def _upstream_inputs(
+    sn,
+    block: nn.Module,
+    calib: CalibrationSet,
+    idx: torch.Tensor,
+    batch_size: int,
+    fp: _BlockData,
+    units: list[str],
+    w: int | None = None,
+    a: int | None = None,
+) -> _BlockData:
+    """The block's inputs with `units` (the earlier blocks') weights at `w` or activations at `a` where they offer
+    it (everything else in full precision), beside its FP output: asymmetric reconstruction's data (`fp` itself
+    when there are no such units)."""
+    if not units:
+        return fp
+    for n in units:
+        u = sn.units[n]
+        wb = w if isinstance(u, QuantWeightLayer) and w in u.w_candidates else None
+        u.set_bits(wb, a if a in u.a_candidates else None)
+    try:
+        data = _capture(sn, block, calib, idx, batch_size)
+    finally:
+        sn.set_fp()
+    if data is None or data.rows != fp.rows:
+        raise TmpqError("a reconstruction block was called differently with quantized inputs; use recon_inputs='fp'")
+    return _BlockData(data.args, data.kwargs, fp.out)
+
+
 def reconstruct_blocks(
     sn, calib: CalibrationSet, progress_dir: str | Path | None = None, batch_size: int = 32, progress: bool = True
 ) -> dict:
@@ -295,6 +350,9 @@ def reconstruct_blocks(
     `progress_dir` instead of being learned again."""
     spec = sn.spec
     blocks = reconstruction_blocks(sn)
+    upstream = spec.recon_inputs == "quantized"
+    if upstream:
+        blocks = {b: blocks[b] for b in execution_order(sn, calib, list(blocks))}
     modules = dict(sn.model.named_modules())
     key = progress_key(sn, calib, method="brecq")
     pdir = Path(progress_dir) if progress_dir is not None else None
@@ -322,19 +380,35 @@ def reconstruct_blocks(
         quantizers = _quantizers(sn, names)
         learned: dict[str, torch.Tensor] = {}
         errors: dict[str, dict] = {}
+        earlier = [n for blk in done for n in blocks[blk]] if upstream else []
+
         for b in sorted({b for u in weight_units.values() for b in u.w_candidates if u.weight_format(b) == "int"}):
             bar.set_postfix_str(f"{block or 'model'} W{b}", refresh=True)
             units = {n: u for n, u in weight_units.items() if b in u.w_candidates}
             with torch.enable_grad():
                 codes, errors[f"w{b}"] = learn_block_weights(
-                    module, units, b, data, spec.recon_iters, spec.recon_batch, block
+                    module,
+                    units,
+                    b,
+                    _upstream_inputs(sn, module, calib, idx, batch_size, data, earlier, w=b),
+                    spec.recon_iters,
+                    spec.recon_batch,
+                    block,
                 )
             learned |= {f"{n}/w{b}_codes": c.contiguous() for n, c in codes.items()}
         for a in sorted({a for q in quantizers.values() for a in q.candidates if not q.is_fp8(a)}):
             bar.set_postfix_str(f"{block or 'model'} A{a}", refresh=True)
             qs = {n: q for n, q in quantizers.items() if a in q.candidates}
             with torch.enable_grad():
-                scales, errors[f"a{a}"] = learn_block_act_steps(module, qs, a, data, act_iters, spec.recon_batch, block)
+                scales, errors[f"a{a}"] = learn_block_act_steps(
+                    module,
+                    qs,
+                    a,
+                    _upstream_inputs(sn, module, calib, idx, batch_size, data, earlier, a=a),
+                    act_iters,
+                    spec.recon_batch,
+                    block,
+                )
             learned |= {f"{n}/a{a}_scale": s.contiguous() for n, s in scales.items()}
         _install(sn, learned)
         done[block] = errors
@@ -351,6 +425,7 @@ def reconstruct_blocks(
         "iters": spec.recon_iters,
         "act_iters": act_iters,
         "batch": spec.recon_batch,
+        "inputs": spec.recon_inputs,
         "median_error_ratio": float(torch.tensor(gains).median()) if gains else 1.0,
         "skipped": skipped,  # units never called as modules (nearest rounding in calibrated ranges)
         "errors": done,

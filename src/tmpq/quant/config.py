@@ -26,6 +26,7 @@ def _bits_tuple(values: Iterable[int], what: str) -> tuple[int, ...]:
 
 
 RECONSTRUCTIONS = (None, "adaround", "brecq")
+RECON_INPUTS = ("fp", "quantized")
 RECON_PRESETS = {
     "demo": {"recon_iters": 200, "recon_batch": 16, "recon_rows": 256},
     "paper": {"recon_iters": 20_000, "recon_batch": 32, "recon_rows": 1024},
@@ -59,6 +60,10 @@ class QuantSpec(DictConfig):
     recon_iters: int = 200  # steps per (unit or block, weight width); the `paper` preset uses 20,000
     recon_batch: int = 16  # calibration inputs per step
     recon_rows: int = 256  # calibration inputs reconstructed on, spread evenly over the set (all timesteps)
+    # what a BRECQ block learns from: "fp", the FP model's block inputs, or "quantized", the inputs the model gives
+    # with every earlier block already at the width being learned (BRECQ's and Q-Diffusion's asymmetric
+    # reconstruction: quantized input, FP output, so a block also corrects the error that reaches it)
+    recon_inputs: str = "fp"
     # what every 8-bit candidate (weights and activations, pins included) is: "int8" affine codes, or "fp8_e4m3"
     # (per-channel weight / per-tensor activation scales, no rounding to learn: reconstruction skips it)
     format8: str = "int8"
@@ -99,6 +104,15 @@ class QuantSpec(DictConfig):
             raise TmpqError(
                 f"reconstruction must be one of {[r or 'none' for r in RECONSTRUCTIONS]}, got {self.reconstruction!r}"
             )
+        if self.recon_inputs not in RECON_INPUTS:
+            raise TmpqError(
+                f"recon_inputs must be one of {list(RECON_INPUTS)}, got {self.recon_inputs!r} (--recon-inputs)"
+            )
+        if self.recon_inputs != "fp" and self.reconstruction != "brecq":
+            raise TmpqError(
+                f"recon_inputs={self.recon_inputs!r} is a choice of block reconstruction; it needs "
+                f"reconstruction='brecq' (got {self.reconstruction!r}), or recon_inputs='fp' (--recon-inputs fp)"
+            )
         if self.format8 not in FORMATS_8BIT:
             raise TmpqError(f"format8 must be one of {FORMATS_8BIT}, got {self.format8!r} (--format8)")
         for name in ("recon_iters", "recon_batch", "recon_rows"):
@@ -109,8 +123,8 @@ class QuantSpec(DictConfig):
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
         """As DictConfig's; a spec recorded before `bias_correction` existed rounded every layer to nearest, so it
         reads as () (its super-network and exports hold uncorrected codes), not as today's default; one recorded
-        before `reconstruction` existed was range-only."""
-        return super().from_dict({"bias_correction": (), "reconstruction": None, **d})
+        before `reconstruction` existed was range-only, and one before `recon_inputs` learned from FP inputs."""
+        return super().from_dict({"bias_correction": (), "reconstruction": None, "recon_inputs": "fp", **d})
 
     def with_reconstruction(self, method: str | None, preset: str = "demo") -> QuantSpec:
         """This spec with `method` ("adaround", "brecq", or None for range-only) at a cost preset: `demo` fits
