@@ -60,9 +60,10 @@ def calibrate_once(loaded, out: Path, calib_cfg: CalibConfig, spec: QuantSpec) -
     sn, calib, info = prepare_supernet(loaded, out, calib_cfg, spec)
     if info["reused"] and stats_path.is_file():
         return sn, json.loads(stats_path.read_text())  # the costs measured when it was built
-    one = load_model(loaded.spec)  # Q-Diffusion's way: one uniform config, calibrated alone
     t0 = time.perf_counter()
-    quantize_(one.denoiser, sn.uniform_config(8, 8), calib, spec)
+    single = len(spec.w_bits) > 1 or len(spec.a_bits) > 1  # else the super-network is that one config already
+    if single:  # Q-Diffusion's way: one uniform config, calibrated alone
+        quantize_(load_model(loaded.spec).denoiser, sn.uniform_config(max(spec.w_bits), max(spec.a_bits)), calib, spec)
     calibrate_s = info["calibrate_s"]
     if info["reused"]:  # made by a run killed before it recorded its costs: the super-network's own record
         d = sn.calibration_info
@@ -73,7 +74,7 @@ def calibrate_once(loaded, out: Path, calib_cfg: CalibConfig, spec: QuantSpec) -
         "supernet_calibrate_s": calibrate_s,
         "reused_supernet": info["reused"],  # peak RSS then is the single-config calibration's, not the super-network's
         "supernet_detail": sn.calibration_info,
-        "single_config_calibrate_s": round(time.perf_counter() - t0, 1),
+        "single_config_calibrate_s": round(time.perf_counter() - t0, 1) if single else calibrate_s,
         "rss_before_mb": round(rss0, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "calib_rows": len(calib),
