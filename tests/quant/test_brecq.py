@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from interrupts import dies_after
 
 from tmpq.errors import TmpqError
 from tmpq.quant import QuantConfig, QuantSpec, SuperNet, brecq, build_supernet
@@ -109,15 +110,8 @@ def test_killed_reconstruction_resumes_by_block_to_the_same_result(
     pair, make_denoiser, calib, small_spec, tmp_path, monkeypatch
 ):
     _, learned = pair
-    real, calls = brecq.learn_block_weights, {"n": 0}
-
-    def dies_after_six(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 6:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(brecq, "learn_block_weights", dies_after_six)
+    real = brecq.learn_block_weights
+    monkeypatch.setattr(brecq, "learn_block_weights", dies_after(real, 6))
     with pytest.raises(KeyboardInterrupt):
         build_supernet(make_denoiser(), calib, _spec(small_spec), progress=False, progress_dir=tmp_path)
     kept = list(tmp_path.glob("*.safetensors"))
@@ -225,15 +219,8 @@ def test_quantized_inputs_keep_the_super_network_a_switch_and_resume_by_block(
     """A width's parameters do not depend on the other candidates (earlier blocks are at that width only), and a
     killed run resumes to the uninterrupted result although every block's inputs depend on the blocks before it."""
     spec = _spec(small_spec, w_bits=(4,), a_bits=(8,), recon_inputs="quantized")
-    real, calls = brecq.learn_block_weights, {"n": 0}
-
-    def dies_after_five(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(brecq, "learn_block_weights", dies_after_five)
+    real = brecq.learn_block_weights
+    monkeypatch.setattr(brecq, "learn_block_weights", dies_after(real, 5))
     with pytest.raises(KeyboardInterrupt):
         build_supernet(make_denoiser(), calib, spec, progress=False, progress_dir=tmp_path)
     assert 0 < len(list(tmp_path.glob("*.safetensors"))) < len(brecq.reconstruction_blocks(upstream))

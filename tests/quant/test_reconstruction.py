@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from interrupts import dies_after
 
 from tmpq.errors import TmpqError
 from tmpq.quant import QuantSpec, build_supernet
@@ -95,15 +96,8 @@ def test_killed_reconstruction_resumes_by_unit_to_the_same_codes(
     pair, make_denoiser, calib, small_spec, tmp_path, monkeypatch
 ):
     _, learned = pair
-    real, calls = recon.adaround_codes, {"n": 0}
-
-    def dies_after_five(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(recon, "adaround_codes", dies_after_five)
+    real = recon.adaround_codes
+    monkeypatch.setattr(recon, "adaround_codes", dies_after(real, 5))
     with pytest.raises(KeyboardInterrupt):
         build_supernet(make_denoiser(), calib, _spec(small_spec), progress=False, progress_dir=tmp_path)
     kept = list(tmp_path.glob("*.safetensors"))

@@ -229,7 +229,8 @@ def _lower_layer(twin: QuantWeightLayer, pairs: Sequence[tuple], backend: Backen
                 layer.add_int_variant((w, a), codes, scale, zp, act, kernel, dtype, backend.exact_rounding)
                 continue
             reasons[(w, a)] = (
-                f"no integer kernel for {torch.device(backend.device).type} in this PyTorch build"
+                f"no integer kernel for {torch.device(backend.device).type} that sums exactly in this PyTorch build "
+                "and CPU"
                 if kernel is None
                 else f"grouped convolution (groups={groups})"
             )
