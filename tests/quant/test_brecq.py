@@ -25,6 +25,12 @@ def pair(make_denoiser, calib, small_spec):
     return plain, learned
 
 
+def _where_offered(sn: SuperNet, w: int | None, a: int | None) -> QuantConfig:
+    """Every unit's weights at `w` and activations at `a` where it offers them, full precision elsewhere."""
+    bits = {n: (w if w in u.w_candidates else None, a if a in u.a_candidates else None) for n, u in sn.units.items()}
+    return QuantConfig.from_mapping(bits)
+
+
 def _block_errors(sn: SuperNet, calib, w: int | None, a: int | None) -> float:
     """Summed output error of every block against FP, on FP block inputs, with every unit that offers `w` (weights)
     / `a` (activations) at it: what BRECQ targets."""
@@ -32,8 +38,7 @@ def _block_errors(sn: SuperNet, calib, w: int | None, a: int | None) -> float:
     modules = dict(sn.model.named_modules())
     sn.set_fp()
     data = {b: brecq._capture(sn, modules[b], calib, idx, 16) for b in brecq.reconstruction_blocks(sn)}
-    bits = {n: (w if w in u.w_candidates else None, a if a in u.a_candidates else None) for n, u in sn.units.items()}
-    sn.set_config(QuantConfig.from_mapping(bits))
+    sn.set_config(_where_offered(sn, w, a))
     total = sum(brecq._block_error(modules[b], d) for b, d in data.items())
     sn.set_fp()
     return total
@@ -201,10 +206,7 @@ def test_quantized_inputs_lower_the_whole_models_error_at_uniform_widths(pair, u
         ref = upstream(calib.x, calib.t)
 
         def error(sn, w, a) -> float:
-            bits = {
-                n: (w if w in u.w_candidates else None, a if a in u.a_candidates else None) for n, u in sn.units.items()
-            }
-            sn.set_config(QuantConfig.from_mapping(bits))
+            sn.set_config(_where_offered(sn, w, a))
             out = sn(calib.x, calib.t)
             sn.set_fp()
             return float((out - ref).pow(2).mean() / ref.pow(2).mean())
