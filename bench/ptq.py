@@ -119,7 +119,7 @@ def main(
     if reconstruction != "none":
         spec = spec.with_reconstruction(reconstruction, recon_preset)
         spec = spec if recon_iters is None else replace(spec, recon_iters=recon_iters)
-        spec = replace(spec, recon_inputs=recon_inputs)
+    spec = replace(spec, recon_inputs=recon_inputs)  # refused by QuantSpec without BRECQ, never silently dropped
     if narrow:
         widths = [wa for wa in map(_parse, configs.split(",")) if wa is not None]
         spec = spec.narrowed({w for w, _ in widths}, {a for _, a in widths})

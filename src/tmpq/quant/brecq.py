@@ -381,7 +381,6 @@ def reconstruct_blocks(
         learned: dict[str, torch.Tensor] = {}
         errors: dict[str, dict] = {}
         earlier = [n for blk in done for n in blocks[blk]] if upstream else []
-
         for b in sorted({b for u in weight_units.values() for b in u.w_candidates if u.weight_format(b) == "int"}):
             bar.set_postfix_str(f"{block or 'model'} W{b}", refresh=True)
             units = {n: u for n, u in weight_units.items() if b in u.w_candidates}
