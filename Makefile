@@ -30,8 +30,9 @@ DEMO_ARGS ?= --like W6A6 --budget-steps 10 --steps 10 --generations 3 --populati
 demo: install
 	$(BIN)/tmpq run --model builtin:fashion --run-dir runs/demo $(DEMO_ARGS)
 
+# One pytest worker per core (pytest-xdist); tests/conftest.py gives each worker its share of the torch threads.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -96,7 +96,7 @@ def main(
     reconstruction: Annotated[str, typer.Option(help="none | adaround (per layer) | brecq (per block)")] = "none",
     recon_preset: Annotated[str, typer.Option(help="demo | paper")] = "demo",
     recon_iters: Annotated[int | None, typer.Option(help="override the preset's iterations")] = None,
-    recon_inputs: Annotated[str, typer.Option(help="BRECQ's block inputs: fp | quantized")] = "fp",
+    recon_inputs: Annotated[str, typer.Option(help="BRECQ's block inputs: fp | quantized | mixed")] = "fp",
     format8: Annotated[str, typer.Option(help="8-bit candidates: int8 | fp8_e4m3")] = "int8",
     bias_correction: Annotated[
         bool, typer.Option("--bias-correction/--no-bias-correction", help="bias-corrected rounding (QuantSpec)")

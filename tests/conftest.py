@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -12,6 +14,21 @@ from tmpq.quant import CalibConfig, CalibrationSet, QuantSpec, collect_calibrati
 from tmpq.sampling.schedules import NoiseSchedule
 
 keep_freed_memory()  # as the command line does: the suite samples a lot (tmpq.allocator)
+
+
+def _share_cores_among_workers() -> None:
+    """Under pytest-xdist (`make test` runs `-n auto`), each worker takes its share of the cores, and so do the
+    processes its tests spawn (CLI runs, search workers): two workers at two threads each on two cores run slower
+    than one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_cores_among_workers()
 
 
 def tiny_unet_config() -> dict:

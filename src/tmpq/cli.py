@@ -147,7 +147,8 @@ ReconInputsOpt = Annotated[
     str,
     typer.Option(
         help="what BRECQ blocks learn from: fp (the FP model's block inputs) | quantized (earlier blocks at the width "
-        "being learned, the FP output as target: BRECQ's asymmetric reconstruction)"
+        "being learned, the FP output as target: BRECQ's asymmetric reconstruction) | mixed (each input element from "
+        "either, at even odds: QDrop)"
     ),
 ]
 Format8Opt = Annotated[

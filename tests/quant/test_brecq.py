@@ -243,3 +243,49 @@ def test_recon_inputs_is_validated_and_old_specs_read_as_fp_inputs():
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     old = {k: v for k, v in spec.to_dict().items() if k != "recon_inputs"}  # saved before the field existed
     assert QuantSpec.from_dict(old).recon_inputs == "fp"
+
+
+def test_mixed_inputs_take_each_element_from_either_model_at_even_odds():
+    """QDrop's input mixing: a learning batch draws every element from the quantized or the FP inputs, again for
+    each batch, from the (block, width)'s own generator; the final error reads the quantized inputs alone."""
+    rows = 64
+    fp = brecq._BlockData([torch.ones(rows, 4, 8, 8)], {"temb": torch.ones(rows, 16), "scale": 1.0}, torch.zeros(rows))
+    data = brecq._BlockData([torch.zeros(rows, 4, 8, 8)], {"temb": torch.zeros(rows, 16), "scale": 1.0}, fp.out, fp)
+    idx = torch.arange(0, rows, 2)
+    args, kwargs, out = data.batch(idx, torch.Generator().manual_seed(1))
+    x = args[0]
+    assert set(x.unique().tolist()) == {0.0, 1.0} and abs(float(x.mean()) - brecq.MIX_QUANTIZED_SHARE) < 0.03
+    assert set(kwargs["temb"].unique().tolist()) == {0.0, 1.0} and kwargs["scale"] == 1.0 and out.shape == (32,)
+    again, _, _ = data.batch(idx, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], x)  # deterministic under the generator: resume by block stays exact
+    gen = torch.Generator().manual_seed(1)
+    first, second = data.batch(idx, gen)[0][0], data.batch(idx, gen)[0][0]
+    assert not torch.equal(first, second)  # redrawn each batch
+    assert torch.equal(data.batch(idx)[0][0], torch.zeros(32, 4, 8, 8))  # no generator: the quantized inputs
+
+
+def test_mixed_inputs_learn_between_fp_and_quantized_inputs_and_resume_by_block(
+    pair, upstream, make_denoiser, calib, small_spec, tmp_path, monkeypatch
+):
+    """The first block sees the FP inputs under every choice, so it learns the same codes; later blocks learn
+    codes of their own; a killed mixed-input run resumes to the uninterrupted one bit for bit."""
+    spec = _spec(small_spec, w_bits=(4,), a_bits=(8,), recon_inputs="mixed")
+    mixed = build_supernet(make_denoiser(), calib, spec, progress=False)
+    assert mixed.calibration_info["reconstruction"]["inputs"] == "mixed"
+    _, learned = pair
+    blocks = brecq.reconstruction_blocks(mixed)
+    first, *_ = brecq.execution_order(mixed, calib, list(blocks))
+    for n in blocks[first]:
+        assert torch.equal(mixed.units[n].w4_codes, learned.units[n].w4_codes), n
+    later = blocks["unet.up_blocks.0.resnets.0"]
+    for other in (learned, upstream):
+        assert any(not torch.equal(mixed.units[n].w4_codes, other.units[n].w4_codes) for n in later)
+    real = brecq.learn_block_weights
+    monkeypatch.setattr(brecq, "learn_block_weights", dies_after(real, 5))
+    with pytest.raises(KeyboardInterrupt):
+        build_supernet(make_denoiser(), calib, spec, progress=False, progress_dir=tmp_path)
+    monkeypatch.setattr(brecq, "learn_block_weights", real)
+    resumed = build_supernet(make_denoiser(), calib, spec, progress=False, progress_dir=tmp_path)
+    for n, u in resumed.units.items():
+        for k, v in u.qparams().items():
+            assert torch.equal(v, mixed.units[n].qparams()[k]), (n, k)

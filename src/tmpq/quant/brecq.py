@@ -10,7 +10,9 @@ What a unit's reconstruction assumes of its neighbours (chosen so that a super-n
 - inputs of every block are the FP model's (earlier blocks in full precision), or with `recon_inputs="quantized"`
   the model's with every earlier block (in execution order) at the width being learned — its learned codes, or its
   learned steps — and the target still the FP block output, as BRECQ's and Q-Diffusion's asymmetric reconstruction
-  does, so each block also learns to undo the error that reaches it from upstream;
+  does, so each block also learns to undo the error that reaches it from upstream; or with `recon_inputs="mixed"`
+  each input element from either, at even odds redrawn every batch (QDrop's input mixing, which keeps a block from
+  fitting its rounding to one upstream error: QDrop's remedy for low bit-widths);
 - weights at width b are learned with the block's other weight layers that offer b also at b (jointly), and layers
   that do not offer b in full precision; activations stay unquantized while weights learn;
 - activation steps at width a are learned with every quantizer of the block that offers a at a, and weights in full
@@ -87,19 +89,41 @@ def _seed(block: str, what: str) -> int:
 
 
 class _BlockData:
-    """A block's FP inputs (positional and keyword) and FP output on the reconstruction rows, batch-first."""
+    """A block's inputs (positional and keyword) and FP output on the reconstruction rows, batch-first. With `mix`
+    (the FP inputs, for recon_inputs="mixed"), a learning batch takes each input element from these inputs or from
+    `mix` with even odds, redrawn every batch (QDrop's input mixing); batches drawn without a generator (the final
+    error, which decides learned against nearest) read these inputs alone."""
 
-    def __init__(self, args: list, kwargs: dict, out: torch.Tensor) -> None:
-        self.args, self.kwargs, self.out = args, kwargs, out
+    def __init__(self, args: list, kwargs: dict, out: torch.Tensor, mix: _BlockData | None = None) -> None:
+        self.args, self.kwargs, self.out, self.mix = args, kwargs, out, mix
         self.rows = out.shape[0]
 
-    def batch(self, idx: torch.Tensor) -> tuple[list, dict, torch.Tensor]:
-        def pick(v):
-            if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == self.rows:
-                return v[idx].contiguous()
-            return v
+    def _rows(self, v, idx: torch.Tensor):
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == self.rows:
+            return v[idx].contiguous()
+        return v
 
-        return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}, self.out[idx]
+    def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> tuple[list, dict, torch.Tensor]:
+        args = [self._rows(a, idx) for a in self.args]
+        kwargs = {k: self._rows(v, idx) for k, v in self.kwargs.items()}
+        if self.mix is not None and gen is not None:
+            fp_args, fp_kwargs, _ = self.mix.batch(idx)
+            args = [_mixed(a, f, gen) for a, f in zip(args, fp_args)]
+            kwargs = {k: _mixed(v, fp_kwargs[k], gen) for k, v in kwargs.items()}
+        return args, kwargs, self.out[idx]
+
+
+MIX_QUANTIZED_SHARE = 0.5
+"""With recon_inputs="mixed", the chance that an input element comes from the quantized model (QDrop's 0.5)."""
+
+
+def _mixed(quantized, fp, gen: torch.Generator):
+    """Each element from `quantized` with probability MIX_QUANTIZED_SHARE, else from `fp` (non-float inputs and
+    inputs the two models share are passed through)."""
+    if not (isinstance(quantized, torch.Tensor) and quantized.is_floating_point()) or quantized is fp:
+        return quantized
+    keep = torch.rand(quantized.shape, generator=gen).to(quantized.device) < MIX_QUANTIZED_SHARE
+    return torch.where(keep, quantized, fp)
 
 
 def _capture(sn, block: nn.Module, calib: CalibrationSet, idx: torch.Tensor, batch_size: int) -> _BlockData | None:
@@ -155,9 +179,11 @@ def _detach(v):
     return v.detach().clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) else v
 
 
-def _squared_error(block: nn.Module, data: _BlockData, idx: torch.Tensor) -> torch.Tensor:
-    """(block output − FP output)² on the rows `idx`, elementwise."""
-    args, kwargs, ref = data.batch(idx)
+def _squared_error(
+    block: nn.Module, data: _BlockData, idx: torch.Tensor, gen: torch.Generator | None = None
+) -> torch.Tensor:
+    """(block output − FP output)² on the rows `idx`, elementwise (`gen`: a learning batch's draws, see _BlockData)."""
+    args, kwargs, ref = data.batch(idx, gen)
     return (_output(block(*args, **kwargs)).float() - ref).pow(2)
 
 
@@ -171,8 +197,8 @@ def _block_error(block: nn.Module, data: _BlockData, chunk: int = 64) -> float:
     return total / data.out.numel()
 
 
-def _loss(block: nn.Module, data: _BlockData, idx: torch.Tensor) -> torch.Tensor:
-    return _squared_error(block, data, idx).mean()
+def _loss(block: nn.Module, data: _BlockData, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return _squared_error(block, data, idx, gen).mean()
 
 
 @contextmanager
@@ -199,7 +225,7 @@ def learn_block_weights(
         idx = torch.randint(0, data.rows, (min(batch, data.rows),), generator=gen)
         hs = {n: s.h() for n, s in soft.items()}
         with _weights(units, {n: soft[n].weight(h) for n, h in hs.items()}):
-            loss = _loss(block, data, idx)
+            loss = _loss(block, data, idx, gen)
         reg = regulariser(hs.values(), i, iters)
         if reg is not None:
             # the layer-wise loss sums over output channels; the block loss is a mean: scale the regulariser alike
@@ -251,7 +277,7 @@ def learn_block_act_steps(
     for _ in range(iters):
         idx = torch.randint(0, data.rows, (min(batch, data.rows),), generator=gen)
         with _act_steps(quantizers, bits, logs):
-            loss = _loss(block, data, idx)
+            loss = _loss(block, data, idx, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -326,7 +352,7 @@ def _upstream_inputs(
 ) -> _BlockData:
     """The block's inputs with `units` (the earlier blocks') weights at `w` or activations at `a` where they offer
     it (everything else in full precision), beside its FP output: asymmetric reconstruction's data (`fp` itself
-    when there are no such units)."""
+    when there are no such units); with recon_inputs="mixed", mixed with `fp`'s inputs batch by batch."""
     if not units:
         return fp
     for n in units:
@@ -339,7 +365,7 @@ def _upstream_inputs(
         sn.set_fp()
     if data is None or data.rows != fp.rows:
         raise TmpqError("a reconstruction block was called differently with quantized inputs; use recon_inputs='fp'")
-    return _BlockData(data.args, data.kwargs, fp.out)
+    return _BlockData(data.args, data.kwargs, fp.out, mix=fp if sn.spec.recon_inputs == "mixed" else None)
 
 
 def reconstruct_blocks(
@@ -350,7 +376,7 @@ def reconstruct_blocks(
     `progress_dir` instead of being learned again."""
     spec = sn.spec
     blocks = reconstruction_blocks(sn)
-    upstream = spec.recon_inputs == "quantized"
+    upstream = spec.recon_inputs != "fp"
     if upstream:
         blocks = {b: blocks[b] for b in execution_order(sn, calib, list(blocks))}
     modules = dict(sn.model.named_modules())

@@ -26,7 +26,7 @@ def _bits_tuple(values: Iterable[int], what: str) -> tuple[int, ...]:
 
 
 RECONSTRUCTIONS = (None, "adaround", "brecq")
-RECON_INPUTS = ("fp", "quantized")
+RECON_INPUTS = ("fp", "quantized", "mixed")
 RECON_PRESETS = {
     "demo": {"recon_iters": 200, "recon_batch": 16, "recon_rows": 256},
     "paper": {"recon_iters": 20_000, "recon_batch": 32, "recon_rows": 1024},
@@ -62,7 +62,8 @@ class QuantSpec(DictConfig):
     recon_rows: int = 256  # calibration inputs reconstructed on, spread evenly over the set (all timesteps)
     # what a BRECQ block learns from: "fp", the FP model's block inputs, or "quantized", the inputs the model gives
     # with every earlier block already at the width being learned (BRECQ's and Q-Diffusion's asymmetric
-    # reconstruction: quantized input, FP output, so a block also corrects the error that reaches it)
+    # reconstruction: quantized input, FP output, so a block also corrects the error that reaches it), or "mixed",
+    # each input element from either at even odds, redrawn every batch (QDrop's input mixing)
     recon_inputs: str = "fp"
     # what every 8-bit candidate (weights and activations, pins included) is: "int8" affine codes, or "fp8_e4m3"
     # (per-channel weight / per-tensor activation scales, no rounding to learn: reconstruction skips it)
