@@ -13,7 +13,8 @@ still ships the same sampler (a newer tmpq may add rows to the run's final table
     OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --flags "--staged" --execution "--workers 2"
     .venv/bin/python bench/run_flags.py --table                                         # the Markdown table
     .venv/bin/python bench/run_flags.py --final                        # each run's final table, a column per run
-    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --model runs/heldout_pipeline --out runs/run_flags_heldout
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run_flags.py --model bench/assets/heldout_pipeline \
+        --out runs/run_flags_heldout --num-samples 2000
 
 One OUT per model: its rows share OUT/shared.
 """

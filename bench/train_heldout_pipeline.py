@@ -5,7 +5,8 @@ v-prediction and the cosine noise schedule (squaredcos_cap_v2), a UNet2DModel un
 Diffusers does the model and the noising (`DDPMScheduler.add_noise`, `get_velocity`); this script only loops. It
 checkpoints every --checkpoint-every steps and resumes exactly (same draws) when run again with the same options;
 --max-minutes stops it cleanly at a checkpoint. At the end it writes the EMA weights as a pipeline folder, which
-`tmpq run --model DIR` loads.
+`tmpq run --model DIR` loads. Its result is shipped as bench/assets/heldout_pipeline (with a card), so it need not
+be trained again.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/train_heldout_pipeline.py --run-dir runs/heldout_train \
         --out runs/heldout_pipeline --steps 4000
