@@ -189,12 +189,18 @@ def test_quantized_inputs_change_only_what_has_quantized_blocks_upstream(pair, u
     """The first block the model runs sees the same FP input either way, so it learns the same codes; a block that
     runs after quantized ones learns others."""
     _, learned = pair
-    blocks = brecq.reconstruction_blocks(upstream)
-    first, *_ = brecq.execution_order(upstream, calib, list(blocks))
+    _assert_first_block_alike_later_one_not(upstream, learned, calib)
+
+
+def _assert_first_block_alike_later_one_not(sn: SuperNet, other: SuperNet, calib) -> None:
+    """`sn` and `other` learned the same W4 codes for the first block the model runs (which sees the FP inputs
+    under every choice of inputs) and other codes somewhere in a block that runs after quantized ones."""
+    blocks = brecq.reconstruction_blocks(sn)
+    first, *_ = brecq.execution_order(sn, calib, list(blocks))
     for n in blocks[first]:
-        assert torch.equal(upstream.units[n].w4_codes, learned.units[n].w4_codes), n
+        assert torch.equal(sn.units[n].w4_codes, other.units[n].w4_codes), n
     later = blocks["unet.up_blocks.0.resnets.0"]
-    assert any(not torch.equal(upstream.units[n].w4_codes, learned.units[n].w4_codes) for n in later)
+    assert any(not torch.equal(sn.units[n].w4_codes, other.units[n].w4_codes) for n in later)
 
 
 def test_quantized_inputs_lower_the_whole_models_error_at_uniform_widths(pair, upstream, calib):
@@ -273,13 +279,8 @@ def test_mixed_inputs_learn_between_fp_and_quantized_inputs_and_resume_by_block(
     mixed = build_supernet(make_denoiser(), calib, spec, progress=False)
     assert mixed.calibration_info["reconstruction"]["inputs"] == "mixed"
     _, learned = pair
-    blocks = brecq.reconstruction_blocks(mixed)
-    first, *_ = brecq.execution_order(mixed, calib, list(blocks))
-    for n in blocks[first]:
-        assert torch.equal(mixed.units[n].w4_codes, learned.units[n].w4_codes), n
-    later = blocks["unet.up_blocks.0.resnets.0"]
     for other in (learned, upstream):
-        assert any(not torch.equal(mixed.units[n].w4_codes, other.units[n].w4_codes) for n in later)
+        _assert_first_block_alike_later_one_not(mixed, other, calib)
     real = brecq.learn_block_weights
     monkeypatch.setattr(brecq, "learn_block_weights", dies_after(real, 5))
     with pytest.raises(KeyboardInterrupt):
