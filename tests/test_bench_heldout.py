@@ -3,12 +3,11 @@ its training script builds, and loads through tmpq as a v-prediction model on th
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
+from bench_scripts import load_bench_script
 
 from tmpq.models.loading import load_model
 
@@ -16,17 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "bench" / "assets" / "heldout_pipeline"
 
 
-def _training_script():
-    spec = importlib.util.spec_from_file_location("bench_train_heldout", ROOT / "bench" / "train_heldout_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_heldout"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_shipped_pipeline_is_what_the_training_script_builds_and_records_its_recipe():
     shipped = json.loads((ASSET / "unet" / "config.json").read_text())
-    built = _training_script().build_unet().config
+    built = load_bench_script("train_heldout_pipeline").build_unet().config
     for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "sample_size"):
         assert json.loads(json.dumps(built[key])) == shipped[key], key  # tuples as the saved config lists them
     training = json.loads((ASSET / "training.json").read_text())

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
 from tmpq.evaluate import EvalConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("peers")
 
 
 def test_single_lever_rows_differ_from_joint_only_in_the_lever(peers) -> None:

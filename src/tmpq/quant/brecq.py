@@ -118,9 +118,9 @@ MIX_QUANTIZED_SHARE = 0.5
 
 
 def _mixed(quantized, fp, gen: torch.Generator):
-    """Each element from `quantized` with probability MIX_QUANTIZED_SHARE, else from `fp` (non-float inputs and
-    inputs the two models share are passed through)."""
-    if not (isinstance(quantized, torch.Tensor) and quantized.is_floating_point()) or quantized is fp:
+    """Each element from `quantized` with probability MIX_QUANTIZED_SHARE, else from `fp` (non-float inputs are
+    passed through)."""
+    if not (isinstance(quantized, torch.Tensor) and quantized.is_floating_point()):
         return quantized
     keep = torch.rand(quantized.shape, generator=gen).to(quantized.device) < MIX_QUANTIZED_SHARE
     return torch.where(keep, quantized, fp)
