@@ -9,7 +9,9 @@ from tiny_search import tiny_loaded, tiny_search_config
 
 from tmpq.errors import TmpqError
 from tmpq.quant import CalibConfig
+from tmpq.sampling.schedules import NoiseSchedule
 from tmpq.search import Budget, FitnessConfig, run_search
+from tmpq.search.profile import change_profile
 from tmpq.search.run import share_prepared
 from tmpq.search.space import GROUPINGS, SearchSpace, group_starts
 from tmpq.search.summary import RunSummary
@@ -222,11 +224,15 @@ def test_grouping_auto_picks_the_best_starting_schedule_and_searches_it(make_tin
 def test_final_table_shows_fp_on_every_rule_schedule_and_ptq_where_fp_scored_best(make_tiny_unet, tmp_path):
     """Beside the search's own grouping, FP on the other rule schedules; when FP scored best on one of them, uniform
     PTQ on that schedule too, so the strongest obvious alternative is measured (and shipped if it wins)."""
-    run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=1), tmp_path, progress=False)
+    sn = run_search(_loaded(make_tiny_unet), _cfg(final_samples=4, final_top=1), tmp_path, progress=False).supernet
     rows = {r["label"]: r for r in json.loads((tmp_path / "search.json").read_text())["final"]["rows"]}
     assert "FP, 4 steps (quad)" in rows and "FP, 4 steps (uniform)" in rows
     # every grouping's default schedule has its FP row, the measured 'change' one too, whatever the search's grouping
     prof = json.loads((tmp_path / "change_profile.json").read_text())["value"]
+    # measured on the FP model, though the search (done before the table is built) left its last candidate on
+    sn.set_fp()
+    fp_prof = change_profile(sn, NoiseSchedule(), (1, 32, 32))
+    assert tuple(prof) == fp_prof
     expected = {tuple(reversed(group_starts(g, 4, len(prof), prof))) for g in GROUPINGS}
     assert {tuple(r["timesteps"]) for r in rows.values() if r["kind"] == "fp" and len(r["timesteps"]) == 4} == expected
     best_fp = min((r for r in rows.values() if r["kind"] == "fp" and len(r["timesteps"]) == 4), key=lambda r: r["fid"])

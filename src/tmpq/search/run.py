@@ -125,11 +125,12 @@ def _build_space(ctx: SearchContext) -> tuple[SearchSpace, int]:
         key = {"fingerprint": sn.fingerprint, "what": "change_profile", "samples": 32, "steps": 100}
         cond = loaded.conditioning(32)
         key |= {"conditioning": cond.digest()} if cond is not None else {}
-        prof, fresh = _cached_json(
-            run_dir / "change_profile.json",
-            key,
-            lambda: change_profile(sn, loaded.schedule, loaded.sample_shape, cond=cond),
-        )
+
+        def measure() -> tuple[float, ...]:
+            with sn.full_precision():  # a final table builds this after the search, with a candidate switched on
+                return change_profile(sn, loaded.schedule, loaded.sample_shape, cond=cond)
+
+        prof, fresh = _cached_json(run_dir / "change_profile.json", key, measure)
         change = tuple(prof)
         forwards = 32 * 100 if fresh else 0
     kw = dict(
