@@ -59,24 +59,6 @@ def test_full_precision_mode_matches_original(supernet, fp_model, probe):
     torch.testing.assert_close(_out(supernet, probe), _out(fp_model, probe), atol=1e-5, rtol=1e-5)
 
 
-def test_full_precision_block_measures_fp_then_restores_the_active_config(supernet, probe):
-    supernet.set_fp()
-    fp = _out(supernet, probe)
-    c = _random_config(supernet, 5)
-    supernet.set_config(c)
-    quantized = _out(supernet, probe)
-    with supernet.full_precision():
-        assert supernet.config is None and torch.equal(_out(supernet, probe), fp)
-    assert supernet.config == c and torch.equal(_out(supernet, probe), quantized)
-    with pytest.raises(RuntimeError), supernet.full_precision():  # restored on an error too
-        raise RuntimeError
-    assert supernet.config == c
-    supernet.set_fp()
-    with supernet.full_precision():
-        pass
-    assert supernet.config is None
-
-
 def test_w8a8_close_to_fp_and_error_falls_with_bits(supernet, fp_model, probe):
     ref = _out(fp_model, probe)
     sq = {}

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -229,19 +227,6 @@ class SuperNet(nn.Module):
         for u in self.units.values():
             u.set_bits(None, None)
         self._config = None
-
-    @contextmanager
-    def full_precision(self) -> Iterator[SuperNet]:
-        """The FP model for the block's duration, then the configuration that was active: for measurements of the
-        FP model (a change profile, an FP reference) made between a search's evaluations, which leave the last
-        candidate's widths switched on."""
-        before = self._config
-        self.set_fp()
-        try:
-            yield self
-        finally:
-            if before is not None:
-                self.set_config(before)
 
     @property
     def config(self) -> QuantConfig | None:

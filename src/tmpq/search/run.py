@@ -127,8 +127,8 @@ def _build_space(ctx: SearchContext) -> tuple[SearchSpace, int]:
         key |= {"conditioning": cond.digest()} if cond is not None else {}
 
         def measure() -> tuple[float, ...]:
-            with sn.full_precision():  # a final table builds this after the search, with a candidate switched on
-                return change_profile(sn, loaded.schedule, loaded.sample_shape, cond=cond)
+            sn.set_fp()  # a final table builds this after the search, which leaves its last candidate switched on
+            return change_profile(sn, loaded.schedule, loaded.sample_shape, cond=cond)
 
         prof, fresh = _cached_json(run_dir / "change_profile.json", key, measure)
         change = tuple(prof)
