@@ -214,6 +214,10 @@ def _model_options(
 def train(
     run_dir: Annotated[Path, typer.Option(help="checkpoints and logs; re-run to resume")] = Path("runs/train"),
     out: Annotated[Path | None, typer.Option(help="also copy the EMA weights here (+ a model card)")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(help=f"unet | dit (class-conditional DiTTransformer2DModel) [{TrainConfig.architecture}]"),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help=f"optimizer steps [{TrainConfig.steps}]")] = None,
     batch_size: Annotated[int | None, typer.Option(help=f"[{TrainConfig.batch_size}]")] = None,
     lr: Annotated[float | None, typer.Option(help=f"AdamW peak learning rate, cosine decay [{TrainConfig.lr}]")] = None,
@@ -224,6 +228,18 @@ def train(
     ] = None,
     layers_per_block: Annotated[
         int | None, typer.Option(help=f"ResNet layers per UNet block [{TrainConfig.layers_per_block}]")
+    ] = None,
+    patch_size: Annotated[int | None, typer.Option(help=f"DiT patch side [{TrainConfig.patch_size}]")] = None,
+    transformer_layers: Annotated[
+        int | None, typer.Option(help=f"DiT transformer blocks [{TrainConfig.transformer_layers}]")
+    ] = None,
+    attention_heads: Annotated[int | None, typer.Option(help=f"DiT heads [{TrainConfig.attention_heads}]")] = None,
+    head_dim: Annotated[int | None, typer.Option(help=f"DiT head width [{TrainConfig.head_dim}]")] = None,
+    class_dropout: Annotated[
+        float | None,
+        typer.Option(
+            help=f"DiT: share of labels trained as the null class, for guidance [{TrainConfig.class_dropout}]"
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help=f"[{TrainConfig.seed}]")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help=f"[{TrainConfig.checkpoint_every}]")] = None,
@@ -238,8 +254,8 @@ def train(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (faster on GPUs)")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Train the built-in Fashion-MNIST DDPM (EMA, checkpoints, exact resume). Unset options take TrainConfig's
-    defaults (in brackets)."""
+    """Train a Fashion-MNIST DDPM like the built-in ones, a UNet or (--arch dit) a class-conditional DiT (EMA,
+    checkpoints, exact resume). Unset options take TrainConfig's defaults (in brackets)."""
     _threads(threads)
     from tmpq.data import load_fashion_mnist
     from tmpq.models.train import check_weights_target, train_ddpm, write_model_card
@@ -248,6 +264,7 @@ def train(
         check_weights_target(out)  # before hours of training, not after
 
     given = {
+        "architecture": arch,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -255,14 +272,19 @@ def train(
         "ema_decay": ema_decay,
         "block_out_channels": None if channels is None else parse_ints(channels, "--channels", distinct=False),
         "layers_per_block": layers_per_block,
+        "patch_size": patch_size,
+        "transformer_layers": transformer_layers,
+        "attention_heads": attention_heads,
+        "head_dim": head_dim,
+        "class_dropout": class_dropout,
         "seed": seed,
         "checkpoint_every": checkpoint_every,
         "log_every": log_every,
         "autocast": autocast,
     }
     cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
-    images, _ = load_fashion_mnist("train")
-    path = train_ddpm(images, run_dir, cfg, max_minutes=max_minutes, device=device, compile=compile)
+    images, labels = load_fashion_mnist("train")
+    path = train_ddpm(images, run_dir, cfg, max_minutes=max_minutes, device=device, compile=compile, labels=labels)
     typer.echo(f"EMA weights: {path}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

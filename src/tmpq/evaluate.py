@@ -215,9 +215,10 @@ def evaluate(
         inputs = {"model": loaded.weights_path} if loaded.weights_path else {}
         kind = loaded.kind
 
-        def sample(start: int, count: int) -> torch.Tensor:
-            den, shape = loaded.denoiser, loaded.sample_shape
-            return generate(den, sampler, count, shape, cfg.seed + start, cfg.batch_size, progress=False)
+        def sample(start: int, count: int) -> torch.Tensor:  # conditional models: one call from sample 0 (below)
+            den, shape, cond = loaded.denoiser, loaded.sample_shape, loaded.conditioning(count)
+            out = generate(den, sampler, count, shape, cfg.seed + start, cfg.batch_size, progress=False, cond=cond)
+            return loaded.decode(out)
 
     out = None if out_dir is None else Path(out_dir)
     hashes = {k: file_sha256(v) for k, v in inputs.items() if Path(v).is_file()}  # once: batch stamp and provenance

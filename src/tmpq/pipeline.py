@@ -55,6 +55,11 @@ def to_diffusers(sampler: CompressedSampler):
     from tmpq.sampling.scheduler import SearchedDDIMScheduler, SearchedFlowMatchScheduler  # imports diffusers
 
     parts = sampler.parts
+    if parts.kind == "class2image" and parts.decoder is None:
+        raise TmpqError(
+            "a pixel-space class-conditional DiT (such as builtin:fashion-dit) has no diffusers pipeline: DiTPipeline "
+            "decodes latents with a VAE; sample with tmpq instead (`sampler.sample(n, classes=[...])`, `tmpq sample`)"
+        )
     name = parts.pipeline_class or DEFAULT_PIPELINES[parts.kind]
     cls = getattr(diffusers, name, None)
     if cls is None:

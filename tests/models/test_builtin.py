@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tmpq.errors import TmpqError
-from tmpq.models.builtin import BUILTIN_UNET, builtin_unet_config, load_unet_safetensors
+from tmpq.models.builtin import BUILTIN_UNET, builtin_unet_config, load_trained
 from tmpq.models.loading import load_model
 
 
@@ -33,7 +33,7 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(BUILTIN_UNET.read_bytes()[:1000])
     with pytest.raises(TmpqError, match="not a readable safetensors"):
-        load_unet_safetensors(bad)
+        load_trained(bad)
     other = tmp_path / "model.ckpt"
     other.write_bytes(b"x")
     with pytest.raises(TmpqError, match="not a supported model"):

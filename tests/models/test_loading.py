@@ -277,7 +277,7 @@ def _tmpq_train_file(path, config: dict, state_config: dict | None = None, **met
 def test_damaged_tmpq_train_files_are_one_clear_error(tmp_path):
     small, large = builtin_unet_config((8, 16)), builtin_unet_config((16, 32))
     assert load_model(_tmpq_train_file(tmp_path / "ok.safetensors", small)).sample_shape == (1, 32, 32)
-    with pytest.raises(TmpqError, match="weights do not fit its UNet config .*size mismatch") as e:
+    with pytest.raises(TmpqError, match="weights do not fit its unet_config .*size mismatch") as e:
         load_model(_tmpq_train_file(tmp_path / "shapes.safetensors", small, state_config=large))
     assert "tmpq train" in str(e.value)
     bad = tmp_path / "json.safetensors"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tmpq.errors import TmpqError
-from tmpq.models.builtin import load_unet_safetensors
+from tmpq.models.builtin import load_trained
 from tmpq.models.train import TrainConfig, train_ddpm, write_model_card
 
 
@@ -36,7 +36,7 @@ def test_killed_training_resumes_exactly(tmp_path):
 
 def test_trained_weights_load_and_carry_a_card(tmp_path):
     path = train_ddpm(_images(), tmp_path / "run", _cfg(2), progress=False)
-    unet = load_unet_safetensors(path)
+    unet = load_trained(path)
     assert list(unet.config.block_out_channels) == [8, 16]
     card = write_model_card(path, "tmpq train --steps 2").read_text()
     assert "tmpq train --steps 2" in card and "2 steps of 2 planned" in card
@@ -66,7 +66,7 @@ def test_loss_readout_interval_does_not_change_the_weights(tmp_path):
 def test_deeper_blocks_train_and_record_speed(tmp_path):
     cfg = replace(_cfg(2), layers_per_block=2)
     path = train_ddpm(_images(), tmp_path / "run", cfg, progress=False)
-    assert load_unet_safetensors(path).config.layers_per_block == 2
+    assert load_trained(path).config.layers_per_block == 2
     card = write_model_card(path, "tmpq train").read_text()
     assert "it/s" in card and "torch threads" in card  # the machine and the speed are named
     # re-running the finished command trains nothing: the card keeps the speed of the session that trained
@@ -105,3 +105,70 @@ def test_snapshot_of_a_run_equals_its_exported_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(TmpqError, match="no training checkpoint"):
         snapshot_ema(tmp_path / "nothing", tmp_path / "x.safetensors")
+
+
+def _dit_cfg(steps: int) -> TrainConfig:
+    return TrainConfig(
+        architecture="dit",
+        steps=steps,
+        batch_size=8,
+        patch_size=8,
+        transformer_layers=1,
+        attention_heads=2,
+        head_dim=8,
+        checkpoint_every=2,
+        warmup_steps=1,
+        autocast="off",
+        class_dropout=0.5,
+    )
+
+
+def _labels(n: int = 32) -> torch.Tensor:
+    return torch.arange(n) % 10
+
+
+def test_killed_dit_training_resumes_exactly_and_loads_as_a_dit(tmp_path):
+    straight = train_ddpm(_images(), tmp_path / "a", _dit_cfg(6), progress=False, labels=_labels())
+    train_ddpm(_images(), tmp_path / "b", _dit_cfg(6), max_minutes=0, progress=False, labels=_labels())
+    resumed = train_ddpm(_images(), tmp_path / "b", _dit_cfg(6), progress=False, labels=_labels())
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and straight.name == "dit_ema.safetensors"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    dit = load_trained(straight)
+    assert type(dit).__name__ == "DiTTransformer2DModel" and dit.config.num_embeds_ada_norm == 10
+    assert dit.config.patch_size == 8 and dit.config.out_channels == 1
+    card = write_model_card(straight, "tmpq train --arch dit").read_text()
+    assert "`DiTTransformer2DModel`" in card and "class-conditional, 50% of labels dropped" in card
+
+
+def test_dit_training_learns_from_the_labels_and_needs_them(tmp_path):
+    """The labels reach the model (other labels, other weights), and a DiT without labels is refused."""
+    ones = train_ddpm(_images(), tmp_path / "a", _dit_cfg(2), progress=False, labels=_labels())
+    other = train_ddpm(_images(), tmp_path / "b", _dit_cfg(2), progress=False, labels=(_labels() + 1) % 10)
+    a, b = load_file(str(ones)), load_file(str(other))
+    assert any(not torch.equal(a[k], b[k]) for k in a if "class_embedder" in k)
+    with pytest.raises(TmpqError, match="one class label per training image"):
+        train_ddpm(_images(), tmp_path / "c", _dit_cfg(2), progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_label_dropout_is_seeded_per_step_and_shared_by_every_block():
+    from tmpq.models.train import _BatchDraws
+
+    cfg = replace(_dit_cfg(2), class_dropout=0.25)
+    draws = _BatchDraws(4096, cfg, 1000, torch.device("cpu"))
+    labels = torch.arange(4096) % 10
+    first = draws.labels(3, labels)
+    assert torch.equal(first, draws.labels(3, labels)) and not torch.equal(first, draws.labels(4, labels))
+    dropped = first == 10
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(first[~dropped], labels[~dropped])
+
+
+@pytest.mark.parametrize(
+    "bad", [{"architecture": "vit"}, {"patch_size": 3}, {"class_dropout": 1.0}, {"transformer_layers": 0}]
+)
+def test_bad_dit_options_are_refused(bad):
+    with pytest.raises(TmpqError):
+        replace(_dit_cfg(2), **bad)

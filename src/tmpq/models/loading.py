@@ -1,6 +1,7 @@
 """Turn a model spec string into (denoiser, noise schedule, sample shape).
 
-Specs: `builtin:fashion`; a `.safetensors` UNet from `tmpq train`; a diffusers pipeline or model, as a local
+Specs: `builtin:fashion` (a UNet), `builtin:fashion-dit` (a class-conditional DiT); a `.safetensors` UNet or DiT from
+`tmpq train`; a diffusers pipeline or model, as a local
 directory or a hub id (components through their own library's `from_pretrained`); or `package.module:factory`, a
 function returning a `LoadedModel` or `(denoiser, NoiseSchedule, sample_shape)`.
 
@@ -30,17 +31,27 @@ from torch import nn
 
 from tmpq.device import module_device
 from tmpq.errors import TmpqError
-from tmpq.models.builtin import BUILTIN_SCHEDULE, BUILTIN_UNET, load_builtin_unet, load_unet_safetensors
-from tmpq.models.denoiser import GuidedDenoiser, UNetDenoiser
+from tmpq.models.builtin import (
+    BUILTIN_DIT,
+    BUILTIN_DIT_GUIDANCE,
+    BUILTIN_SCHEDULE,
+    BUILTIN_UNET,
+    load_builtin,
+    load_trained,
+)
+from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, UNetDenoiser
 from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder, quiet_load_kwargs, read_prompts
 from tmpq.sampling.conditioning import Conditioning, call_denoiser
 from tmpq.sampling.schedules import FlowSchedule, NoiseSchedule, is_flow_config
 
 BUILTIN_SPEC = "builtin:fashion"
+BUILTIN_DIT_SPEC = "builtin:fashion-dit"
+BUILTINS = {BUILTIN_SPEC: BUILTIN_UNET, BUILTIN_DIT_SPEC: BUILTIN_DIT}
 SUPPORTED = (
-    f"{BUILTIN_SPEC!r}, a .safetensors UNet from `tmpq train`, a diffusers pipeline (directory or hub id) whose "
-    "denoiser is a UNet2DModel (pixel space, or latent with a vae/vqvae) or a text-conditioned UNet2DConditionModel "
-    "(with vae, tokenizer and text_encoder, Stable Diffusion 1.x/2.x style), a class-conditional DiTPipeline "
+    f"{BUILTIN_SPEC!r}, {BUILTIN_DIT_SPEC!r}, a .safetensors UNet or DiT from `tmpq train`, a diffusers pipeline "
+    "(directory or hub id) whose denoiser is a UNet2DModel (pixel space, or latent with a vae/vqvae) or a "
+    "text-conditioned UNet2DConditionModel (with vae, tokenizer and text_encoder, Stable Diffusion 1.x/2.x style), a "
+    "class-conditional DiTPipeline "
     "(DiTTransformer2DModel with a vae), a PixArt-α/Σ pipeline (PixArtTransformer2DModel with a vae, T5 tokenizer and "
     "text_encoder), a Stable Diffusion 3 pipeline (SD3Transformer2DModel, two CLIP encoders with projection and "
     "optionally T5, flow matching), a FLUX.1 pipeline (FluxTransformer2DModel, CLIP and T5, flow matching), a bare "
@@ -179,29 +190,52 @@ def load_model(
     is_factory = _FACTORY.fullmatch(spec) is not None and not Path(spec).exists()
     if not (spec.startswith("builtin:") or is_factory or spec.endswith(".safetensors") or Path(spec).is_file()):
         return _from_diffusers(spec, prompts, guidance_scale, classes, image_size, true_cfg_scale)
-    given = (prompts, guidance_scale, classes, image_size, true_cfg_scale)
-    if any(v is not None for v in given):
+    if any(v is not None for v in (prompts, image_size, true_cfg_scale)):
         raise TmpqError(
-            f"prompts, classes, guidance scales and an image size apply to conditional pipelines only, not to {spec!r}"
+            f"prompts, a true CFG scale and an image size apply to conditional pipelines only, not to {spec!r}"
         )
-    if spec == BUILTIN_SPEC:
-        unet, path, schedule = load_builtin_unet(), BUILTIN_UNET, BUILTIN_SCHEDULE
+    if spec in BUILTINS:
+        path, schedule = BUILTINS[spec], BUILTIN_SCHEDULE
+        network = load_builtin(path)
     elif spec.startswith("builtin:"):
-        raise TmpqError(f"unknown built-in model {spec!r}; the built-in model is {BUILTIN_SPEC!r}")
+        raise TmpqError(f"unknown built-in model {spec!r}; the built-in models are {', '.join(map(repr, BUILTINS))}")
     elif is_factory:
+        if classes is not None or guidance_scale is not None:
+            raise TmpqError(f"classes and a guidance scale apply to class-conditional models only, not to {spec!r}")
         return _from_factory(spec)
     elif spec.endswith(".safetensors"):
         path = Path(spec)
         if not path.is_file():
             raise TmpqError(f"model {spec!r} not found; pass {SUPPORTED}")
-        unet = load_unet_safetensors(path)
+        network = load_trained(path)
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         schedule = _metadata_schedule(path, meta["noise_schedule"]) if "noise_schedule" in meta else BUILTIN_SCHEDULE
     else:
         raise TmpqError(f"{spec!r} is not a supported model file; pass {SUPPORTED}")
-    den = UNetDenoiser(unet, schedule).eval()
+    if type(network).__name__ == "DiTTransformer2DModel":
+        g = BUILTIN_DIT_GUIDANCE if guidance_scale is None else float(guidance_scale)
+        den = ClassDenoiser(network, schedule, g).eval()
+        labels = _class_labels(spec, den, classes)
+        options = {"guidance_scale": g, **({"classes": list(labels)} if classes is not None else {})}
+        return LoadedModel(
+            den, schedule, den.sample_shape, spec, path, kind="class2image", options=options, class_labels=labels
+        )
+    if classes is not None or guidance_scale is not None:
+        raise TmpqError(f"classes and a guidance scale apply to class-conditional models only, not to {spec!r}")
+    den = UNetDenoiser(network, schedule).eval()
     return LoadedModel(den, schedule, den.sample_shape, spec, path)
+
+
+def _class_labels(spec: str, den: ClassDenoiser, classes: Sequence[int] | None) -> tuple[int, ...]:
+    """The label ids a class-conditional model's calibration and fitness samples cycle over (default: every class)."""
+    labels = tuple(range(den.num_classes)) if classes is None else tuple(classes)
+    bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < den.num_classes]
+    if not labels or bad:
+        raise TmpqError(
+            f"classes for {spec!r} must be label ids in [0, {den.num_classes}); got {list(labels)[:8] or 'none'}"
+        )
+    return labels
 
 
 def _metadata_schedule(path: Path, text: str) -> NoiseSchedule:
@@ -513,20 +547,13 @@ def _from_dit_pipeline(
 ) -> LoadedModel:
     """A class-conditional DiTPipeline: the transformer is the denoiser (with DiTPipeline's guidance), the VAE stays
     at full precision; calibration and fitness cycle over `classes` (default: every class the model knows)."""
-    from tmpq.models.denoiser import ClassDenoiser
-
     if prompts is not None:
         raise TmpqError(f"{spec!r} is class-conditional (a DiTPipeline): give classes (label ids), not prompts")
     layout = {"transformer": "DiTTransformer2DModel", "vae": None, "scheduler": None}
     _, schedule, notes, transformer, vae = _transformer_pipeline(spec, index, layout, cache_only)
     g = DEFAULT_CLASS_GUIDANCE if guidance_scale is None else float(guidance_scale)
     den = ClassDenoiser(transformer, schedule, g).eval()
-    labels = tuple(range(den.num_classes)) if classes is None else tuple(classes)
-    bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < den.num_classes]
-    if not labels or bad:
-        raise TmpqError(
-            f"classes for {spec!r} must be label ids in [0, {den.num_classes}); got {list(labels)[:8] or 'none'}"
-        )
+    labels = _class_labels(spec, den, classes)
     options = {"guidance_scale": g, **({"classes": list(labels)} if classes is not None else {})}
     return LoadedModel(
         den,

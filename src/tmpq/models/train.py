@@ -1,4 +1,5 @@
-"""Train the built-in DDPM (epsilon prediction) with EMA, checkpoints and exact resume.
+"""Train the built-in DDPMs (epsilon prediction: a UNet, or a class-conditional DiT) with EMA, checkpoints and exact
+resume.
 
 A run directory holds `checkpoint.pt` (model, EMA, optimizer, scheduler, step; loaded with
 weights_only=True) and `train_config.json`. Killing and re-running the same command continues
@@ -22,7 +23,14 @@ from tqdm.auto import tqdm
 
 from tmpq.device import bf16_autocast_helps, device_name
 from tmpq.errors import TmpqError
-from tmpq.models.builtin import BUILTIN_SCHEDULE, build_unet, builtin_unet_config
+from tmpq.models.builtin import (
+    BUILTIN_SCHEDULE,
+    FASHION_NUM_CLASSES,
+    NETWORKS,
+    build_network,
+    builtin_dit_config,
+    builtin_unet_config,
+)
 from tmpq.models.train_config import TrainConfig
 from tmpq.sampling.schedules import NoiseSchedule
 
@@ -30,6 +38,15 @@ from tmpq.sampling.schedules import NoiseSchedule
 def _autocast_ctx(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     use = cfg.autocast == "bf16" or (cfg.autocast == "auto" and bf16_autocast_helps(device))
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def network_config(cfg: TrainConfig) -> tuple[str, dict]:
+    """The metadata key and diffusers config of the network `cfg` trains (see `builtin.NETWORKS`)."""
+    if cfg.architecture == "dit":
+        return "dit_config", builtin_dit_config(
+            cfg.patch_size, cfg.transformer_layers, cfg.attention_heads, cfg.head_dim
+        )
+    return "unet_config", builtin_unet_config(cfg.block_out_channels, cfg.layers_per_block)
 
 
 class _BatchDraws:
@@ -59,6 +76,13 @@ class _BatchDraws:
         t = torch.randint(0, self.T, (shape[0],), generator=self.gen, device=self.device)
         return noise, t
 
+    def labels(self, step: int, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's class labels, each replaced by the null class (id = number of classes) with probability
+        `class_dropout`: the unconditional model classifier-free guidance needs, drawn once for all blocks."""
+        self.gen.manual_seed(self.cfg.seed * 7_000_003 + step)
+        drop = torch.rand(labels.shape, generator=self.gen, device=self.device) < self.cfg.class_dropout
+        return torch.where(drop, torch.full_like(labels, FASHION_NUM_CLASSES), labels)
+
 
 def train_ddpm(
     images: torch.Tensor,
@@ -69,8 +93,10 @@ def train_ddpm(
     device: str = "cpu",
     progress: bool = True,
     compile: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> Path:
-    """Train (or resume) a DDPM on `images` in [-1, 1]; returns the path of the EMA safetensors.
+    """Train (or resume) a DDPM on `images` in [-1, 1]; returns the path of the EMA safetensors. A DiT
+    (`cfg.architecture == "dit"`) is class-conditional and needs `labels` (int64 ids, one per image).
 
     The data set, the draws and the loss all stay on `device`; the host waits for it only every
     `cfg.log_every` steps (loss readout and NaN check) and at checkpoints.
@@ -90,9 +116,15 @@ def train_ddpm(
             )
     if images.shape[0] < cfg.batch_size:
         raise TmpqError(f"only {images.shape[0]} images for batch size {cfg.batch_size}; lower --batch-size")
+    dit = cfg.architecture == "dit"
+    if dit and (labels is None or labels.shape != images.shape[:1]):
+        raise TmpqError("a class-conditional DiT needs one class label per training image")
     torch.manual_seed(cfg.seed)
-    unet_config = builtin_unet_config(cfg.block_out_channels, cfg.layers_per_block)
-    model = build_unet(unet_config).to(dev).train()  # a bad architecture fails before the run directory is made
+    key, net_config = network_config(cfg)
+    model = build_network(key, net_config).to(dev)  # a bad architecture fails before the run directory is made
+    # A DiT trains in eval mode: its only train-mode behaviour is diffusers' label dropout, drawn from the global RNG
+    # by every block on its own; the trainer drops labels itself, seeded per step and the same for all blocks.
+    model.train(not dit)
     if not cfg_path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -129,6 +161,7 @@ def train_ddpm(
         tmp.replace(ckpt_path)  # atomic: a kill mid-save never leaves a broken checkpoint
 
     images = images.to(dev)
+    labels = labels.to(dev) if dit else None
     draws = _BatchDraws(images.shape[0], cfg, schedule.num_train_timesteps, dev)
     sqrt_a = schedule.alphas_cumprod.to(dev).sqrt()
     sqrt_1ma = (1 - schedule.alphas_cumprod).to(dev).sqrt()
@@ -159,11 +192,15 @@ def train_ddpm(
         bar.set_postfix(loss=f"{last_loss:.4f}")
 
     while step < cfg.steps:
-        x0 = images[draws.indices(step)]
+        idx = draws.indices(step)
+        x0 = images[idx]
         noise, t = draws.noise_and_t(step, x0.shape)
         xt = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
         with _autocast_ctx(cfg, dev):
-            pred = forward(xt, t).sample
+            if dit:
+                pred = forward(xt, timestep=t, class_labels=draws.labels(step, labels[idx])).sample
+            else:
+                pred = forward(xt, t).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,15 +222,13 @@ def train_ddpm(
     bar.close()
     read_loss()
     save_checkpoint()
-    return export_ema(
-        model, ema, unet_config, run_dir / "unet_ema.safetensors", cfg, step, elapsed, last_loss, session_it_s()
-    )
+    out = run_dir / f"{cfg.architecture}_ema.safetensors"
+    return export_ema(model, ema, out, cfg, step, elapsed, last_loss, session_it_s())
 
 
 def export_ema(
     model: torch.nn.Module,
     ema: EMAModel,
-    unet_config: dict,
     out: Path,
     cfg: TrainConfig,
     step: int,
@@ -201,13 +236,14 @@ def export_ema(
     loss: float,
     it_per_s: float = float("nan"),
 ) -> Path:
-    """Write the EMA weights as safetensors; the UNet config and training facts go in its metadata."""
+    """Write the EMA weights as safetensors; the network's config and training facts go in its metadata."""
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     ema.restore(model.parameters())
+    key, net_config = network_config(cfg)
     meta = {
-        "unet_config": json.dumps(unet_config),
+        key: json.dumps(net_config),
         "train_config": json.dumps(asdict(cfg)),
         "steps_done": str(step),
         "train_wall_s": f"{elapsed:.0f}",
@@ -238,13 +274,12 @@ def snapshot_ema(run_dir: Path | str, out: Path | str) -> Path:
         raise TmpqError(f"{run_dir} holds no training checkpoint yet (train_config.json + checkpoint.pt)")
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # replaced atomically by the trainer
-    unet_config = builtin_unet_config(cfg.block_out_channels, cfg.layers_per_block)
-    model = build_unet(unet_config)
+    model = build_network(*network_config(cfg))
     model.load_state_dict(state["model"])
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
     ema.load_state_dict(state["ema"])
     loss = float(state.get("loss", float("nan")))
-    return export_ema(model, ema, unet_config, Path(out), cfg, int(state["step"]), float(state["elapsed_s"]), loss)
+    return export_ema(model, ema, Path(out), cfg, int(state["step"]), float(state["elapsed_s"]), loss)
 
 
 def _device_name(model: torch.nn.Module) -> str:
@@ -289,13 +324,20 @@ def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
         n_params = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118 (safe_open is not a dict)
     cfg = json.loads(meta.get("train_config", "{}"))
     wall = float(meta.get("train_wall_s", "nan"))
+    key = next((k for k in NETWORKS if k in meta), "unet_config")
+    conditioning = (
+        f"; class-conditional, {float(cfg.get('class_dropout', 0)):.0%} of labels dropped to the null class for "
+        "classifier-free guidance"
+        if key == "dit_config"
+        else ""
+    )
     card = weights.with_suffix(".md")
     card.write_text(
-        f"{_card_intro(weights)} (epsilon prediction, T = 1000, linear betas 1e-4..0.02) on a diffusers `UNet2DModel`, "
-        "EMA weights.\n\n"
+        f"{_card_intro(weights)} (epsilon prediction, T = 1000, linear betas 1e-4..0.02) on a diffusers "
+        f"`{NETWORKS[key].__name__}`, EMA weights{conditioning}.\n\n"
         f"- Data: Fashion-MNIST train split (60,000 images) from the Debian package `dataset-fashion-mnist`, "
         "zero-padded to 32x32 (background -1), scaled to [-1, 1].\n"
-        f"- Architecture: `{meta.get('unet_config', '?')}` ({n_params:,} parameters).\n"
+        f"- Architecture: `{meta.get(key, '?')}` ({n_params:,} parameters).\n"
         f"- Training: {meta.get('steps_done', '?')} steps of {cfg.get('steps', '?')} planned, "
         f"batch {cfg.get('batch_size', '?')}, AdamW lr {cfg.get('lr', '?')} (cosine, "
         f"{cfg.get('warmup_steps', '?')} warm-up), EMA {cfg.get('ema_decay', '?')}, seed {cfg.get('seed', '?')}, "
