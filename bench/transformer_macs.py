@@ -46,7 +46,8 @@ TYPES = (
 )
 
 
-def _kind(name: str) -> str:
+def unit_type(name: str) -> str:
+    """The unit type of a quantized unit, by its name (TYPES; "other" if none matches)."""
     return next((label for label, rx in TYPES if rx.search(name)), "other")
 
 
@@ -183,7 +184,7 @@ def main(tiny: bool = typer.Option(False, help="the tiny test models instead of 
         by: dict[str, list[int]] = {}
         for name, u in sn.units.items():
             times = next((k for prefix, k in scale.items() if name.startswith(f"unet.{prefix}")), 1)
-            entry = by.setdefault(_kind(name), [0, 0])
+            entry = by.setdefault(unit_type(name), [0, 0])
             entry[0] += times
             entry[1] += u.macs * times
         total = sum(macs for _, macs in by.values())

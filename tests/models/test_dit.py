@@ -48,7 +48,7 @@ def test_a_dit_pipeline_loads_class_conditional_with_its_vae(dit_dir):
             load_model(str(dit_dir), classes=bad)
     with pytest.raises(TmpqError, match="give classes"):
         load_model(str(dit_dir), prompts=["a cat"])
-    with pytest.raises(TmpqError, match="conditional pipelines only"):
+    with pytest.raises(TmpqError, match="class-conditional models only"):
         load_model("builtin:fashion", classes=[1])
 
 
