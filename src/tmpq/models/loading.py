@@ -1,9 +1,9 @@
 """Turn a model spec string into (denoiser, noise schedule, sample shape).
 
 Specs: `builtin:fashion` (a UNet), `builtin:fashion-dit` (a class-conditional DiT); a `.safetensors` UNet or DiT from
-`tmpq train`; a diffusers pipeline or model, as a local
-directory or a hub id (components through their own library's `from_pretrained`); or `package.module:factory`, a
-function returning a `LoadedModel` or `(denoiser, NoiseSchedule, sample_shape)`.
+`tmpq train`; a diffusers pipeline or model, as a local directory or a hub id (components through their own library's
+`from_pretrained`); or `package.module:factory`, a function returning a `LoadedModel` or `(denoiser, NoiseSchedule,
+sample_shape)`.
 
 A model directory is data, not code: its `model_index.json` may only name the diffusers / transformers classes tmpq
 supports (checked before anything is imported), and weights are read from safetensors only (pickle can run code).
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import DiTTransformer2DModel
 from safetensors import safe_open
 from torch import nn
 
@@ -213,11 +214,10 @@ def load_model(
         schedule = _metadata_schedule(path, meta["noise_schedule"]) if "noise_schedule" in meta else BUILTIN_SCHEDULE
     else:
         raise TmpqError(f"{spec!r} is not a supported model file; pass {SUPPORTED}")
-    if type(network).__name__ == "DiTTransformer2DModel":
+    if isinstance(network, DiTTransformer2DModel):
         g = BUILTIN_DIT_GUIDANCE if guidance_scale is None else float(guidance_scale)
         den = ClassDenoiser(network, schedule, g).eval()
-        labels = _class_labels(spec, den, classes)
-        options = {"guidance_scale": g, **({"classes": list(labels)} if classes is not None else {})}
+        labels, options = _class_conditioning(spec, den, g, classes)
         return LoadedModel(
             den, schedule, den.sample_shape, spec, path, kind="class2image", options=options, class_labels=labels
         )
@@ -227,15 +227,22 @@ def load_model(
     return LoadedModel(den, schedule, den.sample_shape, spec, path)
 
 
-def _class_labels(spec: str, den: ClassDenoiser, classes: Sequence[int] | None) -> tuple[int, ...]:
-    """The label ids a class-conditional model's calibration and fitness samples cycle over (default: every class)."""
+def _class_conditioning(
+    spec: str, den: ClassDenoiser, g: float, classes: Sequence[int] | None
+) -> tuple[tuple[int, ...], dict[str, object]]:
+    """The label ids a class-conditional model's calibration and fitness samples cycle over (default: every class),
+    and the `load_model` options that reload it so (its guidance scale `g`; the classes when given)."""
     labels = tuple(range(den.num_classes)) if classes is None else tuple(classes)
     bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < den.num_classes]
     if not labels or bad:
         raise TmpqError(
             f"classes for {spec!r} must be label ids in [0, {den.num_classes}); got {list(labels)[:8] or 'none'}"
         )
-    return labels
+    options = {
+        "guidance_scale": float(den.guidance_scale),
+        **({"classes": list(labels)} if classes is not None else {}),
+    }
+    return labels, options
 
 
 def _metadata_schedule(path: Path, text: str) -> NoiseSchedule:
@@ -553,8 +560,7 @@ def _from_dit_pipeline(
     _, schedule, notes, transformer, vae = _transformer_pipeline(spec, index, layout, cache_only)
     g = DEFAULT_CLASS_GUIDANCE if guidance_scale is None else float(guidance_scale)
     den = ClassDenoiser(transformer, schedule, g).eval()
-    labels = _class_labels(spec, den, classes)
-    options = {"guidance_scale": g, **({"classes": list(labels)} if classes is not None else {})}
+    labels, options = _class_conditioning(spec, den, g, classes)
     return LoadedModel(
         den,
         schedule,
