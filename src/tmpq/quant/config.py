@@ -42,13 +42,28 @@ class QuantSpec(DictConfig):
     first convolution's input (the raw x_t) stays in full precision: with x_t at 8 bits per tensor the built-in
     model's W8A8 ε̂ is 31 % wrong (relative MSE) at t = 0 instead of 1.9 %, because the signal to predict there
     is far below one 8-bit step of x_t (bench/quant_error.py); that input is 0.15 % of the model's MACs.
+
+    A DiT's counterparts are pinned likewise, as Q-DiT and ViDiT-Q do: its patch embedding (`pos_embed.proj`, whose
+    input is x_t) at W8 with a full-precision input, and at W8A8 its final adaLN and projection (`proj_out_1/2`),
+    the adaLN-Zero modulation of every block (`norm1.linear`) and the timestep embedders inside them. On the
+    built-in DiT these are 1.5 % of the MACs and, per MAC, 30-400x as sensitive as the MLP; holding them at 8 bits
+    takes uniform W4A6's FID to the FP sampler from 241.1 to 57.2 for 3.6 % more BitOPs
+    (bench/transformer_sensitivity.py, docs/results.md).
     """
 
     w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     a_bits: tuple[int, ...] = (4, 5, 6, 8)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    pin: tuple[tuple[str, int, int | None], ...] = (("*conv_in", 8, None), ("*conv_out", 8, 8))
+    pin: tuple[tuple[str, int, int | None], ...] = (
+        ("*conv_in", 8, None),
+        ("*conv_out", 8, 8),
+        ("*pos_embed.proj", 8, None),
+        ("*proj_out_1", 8, 8),
+        ("*proj_out_2", 8, 8),
+        ("*norm1.linear", 8, 8),
+        ("*norm1.emb.timestep_embedder.linear_?", 8, 8),
+    )
     attention_matmuls: bool = True
     split_concat: bool = True
     act_method: str = "mse"
