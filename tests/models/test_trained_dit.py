@@ -15,6 +15,7 @@ from tmpq.cli import app
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, evaluate, saved_images
 from tmpq.metrics.fid import QualityMetric
+from tmpq.models.builtin import BUILTIN_DIT_GUIDANCE
 from tmpq.models.loading import load_model
 from tmpq.models.train import TrainConfig, train_ddpm
 from tmpq.sampling.conditioning import Conditioning
@@ -49,7 +50,7 @@ def dit_file(tmp_path_factory):
 def test_a_trained_dit_loads_class_conditional(dit_file):
     m = load_model(str(dit_file))
     assert m.kind == "class2image" and m.class_labels == tuple(range(10)) and m.decoder is None
-    assert m.sample_shape == (1, 32, 32) and m.options == {"guidance_scale": 4.0}
+    assert m.sample_shape == (1, 32, 32) and m.options == {"guidance_scale": BUILTIN_DIT_GUIDANCE}
     m = load_model(str(dit_file), classes=[3, 1], guidance_scale=1.5)
     assert m.conditioning(3).embeddings().tolist() == [3, 1, 3] and float(m.denoiser.guidance_scale) == 1.5
     assert m.options == {"guidance_scale": 1.5, "classes": [3, 1]}
@@ -87,7 +88,7 @@ def test_trained_dit_journey_search_export_load_backends(dit_file, tmp_path):
     res = runner.invoke(app, ["run", "--model", str(dit_file), "--classes", "1,2,3", "--run-dir", str(run), *SEARCH])
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "search.json").read_text())
-    assert summary["model_options"] == {"guidance_scale": 4.0, "classes": [1, 2, 3]}
+    assert summary["model_options"] == {"guidance_scale": BUILTIN_DIT_GUIDANCE, "classes": [1, 2, 3]}
     s = tmpq.load(run / "export")
     assert s.parts.kind == "class2image" and s.parts.class_labels == (1, 2, 3) and s.parts.decoder is None
     ref = tmpq.CompressionResult.open(run).sampler().sample(3, seed=2, classes=[1, 2])
