@@ -210,6 +210,14 @@ def tiny_dit():
     ).eval()
 
 
+def tiny_dit_recipe(**kw):
+    """A `tmpq train --arch dit` recipe small enough for tests: 8x8 patches, one block of 2 heads x 8, batch 8."""
+    from tmpq.models.train_config import TrainConfig
+
+    base = dict(architecture="dit", batch_size=8, patch_size=8, transformer_layers=1, attention_heads=2, head_dim=8)
+    return TrainConfig(**{**base, "warmup_steps": 1, "autocast": "off", **kw})
+
+
 def save_dit_pipeline(directory: Path) -> Path:
     """DiTPipeline: the tiny DiT, the tiny AutoencoderKL and a DDIM scheduler that does not clip."""
     from diffusers import DDIMScheduler, DiTPipeline

@@ -4,15 +4,13 @@ blocks, and the whole journey search → export → load → backends → DiTPip
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from class_journey import class_journey
 from tiny_pipelines import edited_copy, save_dit_pipeline
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-import tmpq
 from tmpq.cli import app
 from tmpq.errors import TmpqError
 from tmpq.models.loading import load_model
@@ -98,18 +96,7 @@ def test_macs_per_image_are_flopcounters_and_blocks_reconstruct(dit_dir):
 
 def test_dit_journey_search_export_load_backends_pipeline(dit_dir, tmp_path):
     run = tmp_path / "run"
-    res = runner.invoke(app, ["run", "--model", str(dit_dir), "--classes", "1,2,3", "--run-dir", str(run), *SEARCH])
-    assert res.exit_code == 0, res.output
-    summary = json.loads((run / "search.json").read_text())
-    assert summary["model_options"] == {"guidance_scale": 4.0, "classes": [1, 2, 3]}
-    s = tmpq.load(run / "export")
-    assert s.parts.kind == "class2image" and s.parts.class_labels == (1, 2, 3)
-    ref = tmpq.CompressionResult.open(run).sampler().sample(3, seed=2, classes=[1, 2])
-    got = s.sample(3, seed=2, classes=[1, 2])
-    assert got.shape == (3, 3, 16, 16) and torch.equal(got, ref)
-    assert not torch.equal(s.sample(3, seed=2, classes=[7]), got)  # the class matters
-    assert torch.equal(s.lower("packed").sample(3, seed=2, classes=[1, 2]), got)
-    assert (s.lower("int8").sample(3, seed=2, classes=[1, 2]) - got).abs().mean() < 0.05
+    s = class_journey(str(dit_dir), run, SEARCH, 4.0, (3, 16, 16))
     with pytest.raises(TmpqError, match="class-conditional"):
         s.sample(1, prompts=["a cat"])
     pipe = s.to_diffusers()

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_pipelines import tiny_dit_recipe
 
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import load_trained
@@ -108,19 +109,7 @@ def test_snapshot_of_a_run_equals_its_exported_weights(tmp_path):
 
 
 def _dit_cfg(steps: int) -> TrainConfig:
-    return TrainConfig(
-        architecture="dit",
-        steps=steps,
-        batch_size=8,
-        patch_size=8,
-        transformer_layers=1,
-        attention_heads=2,
-        head_dim=8,
-        checkpoint_every=2,
-        warmup_steps=1,
-        autocast="off",
-        class_dropout=0.5,
-    )
+    return tiny_dit_recipe(steps=steps, checkpoint_every=2, class_dropout=0.5)
 
 
 def _labels(n: int = 32) -> torch.Tensor:

@@ -4,25 +4,21 @@ through the whole journey search → export → load → backends; diffusers has
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from typer.testing import CliRunner
+from class_journey import class_journey
+from tiny_pipelines import tiny_dit_recipe
 
-import tmpq
-from tmpq.cli import app
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, evaluate, saved_images
 from tmpq.metrics.fid import QualityMetric
 from tmpq.models.builtin import BUILTIN_DIT_GUIDANCE
 from tmpq.models.loading import load_model
-from tmpq.models.train import TrainConfig, train_ddpm
+from tmpq.models.train import train_ddpm
 from tmpq.sampling.conditioning import Conditioning
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import uniform_timesteps
 
-runner = CliRunner()
 SEARCH = ["--like", "W8A8", "--budget-steps", "3", "--steps", "3", "--generations", "2", "--population", "4"]
 SEARCH += ["--calib-samples", "2", "--calib-steps", "3", "--w-bits", "4,8", "--a-bits", "8", "--fitness-samples", "4"]
 SEARCH += ["--fitness", "proxy", "--proxy-space", "pixels", "--final-samples", "0", "--device", "cpu"]
@@ -31,17 +27,7 @@ SEARCH += ["--lever", "joint", "--reconstruction", "none"]
 
 @pytest.fixture(scope="module")
 def dit_file(tmp_path_factory):
-    cfg = TrainConfig(
-        architecture="dit",
-        steps=2,
-        batch_size=8,
-        patch_size=8,
-        transformer_layers=1,
-        attention_heads=2,
-        head_dim=8,
-        warmup_steps=1,
-        autocast="off",
-    )
+    cfg = tiny_dit_recipe(steps=2)
     images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     labels = torch.arange(16) % 10
     return train_ddpm(images, tmp_path_factory.mktemp("dit") / "run", cfg, progress=False, labels=labels)
@@ -84,18 +70,7 @@ def test_fp_evaluation_cycles_the_classes_from_sample_zero(dit_file, tmp_path):
 
 
 def test_trained_dit_journey_search_export_load_backends(dit_file, tmp_path):
-    run = tmp_path / "run"
-    res = runner.invoke(app, ["run", "--model", str(dit_file), "--classes", "1,2,3", "--run-dir", str(run), *SEARCH])
-    assert res.exit_code == 0, res.output
-    summary = json.loads((run / "search.json").read_text())
-    assert summary["model_options"] == {"guidance_scale": BUILTIN_DIT_GUIDANCE, "classes": [1, 2, 3]}
-    s = tmpq.load(run / "export")
-    assert s.parts.kind == "class2image" and s.parts.class_labels == (1, 2, 3) and s.parts.decoder is None
-    ref = tmpq.CompressionResult.open(run).sampler().sample(3, seed=2, classes=[1, 2])
-    got = s.sample(3, seed=2, classes=[1, 2])
-    assert got.shape == (3, 1, 32, 32) and torch.equal(got, ref)
-    assert not torch.equal(s.sample(3, seed=2, classes=[7]), got)  # the class matters
-    assert torch.equal(s.lower("packed").sample(3, seed=2, classes=[1, 2]), got)
-    assert (s.lower("int8").sample(3, seed=2, classes=[1, 2]) - got).abs().mean() < 0.05
+    s = class_journey(str(dit_file), tmp_path / "run", SEARCH, BUILTIN_DIT_GUIDANCE, (1, 32, 32))
+    assert s.parts.decoder is None
     with pytest.raises(TmpqError, match="no diffusers pipeline: DiTPipeline decodes latents with a VAE"):
         s.to_diffusers()
