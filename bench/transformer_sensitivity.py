@@ -23,7 +23,7 @@ import typer
 from transformer_macs import unit_type
 
 from tmpq.device import device_name
-from tmpq.evaluate import reference_metric
+from tmpq.evaluate import fidelity_to, reference_metric
 from tmpq.fileio import write_json_atomic
 from tmpq.models.loading import load_model
 from tmpq.quant import CalibConfig, QuantConfig, QuantSpec
@@ -129,12 +129,12 @@ def main(
     rows = {"FP": {"fid": metric.fid(fp), "bitops": sn.cost.bitops(None, steps)}}
     for label, config in variants.items():
         images = sample(config)
-        mse = (images.clamp(-1, 1) - fp.clamp(-1, 1)).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        to_fp = fidelity_to(images, fp, metric)
         bitops = sn.cost.bitops(sn.resolve(config), steps)
         rows[label] = {
             "fid": metric.fid(images),
-            "fid_to_fp": metric.fid_between(images, fp),
-            "psnr_db": float((10 * torch.log10(4 / mse)).mean()),
+            "fid_to_fp": to_fp["fid"],
+            "psnr_db": to_fp["psnr_db"],
             "bitops": bitops,
             "extra_bitops": bitops / base_bitops - 1,
         }

@@ -167,6 +167,14 @@ def _sample_resumable(
     return torch.cat(batches)
 
 
+def fidelity_to(images: torch.Tensor, reference: torch.Tensor, metric: QualityMetric) -> dict[str, float]:
+    """How far `images` are from another sampler's `reference` images from the same seeds: FID between the two sets
+    and the mean per-image PSNR (pixels in [-1, 1])."""
+    ref = reference.float().clamp(-1, 1)
+    mse = (images.float().clamp(-1, 1) - ref).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return {"fid": metric.fid_between(images, ref), "psnr_db": float((10 * torch.log10(4 / mse)).mean())}
+
+
 def evaluate(
     cfg: EvalConfig,
     out_dir: Path | str | None = None,
@@ -237,9 +245,7 @@ def evaluate(
     if compare_to is not None:
         if compare_to.shape != images.shape:
             raise TmpqError(f"compare_to images are {tuple(compare_to.shape)}, this sampler's {tuple(images.shape)}")
-        ref = compare_to.float().clamp(-1, 1)
-        mse = (images.float().clamp(-1, 1) - ref).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-        fidelity = {"fid": metric.fid_between(images, ref), "psnr_db": float((10 * torch.log10(4 / mse)).mean())}
+        fidelity = fidelity_to(images, compare_to, metric)
     t2 = time.time()
     result = EvalResult(
         config=cfg,
