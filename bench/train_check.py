@@ -25,7 +25,7 @@ from tmpq.data import load_fashion_mnist
 from tmpq.evaluate import EvalConfig, evaluate, reference_metric
 from tmpq.models.loading import BUILTIN_DIT_SPEC, BUILTIN_SPEC, load_model
 from tmpq.models.train import snapshot_ema
-from tmpq.sampling.conditioning import Conditioning
+from tmpq.sampling.conditioning import Conditioning, call_denoiser
 
 EPS_TIMESTEPS = (0, 5, 10, 20, 50, 100, 200, 500, 900)
 
@@ -42,21 +42,20 @@ def eps_error_by_t(model: str, n: int = 512, seed: int = 0) -> dict[int, tuple[f
     x0, labels = load_fashion_mnist("test", limit=n)
     a = loaded.schedule.alphas_cumprod
     background = x0 < -0.99
+    cond = Conditioning.cycle(labels.long(), n) if loaded.kind == "class2image" else None
     out = {}
     for t in EPS_TIMESTEPS:
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
         xt = a[t].sqrt() * x0 + (1 - a[t]).sqrt() * noise
-        eps = torch.cat([_eps(loaded, xt[i : i + 128], t, labels[i : i + 128]) for i in range(0, n, 128)])
+        parts = []
+        for i in range(0, n, 128):
+            x = xt[i : i + 128]
+            part_cond = None if cond is None else cond.select(i, i + len(x))
+            parts.append(call_denoiser(loaded.denoiser, x, torch.full((len(x),), t), part_cond))
+        eps = torch.cat(parts)
         recovered = float((eps * noise)[background].sum() / noise[background].pow(2).sum())
         out[t] = (float((eps - noise).pow(2).mean()), recovered)
     return out
-
-
-def _eps(loaded, x: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
-    tt = torch.full((len(x),), t)
-    if loaded.kind != "class2image":
-        return loaded.denoiser(x, tt)
-    return loaded.denoiser(x, tt, Conditioning.cycle(labels.long(), len(x)))
 
 
 def main(

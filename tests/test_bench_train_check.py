@@ -6,18 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from bench_scripts import load_bench_script
-from tiny_pipelines import tiny_dit_recipe
+from tiny_pipelines import train_tiny_dit
 
 from tmpq.data import load_fashion_mnist
 from tmpq.models.loading import load_model
-from tmpq.models.train import train_ddpm
 
 
 @pytest.fixture(scope="module")
 def dit_file(tmp_path_factory):
-    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    run = tmp_path_factory.mktemp("dit") / "run"
-    return train_ddpm(images, run, tiny_dit_recipe(steps=2), progress=False, labels=torch.arange(16) % 10)
+    return train_tiny_dit(tmp_path_factory.mktemp("dit") / "run")
 
 
 def _mse(loaded, x0, labels, t: int) -> float:

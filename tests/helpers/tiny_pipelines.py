@@ -218,6 +218,15 @@ def tiny_dit_recipe(**kw):
     return TrainConfig(**{**base, "warmup_steps": 1, "autocast": "off", **kw})
 
 
+def train_tiny_dit(run_dir: Path) -> Path:
+    """A DiT file from `tmpq train --arch dit`'s trainer: 2 steps of the tiny recipe on 16 seeded images, labels i mod
+    10 (the loadable kind `builtin:fashion-dit` is, in a second)."""
+    from tmpq.models.train import train_ddpm
+
+    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return train_ddpm(images, run_dir, tiny_dit_recipe(steps=2), progress=False, labels=torch.arange(16) % 10)
+
+
 def save_dit_pipeline(directory: Path) -> Path:
     """DiTPipeline: the tiny DiT, the tiny AutoencoderKL and a DDIM scheduler that does not clip."""
     from diffusers import DDIMScheduler, DiTPipeline

@@ -7,14 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from class_journey import class_journey
-from tiny_pipelines import tiny_dit_recipe
+from tiny_pipelines import train_tiny_dit
 
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, evaluate, saved_images
 from tmpq.metrics.fid import QualityMetric
 from tmpq.models.builtin import BUILTIN_DIT_GUIDANCE
 from tmpq.models.loading import load_model
-from tmpq.models.train import train_ddpm
 from tmpq.sampling.conditioning import Conditioning
 from tmpq.sampling.ddim import DDIMSampler, generate
 from tmpq.sampling.schedules import uniform_timesteps
@@ -27,10 +26,7 @@ SEARCH += ["--lever", "joint", "--reconstruction", "none"]
 
 @pytest.fixture(scope="module")
 def dit_file(tmp_path_factory):
-    cfg = tiny_dit_recipe(steps=2)
-    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    labels = torch.arange(16) % 10
-    return train_ddpm(images, tmp_path_factory.mktemp("dit") / "run", cfg, progress=False, labels=labels)
+    return train_tiny_dit(tmp_path_factory.mktemp("dit") / "run")
 
 
 def test_a_trained_dit_loads_class_conditional(dit_file):
