@@ -118,6 +118,14 @@ def test_any_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypat
     _refused(["eval", "--out", str(tmp_path / "e")], "read-only; pick a writable location")
 
 
+def test_train_from_missing_or_foreign_weights_is_refused_before_the_run_exists(tmp_path):
+    args = ["train", "--run-dir", str(tmp_path / "t"), "--init-from", str(tmp_path / "w.safetensors")]
+    _refused(args, "no such file")
+    (tmp_path / "w.safetensors").write_text("my notes")
+    _refused(args, "readable")
+    assert not (tmp_path / "t").exists() and (tmp_path / "w.safetensors").read_text() == "my notes"
+
+
 def test_an_unreachable_ray_address_fails_at_once():
     start = time.perf_counter()
     with pytest.raises(TmpqError, match="no Ray cluster answers at 127.0.0.1:1"):

@@ -242,6 +242,10 @@ def train(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help=f"[{TrainConfig.seed}]")] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="start from these weights (a `tmpq train` .safetensors, same architecture), not a seed"),
+    ] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help=f"[{TrainConfig.checkpoint_every}]")] = None,
     log_every: Annotated[
         int | None, typer.Option(help=f"read the loss back (a device sync) every N steps [{TrainConfig.log_every}]")
@@ -278,6 +282,7 @@ def train(
         "head_dim": head_dim,
         "class_dropout": class_dropout,
         "seed": seed,
+        "init_from": None if init_from is None else str(init_from),
         "checkpoint_every": checkpoint_every,
         "log_every": log_every,
         "autocast": autocast,

@@ -161,3 +161,42 @@ def test_label_dropout_is_seeded_per_step_and_shared_by_every_block():
 def test_bad_dit_options_are_refused(bad):
     with pytest.raises(TmpqError):
         replace(_dit_cfg(2), **bad)
+
+
+def test_a_run_started_from_weights_continues_them_and_says_so(tmp_path):
+    """--init-from: the new run starts at the given weights (one step at a negligible learning rate keeps them), a
+    seeded start does not; the weights record the file's checksum and the card names it."""
+    from tmpq.provenance import file_sha256
+
+    first = train_ddpm(_images(), tmp_path / "a", _cfg(4), progress=False)
+    cont = replace(_cfg(1), lr=1e-12, warmup_steps=0, init_from=str(first))
+    second = train_ddpm(_images(), tmp_path / "b", cont, progress=False)
+    fresh = train_ddpm(_images(), tmp_path / "c", replace(cont, init_from=""), progress=False)
+    a, b, c = load_file(str(first)), load_file(str(second)), load_file(str(fresh))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-4  # 2e-3: four steps from the seeded start
+    from safetensors import safe_open
+
+    with safe_open(str(second), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["init_sha256"] == file_sha256(first) and meta["init_steps_done"] == "4"
+    card = write_model_card(second, "tmpq train --init-from a.safetensors").read_text()
+    assert f"Started from: `{first}`" in card and "4 steps" in card
+    # A resumed continuation restores from its checkpoint and keeps recording what it started from.
+    resumed = train_ddpm(_images(), tmp_path / "b", cont, progress=False)
+    with safe_open(str(resumed), framework="pt") as fh:
+        assert fh.metadata()["init_sha256"] == file_sha256(first)
+
+
+def test_starting_from_other_weights_is_refused_before_the_run_exists(tmp_path):
+    first = train_ddpm(_images(), tmp_path / "a", _cfg(2), progress=False)
+    wider = replace(_cfg(2), block_out_channels=(8, 32), init_from=str(first))
+    with pytest.raises(TmpqError, match="not the network this run trains"):
+        train_ddpm(_images(), tmp_path / "b", wider, progress=False)
+    with pytest.raises(TmpqError, match="no such file"):
+        train_ddpm(_images(), tmp_path / "c", replace(_cfg(2), init_from=str(tmp_path / "none.safetensors")))
+    (tmp_path / "junk.safetensors").write_bytes(b"not weights")
+    with pytest.raises(TmpqError, match="not a readable safetensors"):
+        train_ddpm(_images(), tmp_path / "d", replace(_cfg(2), init_from=str(tmp_path / "junk.safetensors")))
+    assert not any((tmp_path / d).exists() for d in "bcd")

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tmpq.device import bf16_autocast_helps, device_name
@@ -32,6 +33,7 @@ from tmpq.models.builtin import (
     builtin_unet_config,
 )
 from tmpq.models.train_config import TrainConfig
+from tmpq.provenance import file_sha256
 from tmpq.sampling.schedules import NoiseSchedule
 
 
@@ -125,6 +127,9 @@ def train_ddpm(
     # A DiT trains in eval mode: its only train-mode behaviour is diffusers' label dropout, drawn from the global RNG
     # by every block on its own; the trainer drops labels itself, seeded per step and the same for all blocks.
     model.train(not dit)
+    init: dict[str, str] = {}  # what the run started from, recorded in its weights (TrainConfig.init_from)
+    if cfg.init_from and not ckpt_path.exists():  # a resumed run restores the model from its checkpoint instead
+        init = load_init_weights(model, Path(cfg.init_from), key, net_config)
     if not cfg_path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -141,6 +146,7 @@ def train_ddpm(
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
         last_loss = float(state.get("loss", float("nan")))
         last_it_s = float(state.get("it_per_s", float("nan")))  # the speed of the last session that trained
+        init = dict(state.get("init", {}))
     forward = torch.compile(model) if compile else model
 
     def save_checkpoint() -> None:
@@ -155,6 +161,7 @@ def train_ddpm(
                 "elapsed_s": elapsed,
                 "loss": last_loss,
                 "it_per_s": session_it_s(),
+                "init": init,
             },
             tmp,
         )
@@ -223,7 +230,32 @@ def train_ddpm(
     read_loss()
     save_checkpoint()
     out = run_dir / f"{cfg.architecture}_ema.safetensors"
-    return export_ema(model, ema, out, cfg, step, elapsed, last_loss, session_it_s())
+    return export_ema(model, ema, out, cfg, step, elapsed, last_loss, session_it_s(), init)
+
+
+def load_init_weights(model: torch.nn.Module, path: Path, key: str, net_config: dict) -> dict[str, str]:
+    """Load the weights a run starts from (`TrainConfig.init_from`) into `model`, after checking they are of the same
+    network; returns the facts the new weights record about them (checksum, their steps and wall time)."""
+    if not path.is_file():
+        raise TmpqError(f"--init-from {path}: no such file; give the .safetensors a `tmpq train` run wrote")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise TmpqError(f"--init-from {path} is not a readable safetensors file ({exc})") from exc
+    theirs = json.loads(meta.get(key, "null"))
+    if theirs != json.loads(json.dumps(net_config)):
+        raise TmpqError(
+            f"--init-from {path} is not the network this run trains (its {key}: {theirs}; this run's: "
+            f"{json.dumps(net_config)}); give the architecture options it was trained with"
+        )
+    model.load_state_dict(state)
+    return {
+        "init_sha256": file_sha256(path),
+        "init_steps_done": meta.get("steps_done", "?"),
+        "init_train_wall_s": meta.get("train_wall_s", "nan"),
+    }
 
 
 def export_ema(
@@ -235,6 +267,7 @@ def export_ema(
     elapsed: float,
     loss: float,
     it_per_s: float = float("nan"),
+    init: dict[str, str] | None = None,
 ) -> Path:
     """Write the EMA weights as safetensors; the network's config and training facts go in its metadata."""
     ema.store(model.parameters())
@@ -252,6 +285,7 @@ def export_ema(
         "train_device": _device_name(model),
         "noise_schedule": json.dumps(BUILTIN_SCHEDULE.to_dict()),
     }
+    meta.update(init or {})
     save_file(state, str(out), metadata=meta)
     return out
 
@@ -279,13 +313,26 @@ def snapshot_ema(run_dir: Path | str, out: Path | str) -> Path:
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
     ema.load_state_dict(state["ema"])
     loss = float(state.get("loss", float("nan")))
-    return export_ema(model, ema, Path(out), cfg, int(state["step"]), float(state["elapsed_s"]), loss)
+    step, elapsed = int(state["step"]), float(state["elapsed_s"])
+    return export_ema(model, ema, Path(out), cfg, step, elapsed, loss, init=dict(state.get("init", {})))
 
 
 def _device_name(model: torch.nn.Module) -> str:
     """The machine that trained the weights, named for the card."""
     dev = next(model.parameters()).device
     return device_name(dev) + ("" if dev.type == "cuda" else f", {torch.get_num_threads()} torch threads")
+
+
+def _init_line(cfg: dict, meta: dict[str, str]) -> str:
+    """The card's line on the weights a continued run started from (`--init-from`), with their own training."""
+    if not cfg.get("init_from"):
+        return ""
+    wall = float(meta.get("init_train_wall_s", "nan"))
+    return (
+        f"- Started from: `{cfg['init_from']}` (sha256 {meta.get('init_sha256', '?')[:16]}…; "
+        f"{meta.get('init_steps_done', '?')} steps, {wall / 60:.1f} min), not a seeded initialization; the steps and "
+        "wall time above are this run's only.\n"
+    )
 
 
 def _card_intro(weights: Path) -> str:
@@ -316,8 +363,6 @@ def check_weights_target(out: Path | str) -> None:
 
 def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
     """A Markdown card beside the weights: the command, data, steps and wall time, read from its metadata."""
-    from safetensors import safe_open
-
     weights = Path(weights)
     with safe_open(str(weights), framework="pt") as fh:
         meta = fh.metadata() or {}
@@ -344,6 +389,6 @@ def write_model_card(weights: Path | str, command: str, note: str = "") -> Path:
         f"autocast {cfg.get('autocast', '?')}; final smoothed loss {meta.get('final_loss', '?')}.\n"
         f"- Wall time: {wall / 60:.1f} min on {meta.get('train_device', 'an unrecorded machine')}; "
         f"{_speed(meta.get('train_it_per_s'))}.\n"
-        f"- Command: `{command}`\n" + (f"- Note: {note}\n" if note else "")
+        f"- Command: `{command}`\n" + _init_line(cfg, meta) + (f"- Note: {note}\n" if note else "")
     )
     return card

@@ -40,6 +40,10 @@ class TrainConfig(DictConfig):
     checkpoint_every: int = 500
     log_every: int = 50  # the loss is read back to the host (a device sync) only this often
     autocast: str = "auto"  # "auto" | "bf16" | "off"
+    # Start from these weights (a .safetensors `tmpq train` wrote, same architecture) instead of the seeded
+    # initialization: a further cosine cycle over a finished run, so a longer training reuses the hours already spent.
+    # "" trains from scratch.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
