@@ -22,9 +22,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_UNET = ASSETS / "fashion_unet.safetensors"
 BUILTIN_DIT = ASSETS / "fashion_dit.safetensors"
 FASHION_NUM_CLASSES = 10
-BUILTIN_DIT_GUIDANCE = 1.5
-"""The classifier-free guidance scale `builtin:fashion-dit` samples with by default: the best FP FID of 1, 1.5, 2, 3
-and 4 at 20 uniform steps (187.9 against 209.8 unguided and 376.5 at 2; `bench/guidance.py`, docs/results.md)."""
+BUILTIN_DIT_GUIDANCE = 1.25
+"""The classifier-free guidance scale `builtin:fashion-dit` samples with by default: the best FP FID of 1, 1.25, 1.5,
+1.75, 2 and 3 at 20 uniform steps (50.5 against 75.7 unguided and 70.1 at 1.5; `bench/guidance.py`, docs/results.md)."""
 BUILTIN_SCHEDULE = NoiseSchedule(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
