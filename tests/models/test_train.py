@@ -5,12 +5,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_pipelines import tiny_dit_recipe
 
 from tmpq.errors import TmpqError
 from tmpq.models.builtin import load_trained
 from tmpq.models.train import TrainConfig, train_ddpm, write_model_card
+from tmpq.provenance import file_sha256
 
 
 def _images(n: int = 32) -> torch.Tensor:
@@ -166,8 +168,6 @@ def test_bad_dit_options_are_refused(bad):
 def test_a_run_started_from_weights_continues_them_and_says_so(tmp_path):
     """--init-from: the new run starts at the given weights (one step at a negligible learning rate keeps them), a
     seeded start does not; the weights record the file's checksum and the card names it."""
-    from tmpq.provenance import file_sha256
-
     first = train_ddpm(_images(), tmp_path / "a", _cfg(4), progress=False)
     cont = replace(_cfg(1), lr=1e-12, warmup_steps=0, init_from=str(first))
     second = train_ddpm(_images(), tmp_path / "b", cont, progress=False)
@@ -176,8 +176,6 @@ def test_a_run_started_from_weights_continues_them_and_says_so(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
     assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-4  # 2e-3: four steps from the seeded start
-    from safetensors import safe_open
-
     with safe_open(str(second), framework="pt") as fh:
         meta = fh.metadata()
     assert meta["init_sha256"] == file_sha256(first) and meta["init_steps_done"] == "4"
