@@ -120,7 +120,7 @@ def test_any_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypat
 
 def test_train_from_missing_or_foreign_weights_is_refused_before_the_run_exists(tmp_path):
     args = ["train", "--run-dir", str(tmp_path / "t"), "--init-from", str(tmp_path / "w.safetensors")]
-    _refused(args, "no such file")
+    _refused(args, "not found")
     (tmp_path / "w.safetensors").write_text("my notes")
     _refused(args, "readable")
     assert not (tmp_path / "t").exists() and (tmp_path / "w.safetensors").read_text() == "my notes"

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tmpq.device import bf16_autocast_helps, device_name
@@ -31,6 +31,7 @@ from tmpq.models.builtin import (
     build_network,
     builtin_dit_config,
     builtin_unet_config,
+    load_trained,
 )
 from tmpq.models.train_config import TrainConfig
 from tmpq.provenance import file_sha256
@@ -236,21 +237,20 @@ def train_ddpm(
 def load_init_weights(model: torch.nn.Module, path: Path, key: str, net_config: dict) -> dict[str, str]:
     """Load the weights a run starts from (`TrainConfig.init_from`) into `model`, after checking they are of the same
     network; returns the facts the new weights record about them (checksum, their steps and wall time)."""
-    if not path.is_file():
-        raise TmpqError(f"--init-from {path}: no such file; give the .safetensors a `tmpq train` run wrote")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise TmpqError(f"--init-from {path} is not a readable safetensors file ({exc})") from exc
-    theirs = json.loads(meta.get(key, "null"))
-    if theirs != json.loads(json.dumps(net_config)):
+        trained = load_trained(path)  # the same checks as loading a model: missing, damaged, not from `tmpq train`
+    except TmpqError as exc:
+        raise TmpqError(f"--init-from: {exc}") from None
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    their_key = next(k for k in NETWORKS if k in meta)  # load_trained found one
+    theirs = json.loads(meta[their_key])
+    if (their_key, theirs) != (key, json.loads(json.dumps(net_config))):
         raise TmpqError(
-            f"--init-from {path} is not the network this run trains (its {key}: {theirs}; this run's: "
-            f"{json.dumps(net_config)}); give the architecture options it was trained with"
+            f"--init-from {path} is not the network this run trains (its {their_key}: {json.dumps(theirs)}; this "
+            f"run's {key}: {json.dumps(net_config)}); give the architecture options it was trained with"
         )
-    model.load_state_dict(state)
+    model.load_state_dict(trained.state_dict())
     return {
         "init_sha256": file_sha256(path),
         "init_steps_done": meta.get("steps_done", "?"),
