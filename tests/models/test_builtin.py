@@ -13,6 +13,7 @@ from tmpq.models import loading
 from tmpq.models.builtin import (
     BUILTIN_DIT,
     BUILTIN_DIT_GUIDANCE,
+    BUILTIN_DIT_SCHEDULE,
     BUILTIN_UNET,
     builtin_dit_config,
     builtin_unet_config,
@@ -53,6 +54,7 @@ def test_shipped_dit_loads_class_conditional_with_its_config_and_card():
     )
     assert {k: cfg[k] for k in want} == want and train["architecture"] == "dit"
     assert "tmpq train --arch dit" in card and "Wall time" in card and "class-conditional" in card
+    assert loaded.schedule == load_model(str(BUILTIN_DIT)).schedule == BUILTIN_DIT_SCHEDULE  # the file agrees
     x, t = torch.zeros(2, 1, 32, 32), torch.tensor([10, 900])
     with torch.no_grad():
         eps = loaded.denoiser(x, t, loaded.conditioning(2))

@@ -12,7 +12,7 @@ from tiny_pipelines import train_tiny_dit
 from tmpq.errors import TmpqError
 from tmpq.evaluate import EvalConfig, evaluate, saved_images
 from tmpq.metrics.fid import QualityMetric
-from tmpq.models.builtin import BUILTIN_DIT_GUIDANCE
+from tmpq.models.builtin import BUILTIN_DIT_GUIDANCE, BUILTIN_DIT_SCHEDULE
 from tmpq.models.loading import load_model
 from tmpq.sampling.conditioning import Conditioning
 from tmpq.sampling.ddim import DDIMSampler, generate
@@ -44,6 +44,18 @@ def test_a_trained_dit_loads_class_conditional(dit_file):
         load_model("builtin:fashion", classes=[1])
     with pytest.raises(TmpqError, match="the built-in models are 'builtin:fashion', 'builtin:fashion-dit'"):
         load_model("builtin:dit")
+
+
+def test_a_trained_dit_samples_without_clipping_x0(dit_file):
+    """A `tmpq train --arch dit` file declares DDIM without x̂0 clipping (BUILTIN_DIT_SCHEDULE: clipping made the
+    built-in DiT's FID rise with steps), so its sampler's last step returns an unclipped x̂0; the UNet keeps it."""
+    m = load_model(str(dit_file))
+    assert m.schedule == BUILTIN_DIT_SCHEDULE and m.schedule.clip_sample is False
+    ddim = DDIMSampler(m.schedule, [0])
+    x = torch.full((1, 1, 32, 32), 3.0)
+    assert torch.allclose(ddim.step(torch.zeros_like(x), 0, x).prev_sample, x / m.schedule.alphas_cumprod[0].sqrt())
+    unet = DDIMSampler(load_model("builtin:fashion").schedule, [0])
+    assert unet.step(torch.zeros_like(x), 0, x).prev_sample.max() == 1
 
 
 def test_fp_evaluation_cycles_the_classes_from_sample_zero(dit_file, tmp_path):

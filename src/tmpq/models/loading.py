@@ -35,6 +35,7 @@ from tmpq.errors import TmpqError
 from tmpq.models.builtin import (
     BUILTIN_DIT,
     BUILTIN_DIT_GUIDANCE,
+    BUILTIN_DIT_SCHEDULE,
     BUILTIN_SCHEDULE,
     BUILTIN_UNET,
     load_builtin,
@@ -196,8 +197,9 @@ def load_model(
             f"prompts, a true CFG scale and an image size apply to conditional pipelines only, not to {spec!r}"
         )
     if spec in BUILTINS:
-        path, schedule = BUILTINS[spec], BUILTIN_SCHEDULE
+        path = BUILTINS[spec]
         network = load_builtin(path)
+        schedule = BUILTIN_DIT_SCHEDULE if isinstance(network, DiTTransformer2DModel) else BUILTIN_SCHEDULE
     elif spec.startswith("builtin:"):
         raise TmpqError(f"unknown built-in model {spec!r}; the built-in models are {', '.join(map(repr, BUILTINS))}")
     elif is_factory:

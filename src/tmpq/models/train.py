@@ -28,6 +28,7 @@ from tmpq.models.builtin import (
     BUILTIN_SCHEDULE,
     FASHION_NUM_CLASSES,
     NETWORKS,
+    SCHEDULES,
     build_network,
     builtin_dit_config,
     builtin_unet_config,
@@ -283,7 +284,7 @@ def export_ema(
         "final_loss": f"{loss:.5f}",
         "train_it_per_s": f"{it_per_s:.2f}",
         "train_device": _device_name(model),
-        "noise_schedule": json.dumps(BUILTIN_SCHEDULE.to_dict()),
+        "noise_schedule": json.dumps(SCHEDULES[key].to_dict()),
     }
     meta.update(init or {})
     save_file(state, str(out), metadata=meta)
