@@ -24,16 +24,16 @@ BUILTIN_UNET = ASSETS / "fashion_unet.safetensors"
 BUILTIN_DIT = ASSETS / "fashion_dit.safetensors"
 FASHION_NUM_CLASSES = 10
 BUILTIN_DIT_GUIDANCE = 1.5
-"""The classifier-free guidance scale `builtin:fashion-dit` samples with by default: the best FP FID of 1, 1.25, 1.5
-and 2 at 20 uniform steps, DDIM without x̂0 clipping (28.5 against 53.0 unguided, 33.6 at 1.25 and 38.0 at 2; 1,000
-samples; `bench/guidance.py`, docs/results.md)."""
+"""The classifier-free guidance scale `builtin:fashion-dit` samples with by default: the best FP FID of 1, 1.25, 1.5,
+1.75 and 2 at 20 uniform steps, DDIM without x̂0 clipping (28.5 against 53.0 unguided, 33.6 at 1.25, 31.3 at 1.75 and
+38.0 at 2; 1,000 samples; `bench/guidance.py`, docs/results.md)."""
 BUILTIN_SCHEDULE = NoiseSchedule(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 BUILTIN_DIT_SCHEDULE = dataclasses.replace(BUILTIN_SCHEDULE, clip_sample=False)
-"""The same training process, sampled without DDIM's clipping of x̂0 to [-1, 1]. At high t the DiT's x̂0 overshoots
-the pixel range on 30-43 % of the pixels; clipping it while keeping ε̂ makes each step inconsistent, and 100 guided
-steps compound that into FID 347.8 (500 samples) where unclipped DDIM scores 32.6, better than 20 steps' 38.9: with
-clipping the model looked unsound, without it FID falls with steps (bench/step_regions.py, docs/results.md). The
-UNet's tables were all measured with clipping, which does not hurt it, so its schedule keeps diffusers' default."""
+"""The same training process, sampled without DDIM's clipping of x̂0 to [-1, 1]. At high t the DiT's x̂0 often
+overshoots the pixel range; clipping it while keeping ε̂ makes each step inconsistent, and 100 guided steps compound
+that into FID 347.8 (500 samples, guidance 1.25) where unclipped DDIM scores 32.6, better than 20 steps: 38.9; with
+clipping the model looked unsound, without it FID falls with steps (bench/step_regions.py, docs/results.md). The UNet
+keeps diffusers' default: its FID falls with steps with clipping, and all its tables were measured with it."""
 SCHEDULES = {"unet_config": BUILTIN_SCHEDULE, "dit_config": BUILTIN_DIT_SCHEDULE}
 """The sampling schedule `tmpq train` declares in a file's `noise_schedule` metadata, by its network key."""
 

@@ -46,9 +46,9 @@ class QuantSpec(DictConfig):
     A DiT's counterparts are pinned likewise, as Q-DiT and ViDiT-Q do: its patch embedding (`pos_embed.proj`, whose
     input is x_t) at W8 with a full-precision input, and at W8A8 its final adaLN and projection (`proj_out_1/2`),
     the adaLN-Zero modulation of every block (`norm1.linear`) and the timestep embedders inside them. On the
-    built-in DiT these are 1.5 % of the MACs and, per MAC, 13x (adaLN), 51x (final) and 3,200x (patch embedding) as
+    built-in DiT these are 1.5 % of the MACs and, per MAC, 16x (adaLN), 44x (final) and 3,200x (patch embedding) as
     sensitive at 4-bit weights as the MLP; holding them at 8 bits takes uniform W4A6's FID to the FP sampler from
-    304.7 to 39.7 for 3.6 % more BitOPs (bench/transformer_sensitivity.py, docs/results.md).
+    332.7 to 33.8 for 3.6 % more BitOPs (bench/transformer_sensitivity.py, docs/results.md).
     """
 
     w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
