@@ -35,7 +35,6 @@ from tmpq.errors import TmpqError
 from tmpq.models.builtin import (
     BUILTIN_DIT,
     BUILTIN_DIT_GUIDANCE,
-    BUILTIN_DIT_SCHEDULE,
     BUILTIN_SCHEDULE,
     BUILTIN_UNET,
     load_builtin,
@@ -199,7 +198,6 @@ def load_model(
     if spec in BUILTINS:
         path = BUILTINS[spec]
         network = load_builtin(path)
-        schedule = BUILTIN_DIT_SCHEDULE if isinstance(network, DiTTransformer2DModel) else BUILTIN_SCHEDULE
     elif spec.startswith("builtin:"):
         raise TmpqError(f"unknown built-in model {spec!r}; the built-in models are {', '.join(map(repr, BUILTINS))}")
     elif is_factory:
@@ -211,11 +209,9 @@ def load_model(
         if not path.is_file():
             raise TmpqError(f"model {spec!r} not found; pass {SUPPORTED}")
         network = load_trained(path)
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        schedule = _metadata_schedule(path, meta["noise_schedule"]) if "noise_schedule" in meta else BUILTIN_SCHEDULE
     else:
         raise TmpqError(f"{spec!r} is not a supported model file; pass {SUPPORTED}")
+    schedule = _declared_schedule(path)
     if isinstance(network, DiTTransformer2DModel):
         g = BUILTIN_DIT_GUIDANCE if guidance_scale is None else float(guidance_scale)
         den = ClassDenoiser(network, schedule, g).eval()
@@ -245,6 +241,15 @@ def _class_conditioning(
         **({"classes": list(labels)} if classes is not None else {}),
     }
     return labels, options
+
+
+def _declared_schedule(path: Path) -> NoiseSchedule:
+    """The schedule a `tmpq train` file (a built-in one too) declares in its `noise_schedule` metadata, as a diffusers
+    model ships its scheduler config: the training process and how DDIM samples it (the DiT without x̂0 clipping); a
+    file without that key gets the built-in UNet's."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    return _metadata_schedule(path, meta["noise_schedule"]) if "noise_schedule" in meta else BUILTIN_SCHEDULE
 
 
 def _metadata_schedule(path: Path, text: str) -> NoiseSchedule:
