@@ -66,8 +66,8 @@ def main(
     g = float(guided.denoiser.guidance_scale)
     fine, coarse = 10, 50  # 100 and 20 uniform steps' strides
     fine_hi, coarse_hi = spaced(990, split, fine), spaced(950, split, coarse)
-    fine_lo = spaced(max(t for t in range(0, split, fine)), 0, fine)
-    coarse_lo = spaced(max(t for t in range(0, split, coarse)), 0, coarse)
+    fine_lo = spaced(range(0, split, fine)[-1], 0, fine)
+    coarse_lo = spaced(range(0, split, coarse)[-1], 0, coarse)
     guide_hi = SplitDenoiser(guided.denoiser, plain.denoiser, split)
     guide_lo = SplitDenoiser(plain.denoiser, guided.denoiser, split)
     unet_lo = SplitDenoiser(guided.denoiser, unet.denoiser, split, low_conditional=False)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from diffusers import DiTTransformer2DModel, UNet2DModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -85,6 +86,13 @@ def build_unet(config: dict) -> UNet2DModel:
     return build_network("unet_config", config)
 
 
+def trained_metadata(path: Path | str) -> dict[str, str]:
+    """A safetensors file's metadata (its header only): where `tmpq train` keeps a file's network config, schedule and
+    training facts. Raises what safetensors raises for a damaged file."""
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata() or {}
+
+
 def load_trained(path: Path | str) -> nn.Module:
     """Load a network saved by `tmpq train` (safetensors; the config lives in its metadata): a UNet2DModel or a
     DiTTransformer2DModel, in eval mode."""
@@ -92,10 +100,7 @@ def load_trained(path: Path | str) -> nn.Module:
     if not path.is_file():
         raise TmpqError(f"model file {path} not found; train one with `tmpq train` or pass an existing path")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        meta = trained_metadata(path)
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise TmpqError(f"{path} is not a readable safetensors file ({exc}); re-export or re-train it") from exc

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
-from safetensors import safe_open
 from torch import nn
 
 from tmpq.device import module_device
@@ -39,6 +38,7 @@ from tmpq.models.builtin import (
     BUILTIN_UNET,
     load_builtin,
     load_trained,
+    trained_metadata,
 )
 from tmpq.models.denoiser import ClassDenoiser, GuidedDenoiser, UNetDenoiser
 from tmpq.models.parts import LatentDecoder, PipelineParts, TextEncoder, quiet_load_kwargs, read_prompts
@@ -247,8 +247,7 @@ def _declared_schedule(path: Path) -> NoiseSchedule:
     """The schedule a `tmpq train` file (a built-in one too) declares in its `noise_schedule` metadata, as a diffusers
     model ships its scheduler config: the training process and how DDIM samples it (the DiT without x̂0 clipping); a
     file without that key gets the built-in UNet's."""
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    meta = trained_metadata(path)
     return _metadata_schedule(path, meta["noise_schedule"]) if "noise_schedule" in meta else BUILTIN_SCHEDULE
 
 

@@ -33,6 +33,7 @@ from tmpq.models.builtin import (
     builtin_dit_config,
     builtin_unet_config,
     load_trained,
+    trained_metadata,
 )
 from tmpq.models.train_config import TrainConfig
 from tmpq.provenance import file_sha256
@@ -242,8 +243,7 @@ def load_init_weights(model: torch.nn.Module, path: Path, key: str, net_config: 
         trained = load_trained(path)  # the same checks as loading a model: missing, damaged, not from `tmpq train`
     except TmpqError as exc:
         raise TmpqError(f"--init-from: {exc}") from None
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    meta = trained_metadata(path)
     their_key = next(k for k in NETWORKS if k in meta)  # load_trained found one
     theirs = json.loads(meta[their_key])
     if (their_key, theirs) != (key, json.loads(json.dumps(net_config))):
@@ -349,10 +349,8 @@ def check_weights_target(out: Path | str) -> None:
     if out.exists():
         meta = {}
         if out.is_file():
-            from safetensors import safe_open
-
-            with contextlib.suppress(Exception), safe_open(str(out), framework="pt") as fh:  # unreadable: not ours
-                meta = fh.metadata() or {}
+            with contextlib.suppress(Exception):  # unreadable: not ours
+                meta = trained_metadata(out)
         if "train_config" not in meta:
             raise TmpqError(
                 f"--out {out} exists and was not written by `tmpq train`; it is left untouched: pick another path"
